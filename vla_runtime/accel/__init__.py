@@ -1,0 +1,1 @@
+"""Training-free acceleration methods as removable hooks on a `PolicyStructure`."""

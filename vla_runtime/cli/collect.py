@@ -1,0 +1,125 @@
+"""vla-collect: scripted-expert demonstrations on the train seeds, successful episodes only.
+
+Resumable: seeds already written or already rejected are skipped, so running the same command again
+after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from vla_runtime.cli import CONFIG_PATH
+from vla_runtime.cli.common import friendly_errors, positive_int, sim_config, task_list
+from vla_runtime.data.episodes import Episode, EpisodeStore
+from vla_runtime.policies.scripted import MetaWorldExpert
+from vla_runtime.sim.metaworld_suite import MT50, MetaWorldConfig, MetaWorldEnv
+from vla_runtime.sim.runner import WorkerPool, run_episode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectJob:
+    task: str
+    seed: int
+
+
+class CollectWorker:
+    """Rolls out the expert from one seed and writes the episode if it succeeded."""
+
+    def __init__(self, sim: MetaWorldConfig, root: str):
+        self.sim = sim
+        self.store = EpisodeStore(root)
+        self.expert = MetaWorldExpert()
+        self.envs: dict[str, MetaWorldEnv] = {}
+
+    def run(self, job: CollectJob) -> tuple[CollectJob, bool]:
+        if job.task not in self.envs:
+            self.envs[job.task] = MetaWorldEnv(job.task, self.sim, render=True)
+        env = self.envs[job.task]
+        result = run_episode(env, self.expert, job.seed, keep_trajectory=True)
+        if result.success:
+            trajectory = result.trajectory
+            self.store.write(Episode(
+                task=job.task, task_id=MT50.index(job.task), instruction=env.instruction, seed=job.seed,
+                success=True,
+                images={cam: np.stack(frames) for cam, frames in trajectory.images.items()},
+                state=np.stack(trajectory.states), action=np.stack(trajectory.actions),
+                timestamp=np.asarray(trajectory.timestamps),
+            ))
+        return job, result.success
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+
+
+def sim_settings(sim: MetaWorldConfig) -> dict:
+    """What decides how the stored images look; a resumed collection must match it."""
+    return {"sim": "metaworld", "cameras": list(sim.cameras), "image_size": sim.image_size,
+            "rotate_180": list(sim.rotate_180), "goal_marker_radius": sim.goal_marker_radius,
+            "max_steps": {**sim.max_steps, "default": sim.default_max_steps}}
+
+
+def collect(sim: MetaWorldConfig, tasks: list[str], episodes_per_task: int, output_dir: str | Path,
+            max_attempts_per_task: int, workers: int = 1, progress: bool = True) -> dict[str, int]:
+    """Returns the number of episodes per task now in the dataset."""
+    store = EpisodeStore(output_dir, sim_settings(sim), create=True)
+    removed = store.remove_partial_episodes()
+    if removed:
+        log.warning("Removed %d partial episode(s) left by an interrupted run: %s", len(removed), removed)
+    written = {(a["task"], a["seed"]) for a in store.index()}
+    tried = written | store.rejected()
+    kept = {task: sum(t == task for t, _ in written) for task in tasks}
+    seeds = sim.seeds("train")
+    next_index = dict.fromkeys(tasks, 0)
+    attempts = {task: sum(t == task for t, _ in tried) for task in tasks}
+
+    already = sum(min(n, episodes_per_task) for n in kept.values())
+    bar = tqdm(total=episodes_per_task * len(tasks), initial=already, desc="demonstrations", unit="ep",
+               disable=not progress)
+    with WorkerPool(CollectWorker, (sim, str(output_dir)), workers) as pool:
+        while True:
+            # Each wave tries as many fresh seeds as each task still lacks episodes.
+            jobs = []
+            for task in tasks:
+                for _ in range(max(0, episodes_per_task - kept[task])):
+                    if attempts[task] >= max_attempts_per_task:
+                        break
+                    while (task, seeds.seed(next_index[task])) in tried:
+                        next_index[task] += 1
+                    jobs.append(CollectJob(task, seeds.seed(next_index[task])))
+                    next_index[task] += 1
+                    attempts[task] += 1
+            if not jobs:
+                break
+            for job, success in pool.imap_unordered(jobs):
+                if success:
+                    kept[job.task] += 1
+                    bar.update()
+                else:
+                    store.add_rejected(job.task, job.seed)
+    bar.close()
+    short = {task: n for task, n in kept.items() if n < episodes_per_task}
+    if short:
+        log.warning("The expert failed too often on %s: fewer than %d episodes after %d attempts each",
+                    short, episodes_per_task, max_attempts_per_task)
+    return kept
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="collect", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    episodes_per_task = positive_int(cfg, "episodes_per_task")
+    max_attempts = cfg.max_attempts_per_task or 3 * episodes_per_task
+    kept = collect(sim_config(cfg), task_list(cfg), episodes_per_task, cfg.output_dir, max_attempts,
+                   workers=positive_int(cfg, "workers"))
+    per_task = ", ".join(f"{task} {n}" for task, n in kept.items())
+    print(f"{sum(kept.values())} episodes in {cfg.output_dir}: {per_task}")

@@ -1,0 +1,65 @@
+"""Pieces every CLI shares: config -> objects, and failing with a message instead of a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vla_runtime.sim.metaworld_suite import MetaWorldConfig, resolve_tasks
+
+log = logging.getLogger("vla_runtime")
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one line, exit status 2."""
+
+
+def as_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def sim_config(cfg: DictConfig) -> MetaWorldConfig:
+    if cfg.sim.name != "metaworld":
+        raise UsageError(f"Unknown simulator '{cfg.sim.name}'. Available: metaworld")
+    return MetaWorldConfig.from_mapping(as_dict(cfg.sim))
+
+
+def task_list(cfg: DictConfig) -> list[str]:
+    tasks = OmegaConf.to_container(cfg.tasks) if OmegaConf.is_list(cfg.tasks) else cfg.tasks
+    return resolve_tasks(tasks)
+
+
+def positive_int(cfg: DictConfig, key: str) -> int:
+    value = cfg[key]
+    if not isinstance(value, int) or value < 1:
+        raise UsageError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write via a temporary file so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def friendly_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Known bad input (unknown task, camera, policy, ...) -> one clear line on stderr, exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except (UsageError, ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

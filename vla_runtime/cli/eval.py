@@ -1,0 +1,52 @@
+"""vla-eval: success rate of a policy in a simulator, with confidence intervals and latency."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from vla_runtime.cli import CONFIG_PATH
+from vla_runtime.cli.common import as_dict, friendly_errors, positive_int, sim_config, task_list, write_json
+from vla_runtime.policies import make_policy, policy_names
+from vla_runtime.sim.metrics import markdown_summary, summarize
+from vla_runtime.sim.runner import evaluate
+
+
+def run(cfg: DictConfig) -> dict:
+    sim = sim_config(cfg)
+    tasks = task_list(cfg)
+    episodes_per_task = positive_int(cfg, "episodes_per_task")
+    policy_options = as_dict(cfg.policy)
+    policy_name = policy_options.pop("name")
+    if policy_name not in policy_names():
+        raise ValueError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
+    output_dir = Path(cfg.output_dir)
+    episodes = evaluate(
+        functools.partial(make_policy, policy_name, **policy_options),
+        sim,
+        tasks,
+        episodes_per_task,
+        workers=positive_int(cfg, "workers"),
+        actions_per_chunk=cfg.actions_per_chunk,
+        video_dir=str(output_dir / "videos") if cfg.video else None,
+    )
+    results = {"policy": policy_name, "sim": cfg.sim.name, "runtime_mode": "sync",
+               **summarize(episodes, tasks)}
+    write_json(output_dir / "results.json", results)
+    title = f"{policy_name} on {cfg.sim.name} ({episodes_per_task} episodes per task)"
+    summary = markdown_summary(results, title)
+    (output_dir / "summary.md").write_text(summary)
+    print(summary)
+    print(f"results: {output_dir / 'results.json'}")
+    if results["errors"] and len(results["errors"]) == len(episodes):
+        raise RuntimeError(f"Every episode ended in an error; first: {results['errors'][0]['error']}")
+    return results
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)

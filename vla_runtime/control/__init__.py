@@ -1,0 +1,1 @@
+"""Real-time control loop: executor, inference worker, action queue and merge, safety, governor."""

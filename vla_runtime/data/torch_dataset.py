@@ -1,0 +1,64 @@
+"""Training samples from an episode dataset: one frame's observation + the next H actions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vla_runtime.data.episodes import Episode, EpisodeStore
+
+
+class ActionChunkDataset(Dataset):
+    """Every frame of every episode, loaded into memory once.
+
+    A sample: `images` {camera: uint8 [3, H, W]}, `state` float32 [S], `actions` float32 [chunk, A]
+    (past the episode end the last action repeats and `action_is_pad` is True), `instruction`,
+    `task_id`.
+    """
+
+    def __init__(self, root: str | Path, chunk_size: int, tasks: list[str] | None = None):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        store = EpisodeStore(root)
+        self.chunk_size = chunk_size
+        self.episodes: list[Episode] = [e for e in store if tasks is None or e.task in tasks]
+        if not self.episodes:
+            raise ValueError(f"No episodes in {root}" + (f" for tasks {tasks}" if tasks else ""))
+        self._frames = [(e, t) for e in range(len(self.episodes)) for t in range(self.episodes[e].length)]
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, index: int) -> dict:
+        episode_index, t = self._frames[index]
+        episode = self.episodes[episode_index]
+        steps = np.arange(t, t + self.chunk_size)
+        is_pad = steps >= episode.length
+        steps = np.minimum(steps, episode.length - 1)
+        return {
+            "images": {cam: torch.from_numpy(frames[t]).permute(2, 0, 1)
+                       for cam, frames in episode.images.items()},
+            "state": torch.from_numpy(episode.state[t]),
+            "actions": torch.from_numpy(episode.action[steps]),
+            "action_is_pad": torch.from_numpy(is_pad),
+            "instruction": episode.instruction,
+            "task_id": episode.task_id,
+        }
+
+    def stats(self) -> dict[str, dict[str, list[float]]]:
+        """Per-dimension mean / std / min / max of state and action, for normalisation."""
+        out = {}
+        for key in ("state", "action"):
+            values = np.concatenate([getattr(e, key) for e in self.episodes])
+            out[key] = {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+                        "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+        return out
+
+
+def make_dataloader(root: str | Path, batch_size: int, chunk_size: int, shuffle: bool = True,
+                    tasks: list[str] | None = None, num_workers: int = 0) -> DataLoader:
+    dataset = ActionChunkDataset(root, chunk_size, tasks)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)

@@ -1,0 +1,1 @@
+"""ROS 2 control node, simulator bridge and message conversion (extra: vla-runtime[ros])."""

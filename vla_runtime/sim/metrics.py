@@ -1,0 +1,87 @@
+"""Success statistics and the evaluation summary (results.json + markdown)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from vla_runtime.sim.runner import EpisodeResult
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95 % interval for a binomial proportion; (0, 1) when there are no trials."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denominator = 1 + z**2 / trials
+    centre = (p + z**2 / (2 * trials)) / denominator
+    half_width = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def latency_percentiles_ms(latencies_s: Sequence[float]) -> dict[str, float | None]:
+    if not latencies_s:
+        return {"p50": None, "p95": None, "p99": None}
+    values = np.asarray(latencies_s) * 1000.0
+    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+
+def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
+    """results.json content. `success_rate` is the mean of the per-task rates (each task counts once)."""
+    per_task = {}
+    for task in tasks:
+        runs = [e for e in episodes if e.task == task]
+        successes = sum(e.success for e in runs)
+        low, high = wilson_interval(successes, len(runs))
+        per_task[task] = {
+            "success_rate": successes / len(runs) if runs else 0.0,
+            "ci95": [low, high],
+            "episodes": len(runs),
+            "successes": successes,
+            "mean_length": float(np.mean([e.length for e in runs])) if runs else None,
+            "policy_calls": sum(e.policy_calls for e in runs),
+            "errors": sum(e.error is not None for e in runs),
+        }
+    latencies = [lat for e in episodes for lat in e.inference_latency_s]
+    return {
+        "success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
+        "per_task": per_task,
+        "latency_ms": latency_percentiles_ms(latencies),
+        "policy_calls": len(latencies),
+        # The synchronous protocol stops the world while the policy runs, so no tick can be late.
+        "deadline_misses": 0,
+        "errors": [{"task": e.task, "seed": e.seed, "error": e.error} for e in episodes if e.error],
+        "episodes": [
+            {"task": e.task, "seed": e.seed, "success": e.success, "length": e.length,
+             "policy_calls": e.policy_calls, "video": e.video_path, "error": e.error}
+            for e in episodes
+        ],
+    }
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_summary(results: dict, title: str) -> str:
+    lines = [f"## {title}", "", "| task | success | 95 % CI (Wilson) | episodes | mean length |",
+             "|---|---:|---|---:|---:|"]
+    for task, row in results["per_task"].items():
+        low, high = row["ci95"]
+        lines.append(f"| {task} | {row['success_rate']:.0%} | [{low:.0%}, {high:.0%}] | {row['episodes']} "
+                     f"| {row['mean_length']:.0f} |")
+    latency = results["latency_ms"]
+    lines += [
+        f"| **mean** | **{results['success_rate']:.1%}** | | "
+        f"{sum(r['episodes'] for r in results['per_task'].values())} | |",
+        "",
+        f"Policy latency (ms): p50 {_fmt_ms(latency['p50'])}, p95 {_fmt_ms(latency['p95'])}, "
+        f"p99 {_fmt_ms(latency['p99'])} over {results['policy_calls']} policy calls; "
+        f"deadline misses: {results['deadline_misses']}.",
+    ]
+    if results["errors"]:
+        errors = results["errors"]
+        lines.append(f"**{len(errors)} episode(s) ended in an error**, first: {errors[0]}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,221 @@
+"""Roll policies out in the simulator: one episode, or many over worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vla_runtime.sim.metaworld_suite import MetaWorldConfig, MetaWorldEnv
+from vla_runtime.types import Observation, Policy
+
+
+@dataclass
+class Trajectory:
+    """Everything a policy saw and did in one episode, frame t paired with action t."""
+
+    images: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    states: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)
+
+    def append(self, obs: Observation, action: np.ndarray) -> None:
+        for camera, image in obs.images.items():
+            self.images.setdefault(camera, []).append(image)
+        self.states.append(obs.state)
+        self.actions.append(np.asarray(action, dtype=np.float32))
+        self.timestamps.append(obs.timestamp)
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    length: int
+    inference_latency_s: list[float]
+    trajectory: Trajectory | None = None
+    video_path: str | None = None
+    error: str | None = None  # what raised, when the episode ended in an exception
+
+    @property
+    def policy_calls(self) -> int:
+        return len(self.inference_latency_s)
+
+
+def check_policy_fits_sim(policy: Policy, config: MetaWorldConfig) -> None:
+    missing = [cam for cam in policy.camera_names if cam not in config.cameras]
+    if missing:
+        raise ValueError(f"The policy reads cameras {missing}, which the simulator does not render "
+                         f"(configured cameras: {list(config.cameras)})")
+
+
+def run_episode(
+    env: MetaWorldEnv,
+    policy: Policy,
+    seed: int,
+    actions_per_chunk: int | None = None,
+    keep_trajectory: bool = False,
+) -> EpisodeResult:
+    """Synchronous protocol: the world waits while the policy thinks. Executes the first
+    `actions_per_chunk` actions of each chunk (all of them when None), then asks again."""
+    obs = env.reset(seed)
+    policy.reset()
+    action_queue: deque[np.ndarray] = deque()
+    inference_latency_s: list[float] = []
+    trajectory = Trajectory() if keep_trajectory else None
+    success = False
+    while True:
+        if not action_queue:
+            policy_view = obs if policy.privileged else obs.without_privileged_state()
+            started = time.perf_counter()
+            chunk = policy.predict_chunk(policy_view)
+            inference_latency_s.append(time.perf_counter() - started)
+            action_queue.extend(chunk.actions[:actions_per_chunk])
+        action = action_queue.popleft()
+        if trajectory is not None:
+            trajectory.append(obs, action)
+        obs, _, success, truncated, _ = env.step(action)
+        if success or truncated:
+            break
+    return EpisodeResult(env.task, seed, success, env.steps, inference_latency_s, trajectory)
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(path, fps=fps, macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    task: str
+    episode_index: int
+    seed: int
+
+
+class EpisodeWorker:
+    """Holds one policy and one env per task; runs jobs. Lives in a worker process (or inline)."""
+
+    def __init__(self, policy_factory: Any, sim_config: MetaWorldConfig, actions_per_chunk: int | None,
+                 video_dir: str | None):
+        self.policy: Policy = policy_factory()
+        check_policy_fits_sim(self.policy, sim_config)
+        self.sim_config = sim_config
+        self.actions_per_chunk = actions_per_chunk
+        self.video_dir = Path(video_dir) if video_dir else None
+        self.envs: dict[str, MetaWorldEnv] = {}
+
+    def env(self, task: str) -> MetaWorldEnv:
+        if task not in self.envs:
+            render = bool(self.policy.camera_names) or self.video_dir is not None
+            self.envs[task] = MetaWorldEnv(task, self.sim_config, render=render)
+        return self.envs[task]
+
+    def run(self, job: EvalJob) -> EpisodeResult:
+        keep = self.video_dir is not None
+        env = self.env(job.task)
+        try:
+            result = run_episode(env, self.policy, job.seed, self.actions_per_chunk, keep)
+        except Exception as exc:  # one broken episode must not throw away the others
+            error = f"{type(exc).__name__}: {exc}"
+            return EpisodeResult(job.task, job.seed, False, env.steps, [], error=error)
+        if keep:
+            camera = self.sim_config.cameras[0]
+            path = self.video_dir / job.task / f"episode{job.episode_index:03d}_seed{job.seed}.mp4"
+            write_video(path, result.trajectory.images[camera])
+            result.video_path = str(path)
+            result.trajectory = None  # frames stay on disk; do not ship them back between processes
+        return result
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+
+
+_worker: Any = None
+
+
+def _init_worker(worker_cls: type, args: tuple) -> None:
+    global _worker
+    import torch
+
+    # One thread per process: the processes already use every core.
+    torch.set_num_threads(1)
+    _worker = worker_cls(*args)
+
+
+def _run_in_worker(job: Any) -> Any:
+    return _worker.run(job)
+
+
+class WorkerPool:
+    """Runs `worker_cls(*args).run(job)` in `workers` spawned processes, or inline when workers == 1.
+
+    A worker class has `run(job)` and `close()`; each process builds one worker and keeps it (its
+    simulators and policy) for every job it gets.
+    """
+
+    def __init__(self, worker_cls: type, args: tuple, workers: int):
+        self.workers = max(1, min(workers, os.cpu_count() or 1))
+        self._inline = worker_cls(*args) if self.workers == 1 else None
+        # spawn: a forked child would inherit the parent's GL and torch thread state.
+        self._pool = None if self._inline else ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(worker_cls, args))
+
+    def imap_unordered(self, jobs: list[Any]) -> Iterator[Any]:
+        """Results as they finish; an exception inside a job re-raises here."""
+        if self._pool is None:
+            yield from (self._inline.run(job) for job in jobs)
+            return
+        futures = [self._pool.submit(_run_in_worker, job) for job in jobs]
+        yield from (future.result() for future in as_completed(futures))
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        else:
+            self._inline.close()
+
+
+def evaluate(
+    policy_factory: Any,
+    sim_config: MetaWorldConfig,
+    tasks: list[str],
+    episodes_per_task: int,
+    workers: int = 1,
+    actions_per_chunk: int | None = None,
+    video_dir: str | None = None,
+    progress: bool = True,
+) -> list[EpisodeResult]:
+    """Episodes on the eval seeds: episode i of every task starts from eval seed i.
+
+    `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
+    """
+    seeds = sim_config.seeds("eval")
+    jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
+    results: list[EpisodeResult] = []
+    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir)
+    with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
+            tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
+        for result in pool.imap_unordered(jobs):
+            results.append(result)
+            bar.update()
+    order = {(job.task, job.seed): i for i, job in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[(r.task, r.seed)])
