@@ -123,3 +123,7 @@ def main(cfg: DictConfig) -> None:
                    workers=positive_int(cfg, "workers"))
     per_task = ", ".join(f"{task} {n}" for task, n in kept.items())
     print(f"{sum(kept.values())} episodes in {cfg.output_dir}: {per_task}")
+
+
+if __name__ == "__main__":
+    main()

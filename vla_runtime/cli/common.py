@@ -43,6 +43,13 @@ def positive_int(cfg: DictConfig, key: str) -> int:
     return value
 
 
+def command_line(program: str) -> str:
+    """The command as the user typed it (program + hydra overrides), to store beside its results."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return " ".join([program, *HydraConfig.get().overrides.task])
+
+
 def write_json(path: Path, content: Any) -> None:
     """Write via a temporary file so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

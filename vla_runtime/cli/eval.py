@@ -9,13 +9,21 @@ import hydra
 from omegaconf import DictConfig
 
 from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import as_dict, friendly_errors, positive_int, sim_config, task_list, write_json
+from vla_runtime.cli.common import (
+    as_dict,
+    command_line,
+    friendly_errors,
+    positive_int,
+    sim_config,
+    task_list,
+    write_json,
+)
 from vla_runtime.policies import make_policy, policy_names
 from vla_runtime.sim.metrics import markdown_summary, summarize
 from vla_runtime.sim.runner import evaluate
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, command: str | None = None) -> dict:
     sim = sim_config(cfg)
     tasks = task_list(cfg)
     episodes_per_task = positive_int(cfg, "episodes_per_task")
@@ -33,11 +41,13 @@ def run(cfg: DictConfig) -> dict:
         actions_per_chunk=cfg.actions_per_chunk,
         video_dir=str(output_dir / "videos") if cfg.video else None,
     )
-    results = {"policy": policy_name, "sim": cfg.sim.name, "runtime_mode": "sync",
+    results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": "sync",
                **summarize(episodes, tasks)}
     write_json(output_dir / "results.json", results)
     title = f"{policy_name} on {cfg.sim.name} ({episodes_per_task} episodes per task)"
     summary = markdown_summary(results, title)
+    if command:
+        summary += f"\nCommand: `{command}`\n"
     (output_dir / "summary.md").write_text(summary)
     print(summary)
     print(f"results: {output_dir / 'results.json'}")
@@ -49,4 +59,8 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, command=command_line("vla-eval"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vla_runtime.cli.collect import collect
+from vla_runtime.data import ActionChunkDataset, Episode, EpisodeStore, make_dataloader
+from vla_runtime.data import episodes as episodes_module
+from vla_runtime.policies import make_policy
+from vla_runtime.sim import MetaWorldEnv
+from vla_runtime.sim.runner import run_episode
+
+
+def collect_small(sim, root, tasks=("drawer-close-v3",), n=1):
+    return collect(sim, list(tasks), n, root, max_attempts_per_task=3 * n, workers=1, progress=False)
+
+
+def test_collect_then_read_is_exact(tmp_path, small_sim):
+    kept = collect_small(small_sim, tmp_path / "ds")
+    assert kept == {"drawer-close-v3": 1}
+    (episode,) = list(EpisodeStore(tmp_path / "ds"))
+    # Replaying the same train seed must reproduce every stored array bit for bit.
+    with MetaWorldEnv("drawer-close", small_sim) as env:
+        replay = run_episode(env, make_policy("expert"), episode.seed, keep_trajectory=True).trajectory
+    assert episode.seed == small_sim.seeds("train").seed(0)
+    assert episode.success and episode.instruction == "close the drawer" and episode.task == "drawer-close-v3"
+    assert np.array_equal(episode.images["corner4"], np.stack(replay.images["corner4"]))
+    assert np.array_equal(episode.state, np.stack(replay.states))
+    assert np.array_equal(episode.action, np.stack(replay.actions))
+    assert np.array_equal(episode.timestamp, np.asarray(replay.timestamps))
+    assert episode.images["corner4"].dtype == np.uint8 and episode.state.dtype == np.float32
+
+
+def make_episode(seed=0, length=6):
+    rng = np.random.default_rng(seed)
+    return Episode(
+        task="reach-v3", task_id=43, instruction="reach the goal with the hand", seed=seed, success=True,
+        images={"corner4": rng.integers(0, 256, (length, 8, 8, 3), dtype=np.uint8)},
+        state=rng.normal(size=(length, 4)).astype(np.float32),
+        action=rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+        timestamp=np.arange(length) * 0.0125,
+    )
+
+
+def test_write_read_round_trip_and_batches(tmp_path):
+    store = EpisodeStore(tmp_path, {"image_size": 8}, create=True)
+    written = [make_episode(seed) for seed in (1, 2)]
+    for episode in written:
+        store.write(episode)
+    for original, loaded in zip(written, store, strict=True):
+        for key in ("state", "action", "timestamp"):
+            assert np.array_equal(getattr(original, key), getattr(loaded, key))
+        assert np.array_equal(original.images["corner4"], loaded.images["corner4"])
+    with pytest.raises(FileExistsError):
+        store.write(written[0])
+
+    loader = make_dataloader(tmp_path, batch_size=4, chunk_size=3, shuffle=False)
+    batch = next(iter(loader))
+    images = batch["images"]["corner4"]
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8
+    assert batch["state"].shape == (4, 4) and batch["actions"].shape == (4, 3, 4)
+    assert batch["instruction"][0] == "reach the goal with the hand"
+    assert torch.equal(batch["actions"][0], torch.from_numpy(written[0].action[0:3]))
+    # The last frame's chunk runs past the end: the last action repeats, flagged as padding.
+    dataset = ActionChunkDataset(tmp_path, chunk_size=3)
+    last = dataset[5]
+    assert last["action_is_pad"].tolist() == [False, True, True]
+    assert torch.equal(last["actions"][2], torch.from_numpy(written[0].action[5]))
+    assert len(dataset) == 12 and len(dataset.stats()["action"]["mean"]) == 4
+
+
+def test_episode_arrays_must_agree_in_length():
+    with pytest.raises(ValueError, match="disagree in length"):
+        Episode("reach-v3", 43, "x", 0, True, {"corner4": np.zeros((3, 8, 8, 3), np.uint8)},
+                np.zeros((4, 4)), np.zeros((4, 4)), np.zeros(4))
+
+
+def test_a_crash_while_writing_leaves_no_episode_and_resume_cleans_up(tmp_path, monkeypatch, small_sim):
+    store = EpisodeStore(tmp_path, {"image_size": 8}, create=True)
+    store.write(make_episode(1))
+    real_rename = os.rename
+
+    def die_before_rename(*args):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(episodes_module.os, "rename", die_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        store.write(make_episode(2))
+    monkeypatch.setattr(episodes_module.os, "rename", real_rename)
+    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "episodes").iterdir())
+    assert [e.seed for e in EpisodeStore(tmp_path)] == [1]
+    assert EpisodeStore(tmp_path).remove_partial_episodes()
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "episodes").iterdir())
+
+
+def test_collect_killed_mid_run_reads_clean_and_resumes(tmp_path):
+    root = tmp_path / "ds"
+    command = [sys.executable, "-m", "vla_runtime.cli.collect", "tasks=[drawer-open]", "episodes_per_task=3",
+               "workers=1", "sim.image_size=64", f"output_dir={root}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if root.exists() and len(EpisodeStore(root)) >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    store = EpisodeStore(root)
+    complete = len(store)
+    assert 1 <= complete < 3
+    for episode in store:  # every listed episode reads whole
+        assert episode.success and episode.length == len(episode.images["corner4"])
+    subprocess.run(command, check=True, capture_output=True)
+    seeds = sorted(a["seed"] for a in EpisodeStore(root).index())
+    assert seeds == [0, 1, 2]
+
+
+def test_resume_with_other_settings_and_damaged_metadata_are_clear_errors(tmp_path):
+    EpisodeStore(tmp_path, {"image_size": 64}, create=True)
+    with pytest.raises(ValueError, match="different simulator settings"):
+        EpisodeStore(tmp_path, {"image_size": 128}, create=True)
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dataset.json is not valid JSON"):
+        EpisodeStore(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not an episode dataset"):
+        EpisodeStore(tmp_path / "nothing")
+    (tmp_path / "dataset.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(ValueError, match="expected format"):
+        EpisodeStore(tmp_path)
+
+
+def test_rejected_seeds_survive_a_torn_line(tmp_path):
+    store = EpisodeStore(tmp_path, {}, create=True)
+    store.add_rejected("reach-v3", 4)
+    with open(Path(tmp_path) / "rejected.txt", "a") as f:
+        f.write("reach-v3 ")  # killed mid-line
+    assert store.rejected() == {("reach-v3", 4)}

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from vla_runtime.cli import eval as eval_cli
+from vla_runtime.sim.metrics import wilson_interval
+
+
+def eval_config(tmp_path, *overrides):
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        return compose("eval", overrides=[f"output_dir={tmp_path}", "sim.image_size=64", *overrides])
+
+
+def test_results_json_schema(tmp_path):
+    cfg = eval_config(tmp_path, "policy=random", "tasks=[reach,drawer-close]", "episodes_per_task=2",
+                      "workers=1", "sim.default_max_steps=20")
+    eval_cli.run(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert isinstance(results["success_rate"], float) and 0.0 <= results["success_rate"] <= 1.0
+    assert set(results["per_task"]) == {"reach-v3", "drawer-close-v3"}
+    for row in results["per_task"].values():
+        assert set(row) >= {"success_rate", "ci95", "episodes"}
+        low, high = row["ci95"]
+        assert 0.0 <= low <= row["success_rate"] <= high <= 1.0
+        assert row["episodes"] == 2
+    assert set(results["latency_ms"]) == {"p50", "p95", "p99"}
+    assert results["latency_ms"]["p50"] <= results["latency_ms"]["p95"] <= results["latency_ms"]["p99"]
+    # Random policy with one action per call: one call per step, 20 steps unless it got lucky.
+    assert results["policy_calls"] == sum(e["length"] for e in results["episodes"])
+    assert isinstance(results["deadline_misses"], int)
+    assert (tmp_path / "summary.md").read_text().startswith("## random on metaworld")
+
+
+def test_video_is_written_per_episode(tmp_path):
+    cfg = eval_config(tmp_path, "tasks=[drawer-close]", "episodes_per_task=1", "workers=1", "video=true")
+    results = eval_cli.run(cfg)
+    (episode,) = results["episodes"]
+    assert episode["success"] and episode["video"].endswith(".mp4")
+    import imageio.v3 as iio
+
+    frames = iio.imread(episode["video"])
+    assert frames.shape[0] == episode["length"] and frames.shape[1:] == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "expected"),
+    [(0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (5, 10, (0.2366, 0.7634)), (0, 0, (0.0, 1.0))],
+)
+def test_wilson_interval(successes, trials, expected):
+    assert wilson_interval(successes, trials) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee'. Valid task names: assembly-v3"),
+        ("sim.cameras=[wrist]", "Camera 'wrist' does not exist"),
+        ("episodes_per_task=0", "episodes_per_task must be a positive integer"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
+    process = subprocess.run(
+        [sys.executable, "-m", "vla_runtime.cli.eval", override, "workers=1", f"output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr

@@ -1,0 +1,60 @@
+import functools
+
+import numpy as np
+import pytest
+
+from vla_runtime.policies import make_policy, policy_names
+from vla_runtime.sim import MetaWorldEnv
+from vla_runtime.sim.runner import evaluate, run_episode
+from vla_runtime.types import Policy
+
+
+def test_registry_builds_policies_and_rejects_unknown_names():
+    assert {"expert", "random"} <= set(policy_names())
+    assert isinstance(make_policy("random"), Policy)
+    with pytest.raises(ValueError, match="Unknown policy 'gpt'.*expert"):
+        make_policy("gpt")
+
+
+@pytest.mark.parametrize("task", ["drawer-close", "button-press-topdown"])
+def test_expert_succeeds(small_sim, task):
+    expert = make_policy("expert")
+    with MetaWorldEnv(task, small_sim, render=False) as env:
+        results = [run_episode(env, expert, seed=small_sim.seeds("eval").seed(i)) for i in range(3)]
+    assert all(r.success for r in results), [(r.seed, r.length) for r in results]
+    assert all(r.length < small_sim.max_steps_for(env.task) for r in results)
+
+
+def test_random_policy_actions_are_in_range():
+    chunk = make_policy("random", chunk_size=8, seed=1).predict_chunk(
+        type("Obs", (), {"timestamp": 0.0})())
+    assert chunk.actions.shape == (8, 4)
+    assert np.all(np.abs(chunk.actions) <= 1.0)
+
+
+class ExplodingPolicy:
+    camera_names = ()
+    privileged = False
+    structure = None
+
+    def reset(self):
+        pass
+
+    def predict_chunk(self, obs):
+        raise RuntimeError("model on fire")
+
+
+def test_an_episode_that_raises_is_recorded_and_the_rest_still_run(small_sim):
+    results = evaluate(ExplodingPolicy, small_sim, ["reach-v3"], episodes_per_task=2, progress=False)
+    assert [r.error for r in results] == ["RuntimeError: model on fire"] * 2
+    assert not any(r.success for r in results)
+
+
+def test_parallel_workers_give_the_same_results_as_inline(small_sim):
+    factory = functools.partial(make_policy, "expert")
+    inline = evaluate(factory, small_sim, ["drawer-close-v3"], 2, workers=1, progress=False)
+    parallel = evaluate(factory, small_sim, ["drawer-close-v3"], 2, workers=2, progress=False)
+    def outcomes(results):
+        return [(r.seed, r.success, r.length) for r in results]
+
+    assert outcomes(inline) == outcomes(parallel)
