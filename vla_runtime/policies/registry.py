@@ -10,7 +10,7 @@ from vla_runtime.types import Policy
 
 _FACTORIES: dict[str, Callable[..., Policy]] = {}
 # Modules that register policies; imported on first lookup so `import vla_runtime` stays light.
-_POLICY_MODULES = ("vla_runtime.policies.scripted",)
+_POLICY_MODULES = ("vla_runtime.policies.scripted", "vla_runtime.policies.ref_vla.policy")
 
 
 def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:

@@ -114,7 +114,8 @@ class EpisodeWorker:
         self.policy: Policy = policy_factory()
         check_policy_fits_sim(self.policy, sim_config)
         self.sim_config = sim_config
-        self.actions_per_chunk = actions_per_chunk
+        # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
+        self.actions_per_chunk = actions_per_chunk or getattr(self.policy, "actions_per_chunk", None)
         self.video_dir = Path(video_dir) if video_dir else None
         self.envs: dict[str, MetaWorldEnv] = {}
 

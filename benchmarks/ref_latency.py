@@ -1,0 +1,75 @@
+"""Per-inference latency (CPU) and parameter counts of the reference VLAs.
+
+    python benchmarks/ref_latency.py --threads 2 --calls 50 --out benchmarks/ref_latency
+
+Each model answers `--calls` observations rendered from Meta-World (drawer-open, eval seed 0), after
+3 warm-up calls; the models take turns call by call, so machine noise hits them alike.
+ref_dit_large has RANDOM WEIGHTS: it is a speed benchmark of the SmolVLA-scale architecture only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vla_runtime.policies import make_policy
+from vla_runtime.sim import MetaWorldConfig, MetaWorldEnv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--policies", nargs="+", default=["ref_dit", "ref_ar", "ref_dit_large"])
+    parser.add_argument("--out", default="benchmarks/ref_latency")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    policies = {name: make_policy(name) for name in args.policies}
+    with MetaWorldEnv("drawer-open", MetaWorldConfig()) as env:
+        obs = env.reset(MetaWorldConfig().seeds("eval").seed(0)).without_privileged_state()
+    for policy in policies.values():
+        for _ in range(3):
+            policy.predict_chunk(obs)
+    latency_ms: dict[str, list[float]] = {name: [] for name in policies}
+    for _ in tqdm(range(args.calls), desc="calls"):
+        for name, policy in policies.items():
+            started = time.perf_counter()
+            policy.predict_chunk(obs)
+            latency_ms[name].append(1000 * (time.perf_counter() - started))
+    rows = {}
+    for name, policy in policies.items():
+        config = policy.config
+        rows[name] = {
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "latency_ms_p50": float(np.percentile(latency_ms[name], 50)),
+            "latency_ms_p95": float(np.percentile(latency_ms[name], 95)),
+            "head": config.head, "lm_layers": config.lm_layers, "lm_hidden": config.lm_hidden,
+            "visual_tokens": config.num_visual_tokens, "chunk_size": config.chunk_size,
+            "random_weights": name == "ref_dit_large",
+        }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"threads": args.threads, "calls": args.calls, "cpu_count": os.cpu_count(), "policies": rows}, indent=2) + "\n")
+    lines = ["# Reference VLAs: parameters and per-inference latency", "",
+             f"Command: `python benchmarks/ref_latency.py --threads {args.threads} --calls {args.calls} "
+             f"--out {args.out}` (CPU, {args.threads} threads, batch 1, one 128x128 image).", "",
+             "| policy | parameters | LM layers x hidden | visual tokens | chunk | latency p50 (ms) | p95 (ms) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        label = f"{name} (random weights, speed only)" if row["random_weights"] else name
+        lines.append(f"| {label} | {row['parameters'] / 1e6:.1f} M | {row['lm_layers']} x {row['lm_hidden']} | "
+                     f"{row['visual_tokens']} | {row['chunk_size']} | {row['latency_ms_p50']:.1f} | "
+                     f"{row['latency_ms_p95']:.1f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from vla_runtime.cli import train as train_cli
+from vla_runtime.data import EpisodeStore
+from vla_runtime.policies import make_policy
+from vla_runtime.policies.ref_vla import RefVLA, RefVLAConfig, RefVLAPolicy
+from vla_runtime.policies.ref_vla.checkpoint import CheckpointError, load_model, save_model
+from vla_runtime.policies.ref_vla.policy import identity_stats
+from vla_runtime.policies.ref_vla.processing_ref_vla import Normalizer, tokenize, train_instruction_tokenizer
+from vla_runtime.sim import INSTRUCTIONS
+from vla_runtime.types import Observation
+
+TINY = dict(image_size=64, stem_channels=(16, 32), vit_hidden=32, vit_layers=1, vit_heads=2, lm_hidden=32,
+            lm_layers=2, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, dit_hidden=32, dit_layers=2, dit_heads=2,
+            denoising_steps=3, chunk_size=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_instruction_tokenizer(list(INSTRUCTIONS.values()))
+
+
+def tiny_policy(tokenizer, head, **overrides):
+    torch.manual_seed(0)
+    config = RefVLAConfig(head=head, text_vocab_size=tokenizer.get_vocab_size(), **{**TINY, **overrides})
+    return RefVLAPolicy(RefVLA(config), Normalizer(identity_stats(config)), tokenizer)
+
+
+def observation(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return Observation(images={"corner4": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)},
+                       state=rng.normal(size=4).astype(np.float32), instruction="open the drawer", timestamp=0.5)
+
+
+def batch(config, tokenizer, size=2):
+    ids, mask = tokenize(tokenizer, ["open the drawer", "press the button from the top"][:size], config.max_text_tokens)
+    return (torch.rand(size, 3, config.image_size, config.image_size) * 2 - 1, ids, mask, torch.randn(size, 4),
+            torch.rand(size, config.chunk_size, 4) * 2 - 1, torch.zeros(size, config.chunk_size, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("head", ["dit", "ar"])
+def test_forward_shapes_and_loss(tokenizer, head):
+    policy = tiny_policy(tokenizer, head)
+    model = policy.model
+    images, ids, mask, state, actions, is_pad = batch(model.config, tokenizer)
+    assert model.vision(images).shape == (2, 64, 32)  # 64 visual tokens per image
+    loss = model.train().loss(images, ids, mask, state, actions, is_pad)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.lm.layers.parameters())
+    chunk = policy.predict_chunk(observation())
+    assert chunk.actions.shape == (3, 4) and np.all(np.abs(chunk.actions) <= 1) and chunk.t0 == 0.5
+    structure = policy.structure
+    assert len(structure.lm_layers) == 2 and structure.visual_token_span() == (0, 64)
+    assert (structure.denoising_loop is not None) == (head == "dit")
+    assert (structure.ar_decode_loop is not None) == (head == "ar")
+
+
+def test_ar_greedy_decode_with_cache_matches_full_recompute(tokenizer):
+    policy = tiny_policy(tokenizer, "ar")
+    model = policy.model.eval()
+    images, ids, mask, state, _, _ = batch(model.config, tokenizer, size=1)
+    with torch.no_grad():
+        cached = model.decode_loop(*model.embed_prefix(images, ids, mask, state))
+        prefix, prefix_mask = model.embed_prefix(images, ids, mask, state)
+        tokens = []
+        for _ in range(model.config.num_action_tokens):  # no cache: the whole sequence every step
+            extra = model.lm.embed_tokens(torch.tensor([tokens]).long() + model.first_bin_id) if tokens else None
+            embeds = prefix if extra is None else torch.cat([prefix, extra], 1)
+            full_mask = torch.cat([prefix_mask, prefix_mask.new_ones(1, len(tokens))], 1)
+            hidden = model.lm(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+            tokens.append(int(model.action_logits(hidden[:, -1]).argmax(-1)))
+    assert cached[0].tolist() == tokens
+
+
+def test_action_bins_round_trip(tokenizer):
+    model = tiny_policy(tokenizer, "ar").model
+    actions = torch.linspace(-1, 1, 257)
+    bins = model.actions_to_bins(actions)
+    assert bins.min() == 0 and bins.max() == 255
+    assert torch.all((model.bins_to_actions(bins) - actions).abs() <= 1 / 256 + 1e-6)
+
+
+def test_large_config_is_smolvla_scale():
+    policy = make_policy("ref_dit_large")
+    config = policy.config
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    assert 400e6 <= parameters <= 500e6, parameters
+    assert config.lm_layers == 16 and config.lm_hidden >= 960 and config.num_visual_tokens >= 64
+    assert policy.predict_chunk(observation(128)).actions.shape == (config.chunk_size, 4)
+
+
+@pytest.mark.parametrize("head", ["dit", "ar"])
+def test_save_load_round_trip_gives_identical_actions(tmp_path, tokenizer, head):
+    policy = tiny_policy(tokenizer, head)
+    save_model(tmp_path, policy.model, policy.normalizer, tokenizer)
+    loaded = RefVLAPolicy.from_checkpoint(tmp_path)
+    policy.reset()
+    loaded.reset()
+    obs = observation()
+    assert np.array_equal(policy.predict_chunk(obs).actions, loaded.predict_chunk(obs).actions)
+
+
+def test_corrupt_checkpoints_are_clear_errors(tmp_path, tokenizer):
+    policy = tiny_policy(tokenizer, "dit")
+    good = tmp_path / "good"
+    save_model(good, policy.model, policy.normalizer, tokenizer)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "stats.json").unlink()
+    with pytest.raises(CheckpointError, match="missing stats.json"):
+        load_model(missing)
+
+    not_safetensors = tmp_path / "pickle"
+    shutil.copytree(good, not_safetensors)
+    (not_safetensors / "model.safetensors").write_bytes(b"\x80\x04\x95 this is a pickle, not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(not_safetensors)
+
+    wrong_shapes = tmp_path / "shapes"
+    shutil.copytree(good, wrong_shapes)
+    config = json.loads((wrong_shapes / "config.json").read_text())
+    config["lm_intermediate"] = 48
+    (wrong_shapes / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match config.json: .*mlp"):
+        load_model(wrong_shapes)
+
+    with pytest.raises(ValueError, match="Expected a uint8 64x64x3 image from camera 'corner4'"):
+        policy.predict_chunk(observation(size=32))
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    store = EpisodeStore(tmp_path / "data", {"image_size": 64}, create=True)
+    rng = np.random.default_rng(0)
+    for seed in range(2):
+        from vla_runtime.data import Episode
+
+        store.write(Episode("drawer-open-v3", 19, INSTRUCTIONS["drawer-open-v3"], seed, True,
+                            {"corner4": rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)},
+                            rng.normal(size=(10, 4)).astype(np.float32),
+                            rng.uniform(-1, 1, (10, 4)).astype(np.float32), np.arange(10) * 0.0125))
+    overrides = [f"dataset={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "batch_size=4", "max_steps=3",
+                 "save_every_steps=2", "log_every_steps=1", "warmup_steps=1", "num_threads=1",
+                 *[f"+model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()
+                   if k not in ("chunk_size",)], "model.chunk_size=3"]
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+        train_cli.train(cfg)
+        state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+        assert state["step"] == 3 and (tmp_path / "run" / "loss.png").stat().st_size > 0
+        first_weights = load_model(tmp_path / "run")[0].state_dict()
+        train_cli.train(compose("train", overrides=[*overrides, "max_steps=5"]))
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["step"] == 5
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # continued from step 3, not restarted
+    resumed = load_model(tmp_path / "run")[0].state_dict()
+    assert any(not torch.equal(first_weights[k], resumed[k]) for k in first_weights)

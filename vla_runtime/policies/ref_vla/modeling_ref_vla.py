@@ -1,0 +1,247 @@
+"""The reference VLAs: conv stem + ViT -> projector -> Llama decoder -> DiT head (flow matching) or
+autoregressive action tokens. Hugging Face `transformers` modules, built from configs, trained here.
+
+LM input, left to right: visual tokens | instruction tokens (right-padded, masked) | proprio token |
+one special token (DiT: the cognition token whose output conditions the DiT; AR: begin-of-actions,
+followed by the action tokens). Causal attention, so instruction tokens attend to the image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaModel, ViTConfig, ViTModel
+
+from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
+
+
+class ConvStem(nn.Module):
+    """Stride-2 conv stages; a ViT from scratch learns much faster on these features than on raw
+    patches (a convolution's locality prior, for free)."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        layers, previous = [], 3
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.GELU()]
+            previous = width
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, config: RefVLAConfig):
+        super().__init__()
+        self.stem = ConvStem(config.stem_channels)
+        self.vit = ViTModel(ViTConfig(
+            hidden_size=config.vit_hidden, num_hidden_layers=config.vit_layers,
+            num_attention_heads=config.vit_heads, intermediate_size=4 * config.vit_hidden,
+            image_size=config.feature_map_size, patch_size=config.vit_patch_size,
+            num_channels=config.stem_channels[-1], attn_implementation="sdpa",
+        ), add_pooling_layer=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, H, W] in [-1, 1] -> visual tokens [B, N, vit_hidden] (CLS dropped)."""
+        return self.vit(pixel_values=self.stem(images)).last_hidden_state[:, 1:]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning. `attn` and `mlp` are separate modules so an
+    action-head cache can reuse either one's output across denoising steps."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.adaln[1].weight)
+        nn.init.zeros_(self.adaln[1].bias)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(condition).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    angles = 1000.0 * t[:, None].float() * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class DiTActionHead(nn.Module):
+    """Predicts the flow-matching velocity of a noisy action chunk; `sample` is the denoising loop
+    (Euler, from noise at t=0 to actions at t=1)."""
+
+    def __init__(self, config: RefVLAConfig):
+        super().__init__()
+        dim = config.dit_hidden
+        self.config = config
+        self.action_in = nn.Linear(config.action_dim, dim)
+        self.position = nn.Parameter(torch.randn(1, config.chunk_size, dim) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.condition_in = nn.Linear(config.lm_hidden, dim)
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, config.dit_heads, config.dit_mlp_ratio) for _ in range(config.dit_layers))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.action_out = nn.Linear(dim, config.action_dim)
+        for layer in (self.final_adaln[1], self.action_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def velocity(self, noisy_actions: torch.Tensor, t: torch.Tensor, cognition: torch.Tensor) -> torch.Tensor:
+        condition = self.time_mlp(timestep_embedding(t, self.config.dit_hidden)) + self.condition_in(cognition)
+        x = self.action_in(noisy_actions) + self.position
+        for block in self.blocks:
+            x = block(x, condition)
+        shift, scale = self.final_adaln(condition).chunk(2, dim=-1)
+        return self.action_out(modulate(self.final_norm(x), shift, scale))
+
+    def sample(self, cognition: torch.Tensor, generator: torch.Generator | None = None,
+               steps: int | None = None) -> torch.Tensor:
+        steps = steps or self.config.denoising_steps
+        shape = (cognition.shape[0], self.config.chunk_size, self.config.action_dim)
+        x = torch.randn(shape, generator=generator, device=cognition.device)
+        for step in range(steps):
+            t = torch.full((shape[0],), step / steps, device=cognition.device)
+            x = x + self.velocity(x, t, cognition) / steps
+        return x
+
+    def loss(self, cognition: torch.Tensor, actions: torch.Tensor, is_pad: torch.Tensor,
+             repeats: int) -> torch.Tensor:
+        """Flow matching: x_t = (1 - t) noise + t actions, target velocity actions - noise. Several
+        noise draws per LM pass make the (cheap) head learn faster than the backbone costs."""
+        cognition = cognition.repeat_interleave(repeats, 0)
+        actions = actions.repeat_interleave(repeats, 0)
+        keep = (~is_pad).repeat_interleave(repeats, 0).float()[..., None]
+        noise = torch.randn_like(actions)
+        t = torch.rand(actions.shape[0], device=actions.device)
+        noisy = (1 - t[:, None, None]) * noise + t[:, None, None] * actions
+        error = (self.velocity(noisy, t, cognition) - (actions - noise)) ** 2
+        return (error * keep).sum() / (keep.sum() * actions.shape[-1]).clamp_min(1)
+
+
+class ARDecodeLoop:
+    """Greedy decoding of the action tokens, one LM step per token over a KV cache."""
+
+    def __init__(self, model: RefVLA):
+        self.model = model
+
+    def __call__(self, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        output = model.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
+        cache = output.cache
+        tokens = [model.action_logits(output.last_hidden_state[:, -1]).argmax(-1)]
+        for _ in range(model.config.num_action_tokens - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            embeds = model.lm.embed_tokens(tokens[-1][:, None] + model.first_bin_id)
+            output = model.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
+            cache = output.cache
+            tokens.append(model.action_logits(output.last_hidden_state[:, -1]).argmax(-1))
+        return torch.stack(tokens, dim=1)
+
+
+class RefVLA(nn.Module):
+    def __init__(self, config: RefVLAConfig):
+        super().__init__()
+        if config.text_vocab_size < 2:
+            raise ValueError("RefVLAConfig.text_vocab_size must come from a tokenizer (got "
+                             f"{config.text_vocab_size})")
+        self.config = config
+        # One special token after the text vocabulary (cognition / begin-of-actions), then the bins.
+        self.special_id = config.text_vocab_size
+        self.first_bin_id = config.text_vocab_size + 1
+        vocab = self.first_bin_id + (config.action_bins if config.head == "ar" else 0)
+        self.vision = VisionEncoder(config)
+        self.projector = nn.Sequential(nn.Linear(config.vit_hidden, config.lm_hidden), nn.GELU(),
+                                       nn.Linear(config.lm_hidden, config.lm_hidden))
+        self.proprio = nn.Linear(config.state_dim, config.lm_hidden)
+        self.lm = LlamaModel(LlamaConfig(
+            vocab_size=vocab, hidden_size=config.lm_hidden, intermediate_size=config.lm_intermediate,
+            num_hidden_layers=config.lm_layers, num_attention_heads=config.lm_heads,
+            num_key_value_heads=config.lm_kv_heads, max_position_embeddings=256,
+            attn_implementation="sdpa", pad_token_id=0,
+        ))
+        if config.head == "dit":
+            self.dit = DiTActionHead(config)
+        else:
+            self.action_logits = nn.Linear(config.lm_hidden, config.action_bins)
+            self.decode_loop = ARDecodeLoop(self)
+
+    @property
+    def visual_token_span(self) -> tuple[int, int]:
+        return 0, self.config.num_visual_tokens
+
+    def embed_prefix(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.projector(self.vision(images))
+        batch = visual.shape[0]
+        special = self.lm.embed_tokens(torch.full((batch, 1), self.special_id, device=visual.device))
+        embeds = torch.cat([visual, self.lm.embed_tokens(text_ids), self.proprio(state)[:, None], special], 1)
+        ones = text_mask.new_ones(batch, visual.shape[1])
+        mask = torch.cat([ones, text_mask, text_mask.new_ones(batch, 2)], dim=1)
+        return embeds, mask
+
+    # --- actions <-> tokens (AR) ----------------------------------------------------------------
+    def actions_to_bins(self, actions: torch.Tensor) -> torch.Tensor:
+        bins = self.config.action_bins
+        return ((actions.clamp(-1, 1) + 1) / 2 * bins).long().clamp(0, bins - 1)
+
+    def bins_to_actions(self, bins: torch.Tensor) -> torch.Tensor:
+        return (bins.float() + 0.5) / self.config.action_bins * 2 - 1
+
+    # --- training and inference -----------------------------------------------------------------
+    def loss(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+             state: torch.Tensor, actions: torch.Tensor, is_pad: torch.Tensor,
+             diffusion_repeats: int = 4) -> torch.Tensor:
+        """`actions` normalised to [-1, 1], [B, H, A]; `is_pad` [B, H] marks steps past the episode end."""
+        prefix, mask = self.embed_prefix(images, text_ids, text_mask, state)
+        if self.config.head == "dit":
+            cognition = self.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state[:, -1]
+            return self.dit.loss(cognition, actions, is_pad, diffusion_repeats)
+        targets = self.actions_to_bins(actions).flatten(1)  # [B, H*A], time-major
+        inputs = self.lm.embed_tokens(targets[:, :-1] + self.first_bin_id)
+        embeds = torch.cat([prefix, inputs], dim=1)
+        mask = torch.cat([mask, mask.new_ones(inputs.shape[:2])], dim=1)
+        hidden = self.lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        logits = self.action_logits(hidden[:, prefix.shape[1] - 1:])
+        targets = targets.masked_fill(is_pad.repeat_interleave(self.config.action_dim, dim=1), -100)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def predict(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised actions [B, H, A]."""
+        prefix, mask = self.embed_prefix(images, text_ids, text_mask, state)
+        if self.config.head == "dit":
+            cognition = self.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state[:, -1]
+            return self.dit.sample(cognition, generator)
+        bins = self.decode_loop(prefix, mask)
+        return self.bins_to_actions(bins).view(-1, self.config.chunk_size, self.config.action_dim)

@@ -1,0 +1,106 @@
+"""The reference VLAs behind the `Policy` protocol, registered as ref_dit, ref_ar, ref_dit_large."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from vla_runtime.policies.ref_vla.checkpoint import load_model
+from vla_runtime.policies.ref_vla.configuration_ref_vla import LARGE_RANDOM_WEIGHTS, RefVLAConfig
+from vla_runtime.policies.ref_vla.modeling_ref_vla import RefVLA
+from vla_runtime.policies.ref_vla.processing_ref_vla import (
+    Normalizer,
+    images_to_tensor,
+    tokenize,
+    train_instruction_tokenizer,
+)
+from vla_runtime.policies.registry import register_policy
+from vla_runtime.sim.metaworld_suite import CONTROL_DT, INSTRUCTIONS
+from vla_runtime.types import ActionChunk, Observation, PolicyStructure
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """checkpoints/<name> of the repository, installed as the package data vla_runtime.checkpoints."""
+    return Path(str(resources.files("vla_runtime.checkpoints") / name))
+
+
+class RefVLAPolicy:
+    privileged = False
+
+    def __init__(self, model: RefVLA, normalizer: Normalizer, tokenizer: Tokenizer, noise_seed: int = 0,
+                 num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = model.eval()
+        self.config = model.config
+        self.normalizer = normalizer
+        self.tokenizer = tokenizer
+        self.noise_seed = noise_seed
+        self.camera_names = (self.config.camera,)
+        self.actions_per_chunk = self.config.actions_per_chunk
+        self.generator = torch.Generator().manual_seed(noise_seed)
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.structure = PolicyStructure(
+            vision_encoder=model.vision,
+            lm_layers=model.lm.layers,
+            visual_token_span=lambda: model.visual_token_span,
+            action_head_blocks=model.dit.blocks if self.config.head == "dit" else None,
+            denoising_loop=model.dit if self.config.head == "dit" else None,
+            ar_decode_loop=model.decode_loop if self.config.head == "ar" else None,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, **options) -> RefVLAPolicy:
+        model, normalizer, tokenizer = load_model(directory)
+        return cls(model, normalizer, tokenizer, **options)
+
+    def reset(self) -> None:
+        # The same noise sequence every episode: evaluations and replays are reproducible.
+        self.generator.manual_seed(self.noise_seed)
+
+    def _text(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if instruction not in self._text_cache:
+            self._text_cache[instruction] = tokenize(self.tokenizer, [instruction], self.config.max_text_tokens)
+        return self._text_cache[instruction]
+
+    @torch.inference_mode()
+    def predict_chunk(self, obs: Observation) -> ActionChunk:
+        image = obs.images.get(self.config.camera)
+        size = self.config.image_size
+        if image is None or image.shape != (size, size, 3) or image.dtype != np.uint8:
+            got = None if image is None else (image.shape, image.dtype)
+            raise ValueError(f"Expected a uint8 {size}x{size}x3 image from camera '{self.config.camera}', got {got}")
+        images = images_to_tensor(torch.from_numpy(image).permute(2, 0, 1)[None])
+        state = self.normalizer.state(torch.as_tensor(obs.state, dtype=torch.float32)[None])
+        text_ids, text_mask = self._text(obs.instruction)
+        actions = self.model.predict(images, text_ids, text_mask, state, self.generator)
+        actions = self.normalizer.unnormalize_action(actions)[0].numpy()
+        return ActionChunk(actions, t0=obs.timestamp, dt=CONTROL_DT)
+
+
+@register_policy("ref_dit")
+def ref_dit(checkpoint: str | None = None, **options) -> RefVLAPolicy:
+    return RefVLAPolicy.from_checkpoint(checkpoint or shipped_checkpoint("ref_dit"), **options)
+
+
+@register_policy("ref_ar")
+def ref_ar(checkpoint: str | None = None, **options) -> RefVLAPolicy:
+    return RefVLAPolicy.from_checkpoint(checkpoint or shipped_checkpoint("ref_ar"), **options)
+
+
+def identity_stats(config: RefVLAConfig) -> dict:
+    return {"state": {"mean": [0.0] * config.state_dim, "std": [1.0] * config.state_dim},
+            "action": {"min": [-1.0] * config.action_dim, "max": [1.0] * config.action_dim}}
+
+
+@register_policy("ref_dit_large")
+def ref_dit_large(seed: int = 0, **options) -> RefVLAPolicy:
+    """SmolVLA-scale architecture with RANDOM WEIGHTS: for speed benchmarks only, its actions mean nothing."""
+    torch.manual_seed(seed)
+    tokenizer = train_instruction_tokenizer(list(INSTRUCTIONS.values()))
+    config = RefVLAConfig(head="dit", text_vocab_size=tokenizer.get_vocab_size(), **LARGE_RANDOM_WEIGHTS)
+    return RefVLAPolicy(RefVLA(config), Normalizer(identity_stats(config)), tokenizer, **options)
