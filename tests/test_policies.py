@@ -58,3 +58,23 @@ def test_parallel_workers_give_the_same_results_as_inline(small_sim):
         return [(r.seed, r.success, r.length) for r in results]
 
     assert outcomes(inline) == outcomes(parallel)
+
+
+def test_realtime_mode_with_zero_latency_equals_sync(small_sim):
+    realtime = {"loop": {"control_hz": 80.0}, "latency_model": {"kind": "fixed", "latency_ms": 0.0},
+                "reuse_gate": "never"}
+    factory = functools.partial(make_policy, "expert")
+    tasks = ["drawer-open-v3", "peg-insert-side-v3"]
+    sync = evaluate(factory, small_sim, tasks, 3, progress=False)
+    realtime_results = evaluate(factory, small_sim, tasks, 3, progress=False, realtime=realtime)
+    assert [(r.seed, r.success, r.length) for r in sync] == [(r.seed, r.success, r.length) for r in realtime_results]
+    assert all(r.loop["deadline_misses"] == 0 and r.loop["startup_holds"] == 0 for r in realtime_results)
+
+
+def test_realtime_latency_costs_ticks(small_sim):
+    realtime = {"loop": {"control_hz": 80.0}, "latency_model": {"kind": "fixed", "latency_ms": 100.0},
+                "reuse_gate": "never"}
+    (result,) = evaluate(functools.partial(make_policy, "expert"), small_sim, ["drawer-close-v3"], 1,
+                         progress=False, realtime=realtime)
+    # One action per chunk, each chunk 8 ticks late: the robot holds on 7 of every 8 ticks.
+    assert result.loop["deadline_misses"] > 5 * result.loop["policy_calls"]

@@ -18,9 +18,37 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
+from vla_runtime.control.inference import LatencyModel
+from vla_runtime.control.loop import RuntimeConfig
+from vla_runtime.control.reuse import make_reuse_gate
 from vla_runtime.policies import make_policy, policy_names
 from vla_runtime.sim.metrics import markdown_summary, summarize
 from vla_runtime.sim.runner import evaluate
+
+
+def realtime_options(runtime: DictConfig) -> dict | None:
+    """None for the synchronous protocol, else what EpisodeWorker needs for latency in the loop."""
+    if runtime.mode not in ("sync", "realtime"):
+        raise ValueError(f"runtime.mode must be 'sync' or 'realtime', got '{runtime.mode}'")
+    if runtime.mode == "sync":
+        return None
+    options = as_dict(runtime)
+    latency_model = {"kind": options.pop("latency_model"), "latency_ms": options.pop("latency_ms"),
+                     "recorded_path": options.pop("recorded_latencies")}
+    LatencyModel(**latency_model)  # bad settings fail here, before any worker starts
+    reuse_gate = options.pop("reuse_gate")
+    make_reuse_gate(reuse_gate)
+    options.pop("mode")
+    RuntimeConfig(**options)
+    return {"loop": options, "latency_model": latency_model, "reuse_gate": reuse_gate}
+
+
+def describe_runtime(runtime: DictConfig) -> str:
+    if runtime.mode == "sync":
+        return "sync"
+    if runtime.latency_model == "fixed":
+        return f"realtime, {runtime.latency_ms:g} ms latency model"
+    return f"realtime, {runtime.latency_model} latency"
 
 
 def run(cfg: DictConfig, command: str | None = None) -> dict:
@@ -32,6 +60,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     if policy_name not in policy_names():
         raise ValueError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
     output_dir = Path(cfg.output_dir)
+    realtime = realtime_options(cfg.runtime)
     episodes = evaluate(
         functools.partial(make_policy, policy_name, **policy_options),
         sim,
@@ -40,11 +69,12 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         workers=positive_int(cfg, "workers"),
         actions_per_chunk=cfg.actions_per_chunk,
         video_dir=str(output_dir / "videos") if cfg.video else None,
+        realtime=realtime,
     )
-    results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": "sync",
-               **summarize(episodes, tasks)}
+    results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": cfg.runtime.mode,
+               "runtime": as_dict(cfg.runtime), **summarize(episodes, tasks)}
     write_json(output_dir / "results.json", results)
-    title = f"{policy_name} on {cfg.sim.name} ({episodes_per_task} episodes per task)"
+    title = f"{policy_name} on {cfg.sim.name}, {describe_runtime(cfg.runtime)} ({episodes_per_task} episodes per task)"
     summary = markdown_summary(results, title)
     if command:
         summary += f"\nCommand: `{command}`\n"

@@ -203,6 +203,7 @@ class MetaWorldEnv:
             model.site_size[goal_site][0] = self.config.goal_marker_radius
         self._renderer: mujoco.Renderer | None = None
         self._steps = 0
+        self._full_state: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -236,33 +237,36 @@ class MetaWorldEnv:
             image = image[::-1, ::-1]
         return np.ascontiguousarray(image)
 
-    def _observation(self, full_state: np.ndarray) -> Observation:
-        images = {cam: self.render(cam) for cam in self.config.cameras} if self.render_enabled else {}
+    def observe(self, render: bool | None = None) -> Observation:
+        """The current observation; images only when `render` (default: the env's setting), since
+        rendering costs 20x a physics step."""
+        render = self.render_enabled if render is None else render
+        images = {cam: self.render(cam) for cam in self.config.cameras} if render else {}
         return Observation(
             images=images,
-            state=np.asarray(full_state[:STATE_DIM], dtype=np.float32),
+            state=np.asarray(self._full_state[:STATE_DIM], dtype=np.float32),
             instruction=self.instruction,
             timestamp=self._steps * self.dt,
-            privileged_state=np.asarray(full_state, dtype=np.float64),
+            privileged_state=np.array(self._full_state, dtype=np.float64),
         )
 
-    def reset(self, seed: int) -> Observation:
+    def reset(self, seed: int, render: bool | None = None) -> Observation:
         self._env.seed(int(seed))
-        full_state, _ = self._env.reset()
+        self._full_state, _ = self._env.reset()
         self._steps = 0
-        return self._observation(full_state)
+        return self.observe(render)
 
-    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict]:
+    def step(self, action: np.ndarray, render: bool | None = None) -> tuple[Observation, float, bool, bool, dict]:
         """-> (observation, reward, success, truncated, info). Actions are clipped to [-1, 1]."""
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (ACTION_DIM,):
             raise ValueError(f"Meta-World actions have {ACTION_DIM} dimensions, got shape {action.shape}")
         if not np.all(np.isfinite(action)):
             raise ValueError(f"Non-finite action {action} sent to Meta-World task {self.task}")
-        full_state, reward, _, _, info = self._env.step(np.clip(action, -1.0, 1.0))
+        self._full_state, reward, _, _, info = self._env.step(np.clip(action, -1.0, 1.0))
         self._steps += 1
         success = bool(info["success"])
-        return self._observation(full_state), float(reward), success, self._steps >= self.max_steps, info
+        return self.observe(render), float(reward), success, self._steps >= self.max_steps, info
 
     def close(self) -> None:
         self._close_renderer()

@@ -45,20 +45,35 @@ def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
             "errors": sum(e.error is not None for e in runs),
         }
     latencies = [lat for e in episodes for lat in e.inference_latency_s]
+    loops = [e.loop for e in episodes if e.loop is not None]
     return {
         "success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "per_task": per_task,
         "latency_ms": latency_percentiles_ms(latencies),
         "policy_calls": len(latencies),
-        # The synchronous protocol stops the world while the policy runs, so no tick can be late.
-        "deadline_misses": 0,
+        # The synchronous protocol stops the world while the policy runs: no tick can be late there.
+        "deadline_misses": sum(loop["deadline_misses"] for loop in loops),
+        "control_loop": _loop_totals(loops) if loops else None,
+        "latency_samples_ms": [1000 * lat for lat in latencies],
         "errors": [{"task": e.task, "seed": e.seed, "error": e.error} for e in episodes if e.error],
         "episodes": [
             {"task": e.task, "seed": e.seed, "success": e.success, "length": e.length,
-             "policy_calls": e.policy_calls, "video": e.video_path, "error": e.error}
+             "policy_calls": e.policy_calls, "video": e.video_path, "error": e.error, "loop": e.loop}
             for e in episodes
         ],
     }
+
+
+def _loop_totals(loops: Sequence[dict]) -> dict:
+    """Control-loop counters summed over episodes (latency and jitter percentiles stay per episode)."""
+    keys = ("ticks", "deadline_misses", "startup_holds", "faults", "policy_errors", "stale_holds", "clipped", "reuses",
+            "discarded_actions")
+    totals = {key: sum(loop[key] for loop in loops) for key in keys}
+    totals["miss_rate"] = totals["deadline_misses"] / max(1, totals["ticks"])
+    jitter_p99 = [loop["tick_jitter_ms"]["p99"] for loop in loops if loop["tick_jitter_ms"]["p99"] is not None]
+    totals["tick_jitter_ms_p99_max"] = max(jitter_p99) if jitter_p99 else None
+    totals["profile_switches"] = sum(len(loop["profile_switches"]) for loop in loops)
+    return totals
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -81,6 +96,11 @@ def markdown_summary(results: dict, title: str) -> str:
         f"p99 {_fmt_ms(latency['p99'])} over {results['policy_calls']} policy calls; "
         f"deadline misses: {results['deadline_misses']}.",
     ]
+    loop = results.get("control_loop")
+    if loop:
+        lines.append(f"Control loop: {loop['ticks']} ticks, miss rate {loop['miss_rate']:.1%}, "
+                     f"faults {loop['faults']}, reuses {loop['reuses']}, "
+                     f"discarded actions {loop['discarded_actions']}.")
     if results["errors"]:
         errors = results["errors"]
         lines.append(f"**{len(errors)} episode(s) ended in an error**, first: {errors[0]}")

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
+from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
+from vla_runtime.control.reuse import make_reuse_gate
 from vla_runtime.sim.metaworld_suite import MetaWorldConfig, MetaWorldEnv
 from vla_runtime.types import Observation, Policy
 
@@ -46,6 +49,7 @@ class EpisodeResult:
     trajectory: Trajectory | None = None
     video_path: str | None = None
     error: str | None = None  # what raised, when the episode ended in an exception
+    loop: dict | None = None  # control-loop metrics (realtime mode)
 
     @property
     def policy_calls(self) -> int:
@@ -59,6 +63,10 @@ def check_policy_fits_sim(policy: Policy, config: MetaWorldConfig) -> None:
                          f"(configured cameras: {list(config.cameras)})")
 
 
+def policy_view(policy: Policy, obs: Observation) -> Observation:
+    return obs if policy.privileged else obs.without_privileged_state()
+
+
 def run_episode(
     env: MetaWorldEnv,
     policy: Policy,
@@ -68,7 +76,10 @@ def run_episode(
 ) -> EpisodeResult:
     """Synchronous protocol: the world waits while the policy thinks. Executes the first
     `actions_per_chunk` actions of each chunk (all of them when None), then asks again."""
-    obs = env.reset(seed)
+    # Render only the frames somebody looks at: the policy's, at each query, or every frame for a trajectory.
+    render_each_step = keep_trajectory and env.render_enabled
+    render_for_policy = bool(policy.camera_names) and env.render_enabled
+    obs = env.reset(seed, render=render_each_step or render_for_policy)
     policy.reset()
     action_queue: deque[np.ndarray] = deque()
     inference_latency_s: list[float] = []
@@ -76,18 +87,56 @@ def run_episode(
     success = False
     while True:
         if not action_queue:
-            policy_view = obs if policy.privileged else obs.without_privileged_state()
             started = time.perf_counter()
-            chunk = policy.predict_chunk(policy_view)
+            chunk = policy.predict_chunk(policy_view(policy, obs))
             inference_latency_s.append(time.perf_counter() - started)
             action_queue.extend(chunk.actions[:actions_per_chunk])
         action = action_queue.popleft()
         if trajectory is not None:
             trajectory.append(obs, action)
-        obs, _, success, truncated, _ = env.step(action)
+        render = render_each_step or (render_for_policy and not action_queue)
+        obs, _, success, truncated, _ = env.step(action, render=render)
         if success or truncated:
             break
     return EpisodeResult(env.task, seed, success, env.steps, inference_latency_s, trajectory)
+
+
+class SimRobot:
+    """A Meta-World env seen as a robot by the control loop: one env step per control tick."""
+
+    def __init__(self, env: MetaWorldEnv, policy: Policy):
+        self.env = env
+        self.policy = policy
+        self.success = False
+        self.done = False
+
+    def observation_age_s(self) -> float:
+        return 0.0  # the simulator always has the state of this very tick
+
+    def observe(self) -> Observation:
+        return policy_view(self.policy, self.env.observe(render=bool(self.policy.camera_names)))
+
+    def send(self, command: np.ndarray) -> None:
+        _, _, success, truncated, _ = self.env.step(command, render=False)
+        self.success = success
+        self.done = success or truncated
+
+
+def run_episode_realtime(env: MetaWorldEnv, policy: Policy, seed: int, runtime: RuntimeConfig,
+                         latency_model: LatencyModel, reuse_gate: str = "never") -> EpisodeResult:
+    """Latency in the loop: the simulator advances one step per control tick, in simulated time, and
+    keeps executing queued actions while a chunk is being computed (`latency_model` says how long)."""
+    if not np.isclose(runtime.control_hz * env.dt, 1.0):
+        raise ValueError(f"runtime.control_hz={runtime.control_hz} but the simulator steps at {1 / env.dt:g} Hz")
+    env.reset(seed, render=False)
+    policy.reset()
+    latency_model.reset()
+    robot = SimRobot(env, policy)
+    loop = ControlLoop(robot, SimulatedInferenceWorker(policy, latency_model, env.dt), runtime,
+                       clock=SimulatedClock(), reuse_gate=make_reuse_gate(reuse_gate))
+    metrics = loop.run(env.max_steps, done=lambda: robot.done)
+    return EpisodeResult(env.task, seed, robot.success, env.steps, metrics.inference_latency_s,
+                         loop=metrics.summary())
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
@@ -107,16 +156,26 @@ class EvalJob:
 
 
 class EpisodeWorker:
-    """Holds one policy and one env per task; runs jobs. Lives in a worker process (or inline)."""
+    """Holds one policy and one env per task; runs jobs. Lives in a worker process (or inline).
+
+    `realtime`: None for the synchronous protocol, else {"loop": RuntimeConfig options,
+    "latency_model": LatencyModel options, "reuse_gate": name} for latency in the loop.
+    """
 
     def __init__(self, policy_factory: Any, sim_config: MetaWorldConfig, actions_per_chunk: int | None,
-                 video_dir: str | None):
+                 video_dir: str | None, realtime: dict | None = None):
         self.policy: Policy = policy_factory()
         check_policy_fits_sim(self.policy, sim_config)
         self.sim_config = sim_config
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
         self.actions_per_chunk = actions_per_chunk or getattr(self.policy, "actions_per_chunk", None)
         self.video_dir = Path(video_dir) if video_dir else None
+        self.realtime = None
+        if realtime is not None:
+            if video_dir:
+                raise ValueError("video=true is only available with runtime.mode=sync")
+            loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"]})
+            self.realtime = (loop, LatencyModel(**realtime["latency_model"]), realtime["reuse_gate"])
         self.envs: dict[str, MetaWorldEnv] = {}
 
     def env(self, task: str) -> MetaWorldEnv:
@@ -129,7 +188,10 @@ class EpisodeWorker:
         keep = self.video_dir is not None
         env = self.env(job.task)
         try:
-            result = run_episode(env, self.policy, job.seed, self.actions_per_chunk, keep)
+            if self.realtime is None:
+                result = run_episode(env, self.policy, job.seed, self.actions_per_chunk, keep)
+            else:
+                result = run_episode_realtime(env, self.policy, job.seed, *self.realtime)
         except Exception as exc:  # one broken episode must not throw away the others
             error = f"{type(exc).__name__}: {exc}"
             return EpisodeResult(job.task, job.seed, False, env.steps, [], error=error)
@@ -204,6 +266,7 @@ def evaluate(
     actions_per_chunk: int | None = None,
     video_dir: str | None = None,
     progress: bool = True,
+    realtime: dict | None = None,
 ) -> list[EpisodeResult]:
     """Episodes on the eval seeds: episode i of every task starts from eval seed i.
 
@@ -212,7 +275,7 @@ def evaluate(
     seeds = sim_config.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     results: list[EpisodeResult] = []
-    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir)
+    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir, realtime)
     with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
             tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
         for result in pool.imap_unordered(jobs):

@@ -1,0 +1,223 @@
+import threading
+
+import numpy as np
+import pytest
+
+from vla_runtime.control.action_queue import ActionQueue
+from vla_runtime.control.governor import BudgetGovernor, Profile
+from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker, ThreadedInferenceWorker
+from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
+from vla_runtime.control.safety import SafetyConfig, SafetyLayer
+from vla_runtime.types import ActionChunk, Observation, PolicyStructure
+
+HZ = 80.0
+
+
+class ChunkPolicy:
+    """Test double: chunks of `horizon` actions whose value encodes the call number; can be told to
+    sleep (real latency), raise, or return NaN on chosen calls."""
+
+    camera_names = ()
+    privileged = False
+
+    def __init__(self, horizon=8, sleep_s=0.0, raise_on=(), nan_on=()):
+        self.structure = PolicyStructure()
+        self.horizon, self.sleep_s, self.raise_on, self.nan_on = horizon, sleep_s, set(raise_on), set(nan_on)
+        self.calls = 0
+        self._stop = threading.Event()
+
+    def reset(self):
+        pass
+
+    def predict_chunk(self, obs):
+        self.calls += 1
+        if self.sleep_s:
+            self._stop.wait(self.sleep_s)
+        if self.calls in self.raise_on:
+            raise RuntimeError("model on fire")
+        actions = np.full((self.horizon, 4), 0.01 * self.calls, dtype=np.float32)
+        if self.calls in self.nan_on:
+            actions[:] = np.nan
+        return ActionChunk(actions, t0=obs.timestamp, dt=1 / HZ)
+
+
+class FakeRobot:
+    def __init__(self, age_s=0.0, on_send=None):
+        self.commands = []
+        self.age_s = age_s
+        self.on_send = on_send
+
+    def observation_age_s(self):
+        return self.age_s
+
+    def observe(self):
+        return Observation({}, np.zeros(4, np.float32), "test", 0.0)
+
+    def send(self, command):
+        self.commands.append(command)
+        if self.on_send:
+            self.on_send(len(self.commands))
+
+
+def simulated_loop(policy, latency_ms, robot=None, **config):
+    worker = SimulatedInferenceWorker(policy, LatencyModel("fixed", latency_ms), 1 / HZ)
+    return ControlLoop(robot or FakeRobot(), worker, RuntimeConfig(control_hz=HZ, **config), clock=SimulatedClock())
+
+
+def test_latency_below_chunk_duration_gives_no_misses():
+    # 8 actions last 100 ms; a 50 ms model asked when 4 or fewer actions are left is always in time.
+    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=50, request_threshold=4)
+    metrics = loop.run(400)
+    assert metrics.misses == 0 and metrics.ticks == 400
+    assert metrics.startup_holds == 4  # the very first chunk takes 50 ms = 4 ticks
+    assert metrics.policy_calls == pytest.approx(400 / 4, abs=2)
+
+
+def test_latency_from_predicted_p95_also_avoids_misses():
+    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=50, request_when="latency")
+    assert loop.run(400).misses == 0
+
+
+def test_latency_above_chunk_duration_counts_misses_and_discards_late_actions():
+    # 8 actions = 100 ms but each chunk takes 200 ms: the robot holds between chunks.
+    robot = FakeRobot()
+    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=200, robot=robot)
+    metrics = loop.run(320)
+    assert metrics.ticks == 320 and len(robot.commands) == 320  # the executor kept its rate
+    assert metrics.misses > 0
+    # Every chunk arrives 16 ticks after its observation: all 8 of its actions are already late.
+    executed = sum(1 for c in robot.commands if c[0] > 0)
+    assert executed == 0 and metrics.discarded_actions == 8 * metrics.policy_calls
+
+
+def test_threaded_worker_never_stalls_the_executor():
+    from vla_runtime.control.loop import MonotonicClock
+
+    policy = ChunkPolicy(horizon=2, sleep_s=0.1)  # 2 actions at 50 Hz = 40 ms, inference 100 ms
+    worker = ThreadedInferenceWorker(policy)
+    robot = FakeRobot()
+    loop = ControlLoop(robot, worker, RuntimeConfig(control_hz=50), clock=MonotonicClock())
+    try:
+        metrics = loop.run(25)
+    finally:
+        worker.close()
+    assert metrics.ticks == 25 and len(robot.commands) == 25
+    assert metrics.misses > 0  # the robot was held while the policy thought, not stopped
+    assert policy.calls < 25
+
+
+@pytest.mark.parametrize("failure", ["raise_on", "nan_on"])
+def test_a_policy_that_raises_or_returns_nan_gets_the_safe_action_and_the_loop_lives(failure):
+    robot = FakeRobot()
+    loop = simulated_loop(ChunkPolicy(horizon=4, **{failure: [2, 3]}), latency_ms=0, robot=robot)
+    metrics = loop.run(40)
+    assert metrics.ticks == 40 and metrics.faults >= 2
+    safe = np.zeros(4, np.float32)
+    safe[3] = 0.01  # the gripper keeps the last command it had
+    held = [c for c in robot.commands[4:12]]
+    assert any(np.array_equal(c, safe) for c in held)
+    assert all(np.all(np.isfinite(c)) for c in robot.commands)
+    assert robot.commands[-1][0] > 0.03  # later chunks are executed again
+
+
+def test_stale_observation_holds():
+    robot = FakeRobot(age_s=2.0)
+    metrics = simulated_loop(ChunkPolicy(), latency_ms=0, robot=robot).run(10)
+    assert metrics.safety_events["stale"] == 10
+    assert all(np.array_equal(c, np.zeros(4)) for c in robot.commands)
+
+
+def test_estop_sends_no_further_commands():
+    loop = None
+
+    def press_estop_after_five(sent):
+        if sent == 5:
+            loop.estop()
+
+    robot = FakeRobot(on_send=press_estop_after_five)
+    loop = simulated_loop(ChunkPolicy(), latency_ms=0, robot=robot)
+    loop.run(100)
+    assert len(robot.commands) == 5
+    assert loop.run(100).ticks == 5  # latched: running again sends nothing
+
+
+def test_action_queue_merges():
+    replace = ActionQueue("replace")
+    replace.merge(0, np.ones((4, 1)), now=0)
+    replace.merge(2, np.full((4, 1), 3.0), now=2)
+    assert replace.ticks() == [2, 3, 4, 5] and replace.pop(2)[0] == 3.0
+
+    ensemble = ActionQueue("temporal_ensemble", ensemble_decay=0.5)
+    ensemble.merge(0, np.ones((4, 1)), now=0)
+    ensemble.merge(2, np.full((4, 1), 3.0), now=2)
+    first, second = 1.0, np.exp(-0.5)
+    assert ensemble.pop(2)[0] == pytest.approx((first * 1 + second * 3) / (first + second))
+    assert ensemble.pop(4)[0] == pytest.approx(3.0)  # only the new chunk predicted tick 4
+
+    average = ActionQueue("weighted_average", old_weight=0.3)
+    average.merge(0, np.ones((4, 1)), now=0)
+    average.merge(1, np.full((4, 1), 2.0), now=1)
+    assert average.pop(1)[0] == pytest.approx(0.3 * 1 + 0.7 * 2)
+
+    late = ActionQueue()
+    assert late.merge(0, np.ones((5, 1)), now=3) == 3 and late.ticks() == [3, 4]
+    assert late.pop(4) is not None and late.discarded == 4  # tick 3 was never popped
+    with pytest.raises(ValueError, match="Unknown chunk merge 'blend'"):
+        ActionQueue("blend")
+
+
+def test_safety_clips_and_rate_limits():
+    safety = SafetyLayer(SafetyConfig(max_delta_per_tick=0.1))
+    command, status = safety.filter(np.array([5.0, -0.05, 0.0, 0.0]), 0.0)
+    assert status == "clipped" and command.tolist() == pytest.approx([0.1, -0.05, 0.0, 0.0])
+    command, _ = safety.filter(np.array([1.0, 0.0, 0.0, 0.0]), 0.0)
+    assert command[0] == pytest.approx(0.2)
+    assert safety.filter(np.zeros(3), 0.0)[1] == "fault"  # wrong dimension
+    with pytest.raises(ValueError, match="hold_dims"):
+        SafetyConfig(hold_dims=[7])
+
+
+def synthetic_profiles():
+    return [Profile("none", 120.0, 0.90), Profile("efficientvla", 60.0, 0.88), Profile("full", 30.0, 0.80)]
+
+
+def test_governor_picks_the_least_lossy_profile_that_fits():
+    assert BudgetGovernor(synthetic_profiles(), budget_ms=200).current.name == "none"
+    assert BudgetGovernor(synthetic_profiles(), budget_ms=100).current.name == "efficientvla"
+    assert BudgetGovernor(synthetic_profiles(), budget_ms=40).current.name == "full"
+    assert BudgetGovernor(synthetic_profiles(), budget_ms=10).current.name == "full"  # nothing fits: fastest
+
+
+def test_governor_switches_with_hysteresis():
+    governor = BudgetGovernor(synthetic_profiles(), budget_ms=100, hysteresis=0.1, window=10)
+    for _ in range(30):  # 105 ms: over budget, but inside the hysteresis band
+        governor.observe(105.0)
+    assert governor.current.name == "efficientvla" and not governor.switches
+    calls = 0
+    while governor.current.name == "efficientvla" and calls < 10:  # 130 ms: clearly over
+        governor.observe(130.0)
+        calls += 1
+    assert governor.current.name == "full" and len(governor.switches) == 1
+    for _ in range(10):  # 20 ms: room to spare, but efficientvla was measured too slow: stay
+        governor.observe(20.0)
+    assert governor.current.name == "full"
+    assert governor.switches[0].from_profile == "efficientvla" and "over budget" in governor.switches[0].reason
+
+
+def test_governor_switches_up_when_a_better_profile_fits():
+    profiles = [Profile("none", 150.0, 0.9), Profile("full", 30.0, 0.8)]
+    governor = BudgetGovernor(profiles, budget_ms=100, window=5)
+    assert governor.current.name == "full"
+    governor.expected_ms["none"] = 80.0  # e.g. measured faster on this machine than on the bench
+    for _ in range(5):
+        governor.observe(25.0)
+    assert governor.current.name == "none"
+
+
+def test_latency_models():
+    assert LatencyModel("fixed", 200).latency(0.001) == pytest.approx(0.2)
+    assert LatencyModel("measured").latency(0.03) == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="needs runtime.recorded_latencies"):
+        LatencyModel("recorded")
+    with pytest.raises(ValueError, match="Unknown latency model 'gaussian'"):
+        LatencyModel("gaussian")

@@ -1,0 +1,169 @@
+"""Inference workers: who runs the policy, and when its chunk reaches the executor.
+
+`ThreadedInferenceWorker` runs the policy in a thread on the wall clock (a robot). The executor
+never waits for it. `SimulatedInferenceWorker` runs the policy at once but delivers the chunk
+`latency` later in simulated time, so latency-in-the-loop evaluations are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vla_runtime.types import ActionChunk, Observation, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceResult:
+    request_tick: int  # the tick whose observation the chunk answers; its first action is for this tick
+    chunk: ActionChunk | None
+    latency_s: float  # what the loop experienced (the latency model's value when there is one)
+    compute_s: float  # what the policy call really took
+    error: str | None = None
+
+
+class LatencyModel:
+    """`measured`: the call's own wall-clock time. `fixed`: always `latency_ms`. `recorded`: draws
+    from a recorded list of latencies (json: a list of ms, or an object with `latency_samples_ms`)."""
+
+    def __init__(self, kind: str = "measured", latency_ms: float = 0.0, recorded_path: str | None = None,
+                 seed: int = 0):
+        if kind not in ("measured", "fixed", "recorded"):
+            raise ValueError(f"Unknown latency model '{kind}'; use measured, fixed or recorded")
+        if kind == "fixed" and latency_ms < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
+        self.kind = kind
+        self.latency_s = latency_ms / 1000.0
+        self.samples_s: np.ndarray | None = None
+        if kind == "recorded":
+            self.samples_s = self._load(recorded_path)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _load(path: str | None) -> np.ndarray:
+        if not path:
+            raise ValueError("latency_model=recorded needs runtime.recorded_latencies=<json file>")
+        try:
+            content = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"Cannot read recorded latencies from {path}: {exc}") from exc
+        samples = content.get("latency_samples_ms") if isinstance(content, dict) else content
+        values = np.asarray(samples if samples is not None else [], dtype=float)
+        if values.ndim != 1 or len(values) == 0 or not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ValueError(f"{path}: expected a non-empty list of latencies in ms (>= 0)")
+        return values / 1000.0
+
+    def reset(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def latency(self, measured_s: float) -> float:
+        if self.kind == "measured":
+            return measured_s
+        if self.kind == "fixed":
+            return self.latency_s
+        return float(self._rng.choice(self.samples_s))
+
+
+def _call_policy(policy: Policy, obs: Observation) -> tuple[ActionChunk | None, float, str | None]:
+    started = time.perf_counter()
+    try:
+        chunk, error = policy.predict_chunk(obs), None
+    except Exception as exc:  # the loop counts it and holds the robot; it must not die of it
+        chunk, error = None, f"{type(exc).__name__}: {exc}"
+        log.warning("policy call failed: %s", error)
+    return chunk, time.perf_counter() - started, error
+
+
+class SimulatedInferenceWorker:
+    def __init__(self, policy: Policy, latency_model: LatencyModel, control_period_s: float):
+        self.policy = policy
+        self.latency_model = latency_model
+        self.period = control_period_s
+        self._pending: tuple[int, InferenceResult] | None = None  # (delivery tick, result)
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None
+
+    def request(self, obs: Observation, tick: int) -> bool:
+        if self.busy:
+            return False
+        chunk, compute_s, error = _call_policy(self.policy, obs)
+        latency_s = self.latency_model.latency(compute_s)
+        # Rounded up: a chunk that is 1 ms late for a tick misses that tick. (The epsilon keeps float
+        # noise, e.g. 0.1 / 0.0125 = 8.000000001, from costing a whole tick.)
+        delivery = tick + math.ceil(latency_s / self.period - 1e-9)
+        self._pending = (delivery, InferenceResult(tick, chunk, latency_s, compute_s, error))
+        return True
+
+    def poll(self, tick: int) -> InferenceResult | None:
+        if self._pending is None or self._pending[0] > tick:
+            return None
+        result, self._pending = self._pending[1], None
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadedInferenceWorker:
+    def __init__(self, policy: Policy, latency_model: LatencyModel | None = None):
+        self.policy = policy
+        self.latency_model = latency_model or LatencyModel("measured")
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._request: tuple[Observation, int] | None = None
+        self._result: InferenceResult | None = None
+        self._in_flight = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="inference-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._in_flight or self._result is not None
+
+    def request(self, obs: Observation, tick: int) -> bool:
+        with self._lock:
+            if self._in_flight or self._result is not None:
+                return False
+            self._request, self._in_flight = (obs, tick), True
+        self._wake.set()
+        return True
+
+    def poll(self, tick: int) -> InferenceResult | None:
+        with self._lock:
+            result, self._result = self._result, None
+        return result
+
+    def _serve(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            with self._lock:
+                obs, tick = self._request
+            chunk, compute_s, error = _call_policy(self.policy, obs)
+            latency_s = self.latency_model.latency(compute_s)
+            if latency_s > compute_s:  # a latency model slower than this machine: wait it out
+                time.sleep(latency_s - compute_s)
+            with self._lock:
+                self._result = InferenceResult(tick, chunk, latency_s, compute_s, error)
+                self._in_flight = False
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,229 @@
+"""The real-time control loop, top to bottom.
+
+Every control tick, on a fixed schedule (tick n is due at start + n / control_hz, so lateness never
+accumulates):
+  1. take the chunk the inference worker finished, if any, and merge it into the action queue
+     (actions whose tick already passed are discarded);
+  2. when few actions are left and no inference is in flight, let the reuse gate extend the last chunk,
+     or ask the worker for a new chunk from the newest observation;
+  3. pop this tick's action; an empty queue is a deadline miss (before the first chunk ever arrives, a
+     startup hold);
+  4. the safety layer turns it into a command (the safe action on a miss, NaN, stale observation or
+     e-stop) and the robot gets it.
+Nothing the policy or the worker raises stops the loop: errors are counted and the robot held.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from vla_runtime.control.action_queue import ActionQueue
+from vla_runtime.control.governor import BudgetGovernor
+from vla_runtime.control.inference import InferenceResult
+from vla_runtime.control.reuse import NeverReuse, ReuseGate
+from vla_runtime.control.safety import SafetyConfig, SafetyLayer
+from vla_runtime.types import ActionChunk, Observation
+
+
+class Robot(Protocol):
+    def observation_age_s(self) -> float:
+        """How old the newest available observation is; cheap (the watchdog asks every tick)."""
+
+    def observe(self) -> Observation: ...
+
+    def send(self, command: np.ndarray) -> None: ...
+
+
+class InferenceWorker(Protocol):
+    busy: bool
+
+    def request(self, obs: Observation, tick: int) -> bool: ...
+
+    def poll(self, tick: int) -> InferenceResult | None: ...
+
+
+class MonotonicClock:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def sleep_until(self, t: float) -> None:
+        remaining = t - self.now()
+        if remaining > 0:
+            time.sleep(remaining)
+
+
+class SimulatedClock:
+    """Simulated time: sleeping is instant, so a simulator can run slower or faster than real time."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+
+@dataclass
+class RuntimeConfig:
+    control_hz: float = 80.0
+    # Ask for a new chunk when at most `request_threshold` actions are left ("count"), or when the
+    # actions left last less than the predicted latency (p95 of the recent calls) ("latency").
+    request_when: str = "count"
+    request_threshold: int = 0
+    execute_horizon: int | None = None  # actions of each chunk that are queued (None: all)
+    merge: str = "replace"
+    ensemble_decay: float = 0.01
+    old_weight: float = 0.3
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.safety, dict):
+            self.safety = SafetyConfig(**self.safety)
+        if self.control_hz <= 0:
+            raise ValueError(f"control_hz must be positive, got {self.control_hz}")
+        if self.request_when not in ("count", "latency"):
+            raise ValueError(f"request_when must be 'count' or 'latency', got '{self.request_when}'")
+
+
+@dataclass
+class LoopMetrics:
+    ticks: int = 0
+    misses: int = 0
+    startup_holds: int = 0
+    inference_latency_s: list[float] = field(default_factory=list)
+    tick_jitter_s: list[float] = field(default_factory=list)
+    reuses: int = 0
+    policy_errors: list[str] = field(default_factory=list)
+    safety_events: Counter = field(default_factory=Counter)
+    discarded_actions: int = 0
+    profile_switches: list[dict] = field(default_factory=list)
+
+    @property
+    def policy_calls(self) -> int:
+        return len(self.inference_latency_s) + len(self.policy_errors)
+
+    @property
+    def faults(self) -> int:
+        return self.safety_events["fault"] + len(self.policy_errors)
+
+    def summary(self) -> dict:
+        def percentiles_ms(values: list[float]) -> dict[str, float | None]:
+            if not values:
+                return {"p50": None, "p95": None, "p99": None}
+            return {f"p{q}": 1000 * float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+        return {
+            "ticks": self.ticks, "policy_calls": self.policy_calls, "deadline_misses": self.misses,
+            "startup_holds": self.startup_holds,
+            "latency_ms": percentiles_ms(self.inference_latency_s),
+            "tick_jitter_ms": percentiles_ms(self.tick_jitter_s),
+            "faults": self.faults, "policy_errors": len(self.policy_errors),
+            "stale_holds": self.safety_events["stale"], "clipped": self.safety_events["clipped"],
+            "reuses": self.reuses, "discarded_actions": self.discarded_actions,
+            "profile_switches": self.profile_switches,
+        }
+
+
+class ControlLoop:
+    def __init__(self, robot: Robot, worker: InferenceWorker, config: RuntimeConfig,
+                 clock: MonotonicClock | SimulatedClock | None = None, reuse_gate: ReuseGate | None = None,
+                 governor: BudgetGovernor | None = None, set_profile: Callable[[str], None] | None = None):
+        self.robot = robot
+        self.worker = worker
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.period = 1.0 / config.control_hz
+        self.reuse_gate = reuse_gate or NeverReuse()
+        self.governor = governor
+        self.set_profile = set_profile
+        self.action_queue = ActionQueue(config.merge, config.ensemble_decay, config.old_weight)
+        self.safety = SafetyLayer(config.safety)
+        self.metrics = LoopMetrics()
+        self.last_chunk: ActionChunk | None = None
+        self._requested_observation: Observation | None = None
+        self._stop = False
+
+    def estop(self) -> None:
+        self.safety.estop()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _predicted_latency_s(self) -> float:
+        recent = self.metrics.inference_latency_s[-20:]
+        return float(np.percentile(recent, 95)) if recent else 0.0
+
+    def _wants_inference(self) -> bool:
+        if self.worker.busy:
+            return False
+        actions_left = len(self.action_queue)
+        if self.config.request_when == "count":
+            return actions_left <= self.config.request_threshold
+        return actions_left * self.period <= self._predicted_latency_s() + self.period
+
+    def _queue(self, first_tick: int, chunk: ActionChunk, now: int) -> None:
+        self.action_queue.merge(first_tick, chunk.actions[: self.config.execute_horizon], now)
+
+    def _collect(self, tick: int) -> None:
+        result = self.worker.poll(tick)
+        if result is None:
+            return
+        if result.error is not None or result.chunk is None:
+            self.metrics.policy_errors.append(result.error or "policy returned no chunk")
+            return
+        self.metrics.inference_latency_s.append(result.latency_s)
+        self.last_chunk = result.chunk
+        self.reuse_gate.on_inference(self._requested_observation, result.chunk)
+        self._queue(result.request_tick, result.chunk, now=tick)
+        if self.governor is not None:
+            before = self.governor.current.name
+            profile = self.governor.observe(1000 * result.latency_s)
+            if profile.name != before:
+                self.metrics.profile_switches.append({"tick": tick, "from": before, "to": profile.name})
+                if self.set_profile is not None:
+                    self.set_profile(profile.name)
+
+    def run(self, max_ticks: int, done: Callable[[], bool] = lambda: False) -> LoopMetrics:
+        """Runs until `max_ticks`, `done()`, `stop()` or an e-stop; returns this run's metrics."""
+        start = self.clock.now()
+        for tick in range(max_ticks):
+            if self._stop or done() or self.safety.estopped:
+                break
+            deadline = start + tick * self.period
+            self.clock.sleep_until(deadline)
+            self.metrics.tick_jitter_s.append(max(0.0, self.clock.now() - deadline))
+
+            self._collect(tick)
+            if self._wants_inference():
+                obs = self.robot.observe()
+                if self.last_chunk is not None and self.reuse_gate.should_reuse(obs, self.last_chunk):
+                    self.metrics.reuses += 1
+                    self._queue(tick, self.last_chunk, now=tick)
+                elif self.worker.request(obs, tick):
+                    self._requested_observation = obs
+                    self._collect(tick)  # a worker with no latency answers within the tick
+
+            action = self.action_queue.pop(tick)
+            if action is None and self.last_chunk is None:
+                self.metrics.startup_holds += 1  # waiting for the very first chunk is not a missed deadline
+            elif action is None:
+                self.metrics.misses += 1
+            command, _ = self.safety.filter(action, self.robot.observation_age_s())
+            if self.safety.estopped:
+                break  # e-stop: not one more command
+            self.robot.send(command)
+            self.metrics.ticks += 1
+        self.metrics.safety_events = self.safety.events
+        self.metrics.discarded_actions = self.action_queue.discarded
+        return self.metrics
