@@ -13,13 +13,16 @@ import argparse
 import json
 import os
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from vla_runtime.policies import make_policy
+from vla_runtime.policies.ref_vla.policy import random_init_policy
 from vla_runtime.sim import MetaWorldConfig, MetaWorldEnv
 
 
@@ -27,11 +30,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--policies", nargs="+", default=["ref_dit", "ref_ar", "ref_dit_large"])
+    parser.add_argument("--policies", nargs="*", default=["ref_dit", "ref_ar", "ref_dit_large"])
+    parser.add_argument("--untrained", nargs="*", default=[], choices=["ref_dit", "ref_ar"],
+                        help="benchmark these with random weights (same architecture, configs/model/NAME.yaml)")
     parser.add_argument("--out", default="benchmarks/ref_latency")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     policies = {name: make_policy(name) for name in args.policies}
+    for name in args.untrained:
+        config_file = resources.files("vla_runtime.configs") / "model" / f"{name}.yaml"
+        model_config = OmegaConf.to_container(OmegaConf.load(str(config_file)))
+        policies[f"{name}_untrained"] = random_init_policy(0, **model_config)
     with MetaWorldEnv("drawer-open", MetaWorldConfig()) as env:
         obs = env.reset(MetaWorldConfig().seeds("eval").seed(0)).without_privileged_state()
     for policy in policies.values():
@@ -52,14 +61,16 @@ def main() -> None:
             "latency_ms_p95": float(np.percentile(latency_ms[name], 95)),
             "head": config.head, "lm_layers": config.lm_layers, "lm_hidden": config.lm_hidden,
             "visual_tokens": config.num_visual_tokens, "chunk_size": config.chunk_size,
-            "random_weights": name == "ref_dit_large",
+            "random_weights": name == "ref_dit_large" or name.endswith("_untrained"),
         }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(
         {"threads": args.threads, "calls": args.calls, "cpu_count": os.cpu_count(), "policies": rows}, indent=2) + "\n")
     lines = ["# Reference VLAs: parameters and per-inference latency", "",
              f"Command: `python benchmarks/ref_latency.py --threads {args.threads} --calls {args.calls} "
-             f"--out {args.out}` (CPU, {args.threads} threads, batch 1, one 128x128 image).", "",
+             f"--policies {' '.join(args.policies)}"
+             f"{' --untrained ' + ' '.join(args.untrained) if args.untrained else ''} --out {args.out}` "
+             f"(CPU, {args.threads} threads, batch 1, one 128x128 image).", "",
              "| policy | parameters | LM layers x hidden | visual tokens | chunk | latency p50 (ms) | p95 (ms) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for name, row in rows.items():

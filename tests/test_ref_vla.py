@@ -9,10 +9,10 @@ from hydra import compose, initialize_config_module
 from vla_runtime.cli import train as train_cli
 from vla_runtime.data import EpisodeStore
 from vla_runtime.policies import make_policy
-from vla_runtime.policies.ref_vla import RefVLA, RefVLAConfig, RefVLAPolicy
+from vla_runtime.policies.ref_vla import RefVLAPolicy
 from vla_runtime.policies.ref_vla.checkpoint import CheckpointError, load_model, save_model
-from vla_runtime.policies.ref_vla.policy import identity_stats
-from vla_runtime.policies.ref_vla.processing_ref_vla import Normalizer, tokenize, train_instruction_tokenizer
+from vla_runtime.policies.ref_vla.policy import random_init_policy
+from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize, train_instruction_tokenizer
 from vla_runtime.sim import INSTRUCTIONS
 from vla_runtime.types import Observation
 
@@ -27,9 +27,7 @@ def tokenizer():
 
 
 def tiny_policy(tokenizer, head, **overrides):
-    torch.manual_seed(0)
-    config = RefVLAConfig(head=head, text_vocab_size=tokenizer.get_vocab_size(), **{**TINY, **overrides})
-    return RefVLAPolicy(RefVLA(config), Normalizer(identity_stats(config)), tokenizer)
+    return random_init_policy(0, head=head, **{**TINY, **overrides})
 
 
 def observation(size=64, seed=0):

@@ -97,10 +97,15 @@ def identity_stats(config: RefVLAConfig) -> dict:
             "action": {"min": [-1.0] * config.action_dim, "max": [1.0] * config.action_dim}}
 
 
+def random_init_policy(seed: int = 0, policy_options: dict | None = None, **config_options) -> RefVLAPolicy:
+    """An untrained reference VLA (random weights): for speed measurements only."""
+    torch.manual_seed(seed)
+    tokenizer = train_instruction_tokenizer(list(INSTRUCTIONS.values()))
+    config = RefVLAConfig(text_vocab_size=tokenizer.get_vocab_size(), **config_options)
+    return RefVLAPolicy(RefVLA(config), Normalizer(identity_stats(config)), tokenizer, **(policy_options or {}))
+
+
 @register_policy("ref_dit_large")
 def ref_dit_large(seed: int = 0, **options) -> RefVLAPolicy:
     """SmolVLA-scale architecture with RANDOM WEIGHTS: for speed benchmarks only, its actions mean nothing."""
-    torch.manual_seed(seed)
-    tokenizer = train_instruction_tokenizer(list(INSTRUCTIONS.values()))
-    config = RefVLAConfig(head="dit", text_vocab_size=tokenizer.get_vocab_size(), **LARGE_RANDOM_WEIGHTS)
-    return RefVLAPolicy(RefVLA(config), Normalizer(identity_stats(config)), tokenizer, **options)
+    return random_init_policy(seed, options, head="dit", **LARGE_RANDOM_WEIGHTS)
