@@ -9,6 +9,7 @@ followed by the action tokens). Causal attention, so instruction tokens attend t
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -149,13 +150,19 @@ class DiTActionHead(nn.Module):
         return (error * keep).sum() / (keep.sum() * actions.shape[-1]).clamp_min(1)
 
 
-class ARDecodeLoop:
-    """Greedy decoding of the action tokens, one LM step per token over a KV cache."""
+class ARDecodeLoop(nn.Module):
+    """Greedy decoding of the action tokens, one LM step per token over a KV cache. A module (with no
+    parameters) so acceleration hooks can replace its forward, e.g. by Jacobi decoding."""
 
     def __init__(self, model: RefVLA):
-        self.model = model
+        super().__init__()
+        self._model = weakref.ref(model)  # not a child module: the model owns this loop, not the reverse
 
-    def __call__(self, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def model(self) -> RefVLA:
+        return self._model()
+
+    def forward(self, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.model
         output = model.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
         cache = output.cache

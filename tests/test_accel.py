@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+
+from vla_runtime.accel import layer_prune, parallel_decode
+from vla_runtime.accel.calibration import load_artifact, save_artifact
+from vla_runtime.accel.hooks import HookRegistry, ModelHook, add_hook
+from vla_runtime.policies.ref_vla.policy import random_init_policy
+from vla_runtime.types import Observation
+
+TINY = dict(image_size=64, stem_channels=(16, 32), vit_hidden=32, vit_layers=1, vit_heads=2, lm_hidden=32,
+            lm_layers=4, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, dit_hidden=32, dit_layers=2, dit_heads=2,
+            denoising_steps=3)
+
+
+def observations(count=3):
+    rng = np.random.default_rng(0)
+    return [Observation({"corner4": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)},
+                        rng.normal(size=4).astype(np.float32), text, 0.0)
+            for text in ["open the drawer", "press the button from the top", "reach the goal with the hand"][:count]]
+
+
+def actions(policy, obs_list):
+    out = []
+    for obs in obs_list:
+        policy.reset()
+        out.append(policy.predict_chunk(obs).actions)
+    return np.stack(out)
+
+
+def untrained(head, seed=0):
+    policy = random_init_policy(seed, head=head, chunk_size=4, **TINY)
+    with torch.no_grad():  # adaLN-Zero starts the DiT at exactly zero output: wake it so actions depend on the LM
+        for parameter in policy.model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.2)
+    return policy
+
+
+@pytest.fixture(params=["dit", "ar"])
+def policy(request):
+    return untrained(request.param)
+
+
+class Doubler(ModelHook):
+    def post_forward(self, module, output):
+        return output * 2
+
+
+def test_hook_registry_chains_and_removes_exactly():
+    layer = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    baseline = layer(x)
+    remove_first = add_hook(layer, "first", Doubler())
+    remove_second = add_hook(layer, "second", Doubler())
+    assert torch.allclose(layer(x), 4 * baseline)
+    remove_first()
+    assert torch.allclose(layer(x), 2 * baseline)
+    remove_second()
+    assert "forward" not in layer.__dict__ and HookRegistry.find(layer) is None
+    assert torch.equal(layer(x), baseline)
+    with pytest.raises(ValueError, match="already"):
+        add_hook(layer, "same", Doubler())
+        add_hook(layer, "same", Doubler())
+
+
+def test_layer_prune_zero_layers_is_the_baseline_and_remove_restores(policy, tmp_path):
+    obs = observations()
+    baseline = actions(policy, obs)
+    artifact = layer_prune.calibrate(policy, obs)
+    assert sorted(artifact["order"]) == [0, 1, 2, 3] and len(artifact["similarity"]) == 4
+    path = save_artifact(tmp_path / "layer_prune.json", artifact)
+    assert load_artifact(path, "layer_prune") == artifact
+
+    handle = layer_prune.apply(policy, layer_prune.LayerPruneConfig(num_layers=0), artifact)
+    assert np.array_equal(actions(policy, obs), baseline)
+    handle.remove()
+
+    handle = layer_prune.apply(policy, layer_prune.LayerPruneConfig(num_layers=2), artifact)
+    assert len(policy.model.lm.layers) == 2 and handle.info["removed"] == sorted(artifact["order"][:2])
+    pruned = actions(policy, obs)
+    assert pruned.shape == baseline.shape and not np.array_equal(pruned, baseline)
+    handle.remove()
+    assert len(policy.model.lm.layers) == 4
+    assert np.array_equal(actions(policy, obs), baseline)
+
+
+def test_greedy_layer_prune_calibration_and_bad_artifacts(tmp_path):
+    policy = untrained("dit")
+    artifact = layer_prune.calibrate(policy, observations(2), layer_prune.LayerPruneConfig(num_layers=2, greedy=True))
+    assert len(artifact["order"]) == 2 and len(set(artifact["order"])) == 2
+    with pytest.raises(ValueError, match="num_layers must be in"):
+        too_many = layer_prune.LayerPruneConfig(num_layers=4)
+        layer_prune.apply(policy, too_many, layer_prune.calibrate(policy, observations(1)))
+    save_artifact(tmp_path / "other.json", {"method": "token_select"})
+    with pytest.raises(ValueError, match="not 'layer_prune'"):
+        load_artifact(tmp_path / "other.json", "layer_prune")
+    with pytest.raises(FileNotFoundError, match="run the layer_prune calibration"):
+        load_artifact(tmp_path / "missing.json", "layer_prune")
+
+
+def test_jacobi_decoding_equals_greedy_and_removes_cleanly():
+    policy = untrained("ar", seed=3)
+    obs = observations()
+    greedy = actions(policy, obs)
+    handle = parallel_decode.apply(policy)
+    jacobi = actions(policy, obs)
+    passes = handle.info["hook"].passes
+    handle.remove()
+    assert np.array_equal(jacobi, greedy)
+    assert len(passes) == 3 and all(1 <= p <= policy.config.num_action_tokens - 1 for p in passes)
+    assert np.array_equal(actions(policy, obs), greedy)
+
+
+def test_parallel_decode_needs_an_ar_policy():
+    policy = untrained("dit")
+    with pytest.raises(ValueError, match="parallel_decode needs the hook point 'ar_decode_loop'"):
+        parallel_decode.apply(policy)

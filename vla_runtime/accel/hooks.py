@@ -1,0 +1,110 @@
+"""A small hook mechanism in the spirit of diffusers' `hooks/`: a `ModelHook` changes what one module's
+forward does; a per-module `HookRegistry` chains the hooks of that module and restores the original
+forward, exactly, when the last one is removed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+_REGISTRY_ATTRIBUTE = "_vla_hook_registry"
+
+
+class ModelHook:
+    """Override what you need. `new_forward` replaces the module's forward (return NotImplemented to
+    fall through to the next hook / the original forward)."""
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    def new_forward(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        return call_next(*args, **kwargs)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        return output
+
+    def reset_state(self, module: nn.Module) -> None:
+        """Forget per-inference state (caches); called by `HookRegistry.reset`."""
+
+
+class HookRegistry:
+    """The hooks of one module, applied in registration order (the first registered is outermost)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.hooks: dict[str, ModelHook] = {}
+        self._original_forward = module.forward  # the bound method of the class: restored on removal
+
+    @classmethod
+    def of(cls, module: nn.Module) -> HookRegistry:
+        registry = module.__dict__.get(_REGISTRY_ATTRIBUTE)
+        if registry is None:
+            registry = cls(module)
+            module.__dict__[_REGISTRY_ATTRIBUTE] = registry
+        return registry
+
+    @staticmethod
+    def find(module: nn.Module) -> HookRegistry | None:
+        return module.__dict__.get(_REGISTRY_ATTRIBUTE)
+
+    def register(self, name: str, hook: ModelHook) -> None:
+        if name in self.hooks:
+            raise ValueError(f"A hook named '{name}' is already on {type(self.module).__name__}")
+        self.hooks[name] = hook
+        self._rebuild()
+
+    def remove(self, name: str) -> None:
+        self.hooks.pop(name, None)
+        if self.hooks:
+            self._rebuild()
+        else:
+            # Dropping the instance attribute brings back the class's forward: bit-identical behaviour.
+            self.module.__dict__.pop("forward", None)
+            self.module.__dict__.pop(_REGISTRY_ATTRIBUTE, None)
+
+    def reset(self) -> None:
+        for hook in self.hooks.values():
+            hook.reset_state(self.module)
+
+    def _rebuild(self) -> None:
+        forward = self._original_forward
+        for hook in reversed(list(self.hooks.values())):
+            forward = self._wrap(hook, forward)
+        self.module.forward = forward
+
+    def _wrap(self, hook: ModelHook, call_next: Any) -> Any:
+        module = self.module
+
+        @functools.wraps(call_next)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)
+            return hook.post_forward(module, hook.new_forward(module, call_next, *args, **kwargs))
+
+        return forward
+
+
+class Handle:
+    """What `apply` returns: `remove()` undoes every change the method made."""
+
+    def __init__(self, method: str, undo: list[Any], info: dict | None = None):
+        self.method = method
+        self._undo = undo
+        self.info = info or {}
+        self.removed = False
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self.removed = True
+
+
+def add_hook(module: nn.Module, name: str, hook: ModelHook) -> Any:
+    """Register `hook` on `module`; returns the function that removes it."""
+    registry = HookRegistry.of(module)
+    registry.register(name, hook)
+    return lambda: HookRegistry.of(module).remove(name) if HookRegistry.find(module) else None
