@@ -116,3 +116,48 @@ def test_parallel_decode_needs_an_ar_policy():
     policy = untrained("dit")
     with pytest.raises(ValueError, match="parallel_decode needs the hook point 'ar_decode_loop'"):
         parallel_decode.apply(policy)
+
+
+def test_head_cache_refresh_every_step_is_the_baseline_and_remove_restores(tmp_path):
+    from vla_runtime.accel import head_cache
+
+    policy = untrained("dit")
+    obs = observations()
+    baseline = actions(policy, obs)
+    handle = head_cache.apply(policy, head_cache.HeadCacheConfig(mode="static", interval=1))
+    assert np.array_equal(actions(policy, obs), baseline)
+    handle.remove()
+
+    handle = head_cache.apply(policy, head_cache.HeadCacheConfig(mode="static", interval=2))
+    cached = actions(policy, obs)
+    branch = handle.info["branches"]["0.attn"]
+    assert branch.computed == 3 * 2 and branch.reused == 3 * 1  # 3 steps: compute at 0 and 2, reuse at 1
+    assert not np.array_equal(cached, baseline) and np.allclose(cached, baseline, atol=0.5)
+    handle.remove()
+    assert np.array_equal(actions(policy, obs), baseline)
+
+    artifact = head_cache.calibrate(policy, obs)
+    assert set(artifact["similarity"]) == {"0.attn", "0.mlp", "1.attn", "1.mlp"}
+    assert np.allclose(np.diag(artifact["similarity"]["0.mlp"]), 1.0, atol=1e-5)
+    assert load_artifact(save_artifact(tmp_path / "head_cache.json", artifact), "head_cache") == artifact
+    handle = head_cache.apply(policy, head_cache.HeadCacheConfig(mode="bac", updates=3), artifact)
+    assert np.array_equal(actions(policy, obs), baseline)  # 3 updates of 3 steps: nothing cached
+    handle.remove()
+    with pytest.raises(ValueError, match="needs a calibration artifact"):
+        head_cache.apply(policy, head_cache.HeadCacheConfig(mode="bac"))
+
+
+def test_bac_dynamic_programming_and_bubbling_union():
+    from vla_runtime.accel.head_cache import bac_schedule, choose_update_steps
+
+    # Steps 0-2 look alike, 3-5 look alike: with two updates, update at 0 and 3.
+    similarity = np.full((6, 6), 0.1)
+    similarity[:3, :3] = similarity[3:, 3:] = 0.9
+    np.fill_diagonal(similarity, 1.0)
+    assert choose_update_steps(similarity, 2) == [0, 3]
+    assert choose_update_steps(similarity, 6) == [0, 1, 2, 3, 4, 5]
+    flat = np.ones((6, 6))
+    artifact = {"method": "head_cache", "steps": 6,
+                "similarity": {"0.attn": flat.tolist(), "0.mlp": similarity.tolist()}}
+    schedule = bac_schedule(artifact, 2)
+    assert schedule["0.mlp"] == {0, 3} and schedule["0.attn"] >= {0, 3}  # the MLP's steps bubbled up

@@ -98,8 +98,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class DiTActionHead(nn.Module):
-    """Predicts the flow-matching velocity of a noisy action chunk; `sample` is the denoising loop
-    (Euler, from noise at t=0 to actions at t=1)."""
+    """`forward` predicts the flow-matching velocity of a noisy action chunk (one denoising step);
+    `sample` is the denoising loop (Euler, from noise at t=0 to actions at t=1)."""
 
     def __init__(self, config: RefVLAConfig):
         super().__init__()
@@ -118,7 +118,7 @@ class DiTActionHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def velocity(self, noisy_actions: torch.Tensor, t: torch.Tensor, cognition: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy_actions: torch.Tensor, t: torch.Tensor, cognition: torch.Tensor) -> torch.Tensor:
         condition = self.time_mlp(timestep_embedding(t, self.config.dit_hidden)) + self.condition_in(cognition)
         x = self.action_in(noisy_actions) + self.position
         for block in self.blocks:
@@ -133,7 +133,7 @@ class DiTActionHead(nn.Module):
         x = torch.randn(shape, generator=generator, device=cognition.device)
         for step in range(steps):
             t = torch.full((shape[0],), step / steps, device=cognition.device)
-            x = x + self.velocity(x, t, cognition) / steps
+            x = x + self(x, t, cognition) / steps
         return x
 
     def loss(self, cognition: torch.Tensor, actions: torch.Tensor, is_pad: torch.Tensor,
@@ -146,7 +146,7 @@ class DiTActionHead(nn.Module):
         noise = torch.randn_like(actions)
         t = torch.rand(actions.shape[0], device=actions.device)
         noisy = (1 - t[:, None, None]) * noise + t[:, None, None] * actions
-        error = (self.velocity(noisy, t, cognition) - (actions - noise)) ** 2
+        error = (self(noisy, t, cognition) - (actions - noise)) ** 2
         return (error * keep).sum() / (keep.sum() * actions.shape[-1]).clamp_min(1)
 
 

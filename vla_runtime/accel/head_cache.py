@@ -1,0 +1,183 @@
+"""Action-head feature caching across denoising steps.
+
+Each DiT block has an attention and an MLP branch. At a denoising step where a branch is not updated,
+its output from the last step where it was is reused (the residual stream and the adaLN modulation
+are still computed).
+
+- `static` (EfficientVLA): every branch updates every `interval` steps.
+- `bac` (Block-wise Adaptive Caching): calibration records every branch's output at every step and
+  builds a step-by-step cosine-similarity matrix per branch; for each branch, dynamic programming
+  picks the `updates` steps that maximise the total similarity between each step and the step whose
+  output it reuses. Caching errors grow through FFN branches, so the "bubbling union" adds each MLP
+  branch's update steps to every branch upstream of it.
+Step 0 is always an update step, so nothing leaks from one inference into the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
+from vla_runtime.types import Observation, Policy
+
+
+@dataclass
+class HeadCacheConfig:
+    mode: str = "static"  # static | bac
+    interval: int = 2  # static: update every `interval` steps (1 = no caching)
+    updates: int = 4  # bac: update steps per branch, step 0 included
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("static", "bac"):
+            raise ValueError(f"head_cache mode must be 'static' or 'bac', got '{self.mode}'")
+        if self.interval < 1 or self.updates < 1:
+            raise ValueError("head_cache interval and updates must be >= 1")
+
+
+class _StepCounter(ModelHook):
+    """On the head: which denoising step is running (t = step / steps in the Euler loop)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.step = 0
+
+    def pre_forward(self, module, noisy, t, cognition):
+        self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
+        return (noisy, t, cognition), {}
+
+
+class _CachedBranch(ModelHook):
+    def __init__(self, counter: _StepCounter, update_steps: set[int]):
+        self.counter = counter
+        self.update_steps = update_steps | {0}
+        self.cached: torch.Tensor | None = None
+        self.computed = 0
+        self.reused = 0
+
+    def new_forward(self, module, call_next, *args, **kwargs):
+        fresh = self.counter.step in self.update_steps
+        if fresh or self.cached is None or self.cached.shape[0] != args[0].shape[0]:
+            self.cached = call_next(*args, **kwargs)
+            self.computed += 1
+        else:
+            self.reused += 1
+        return self.cached
+
+    def reset_state(self, module) -> None:
+        self.cached = None
+
+
+def _branches(policy: Policy) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    head = policy.structure.require("denoising_loop", "head_cache")
+    blocks = policy.structure.require("action_head_blocks", "head_cache")
+    branches = []
+    for index, block in enumerate(blocks):
+        for kind in ("attn", "mlp"):
+            if not hasattr(block, kind):
+                raise ValueError(f"head_cache needs DiT blocks with `attn` and `mlp` branches; "
+                                 f"block {index} lacks {kind}")
+            branches.append((f"{index}.{kind}", getattr(block, kind)))
+    return head, branches
+
+
+def calibrate(policy: Policy, observations: list[Observation]) -> dict:
+    """Per branch, the mean cosine similarity between its outputs at every pair of denoising steps."""
+    if not observations:
+        raise ValueError("head_cache calibration needs at least one observation")
+    head, branches = _branches(policy)
+    steps = head.config.denoising_steps
+    counter = _StepCounter(steps)
+    outputs: dict[str, list[list[torch.Tensor]]] = {name: [] for name, _ in branches}
+
+    class Recorder(ModelHook):
+        def __init__(self, name: str):
+            self.name = name
+
+        def post_forward(self, module, output):
+            if counter.step == 0:
+                outputs[self.name].append([])
+            outputs[self.name][-1].append(output.detach().flatten(1).clone())
+            return output
+
+    removers = [add_hook(head, "head_cache_counter", counter)]
+    removers += [add_hook(module, "head_cache_recorder", Recorder(name)) for name, module in branches]
+    try:
+        for obs in observations:
+            policy.reset()
+            policy.predict_chunk(obs)
+    finally:
+        for remove in reversed(removers):
+            remove()
+    similarity = {}
+    for name, runs in outputs.items():
+        per_run = []
+        for run in runs:
+            features = torch.stack(run)  # [steps, batch, features]
+            per_run.append(F.cosine_similarity(features[:, None], features[None, :], dim=-1).mean(-1))
+        similarity[name] = torch.stack(per_run).mean(0).tolist()
+    return {"method": "head_cache", "steps": steps, "similarity": similarity}
+
+
+def choose_update_steps(similarity: np.ndarray, updates: int) -> list[int]:
+    """Dynamic programming: update steps u_0 = 0 < u_1 < ... maximising sum_s similarity[s, u(s)],
+    u(s) being the last update step at or before s."""
+    steps = len(similarity)
+    updates = min(updates, steps)
+    # segment[a][b]: total similarity of steps a..b-1 reusing step a
+    cumulative = np.zeros((steps, steps + 1))
+    for a in range(steps):
+        cumulative[a, a + 1:] = np.cumsum(similarity[a:, a])
+    best = np.full((updates + 1, steps + 1), -np.inf)
+    choice = np.zeros((updates + 1, steps + 1), dtype=int)
+    # best[k][b]: best total for steps 0..b-1 with k update steps, the last segment ending at b
+    for b in range(1, steps + 1):
+        best[1][b] = cumulative[0, b]
+    for k in range(2, updates + 1):
+        for b in range(k, steps + 1):
+            for a in range(k - 1, b):
+                value = best[k - 1][a] + cumulative[a, b]
+                if value > best[k][b]:
+                    best[k][b], choice[k][b] = value, a
+    chosen, b = [], steps
+    for k in range(updates, 1, -1):
+        b = choice[k][b]
+        chosen.append(b)
+    return sorted([0, *chosen])
+
+
+def bac_schedule(calibration: dict, updates: int) -> dict[str, set[int]]:
+    if calibration.get("method") != "head_cache":
+        raise ValueError(f"Not a head_cache calibration artifact: method {calibration.get('method')!r}")
+    names = list(calibration["similarity"])
+    schedule = {name: set(choose_update_steps(np.asarray(calibration["similarity"][name]), updates))
+                for name in names}
+    # Bubbling union: what an MLP branch recomputes, every branch feeding it recomputes too.
+    for position, name in enumerate(names):
+        if name.endswith(".mlp"):
+            for upstream in names[:position]:
+                schedule[upstream] |= schedule[name]
+    return schedule
+
+
+def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = None) -> Handle:
+    head, branches = _branches(policy)
+    steps = head.config.denoising_steps
+    if config.mode == "static":
+        schedule = {name: {s for s in range(steps) if s % config.interval == 0} for name, _ in branches}
+    else:
+        if calibration is None:
+            raise ValueError("head_cache mode=bac needs a calibration artifact (head_cache.calibrate)")
+        if calibration["steps"] != steps:
+            raise ValueError(f"Calibrated for {calibration['steps']} denoising steps, the head runs {steps}")
+        schedule = bac_schedule(calibration, config.updates)
+    counter = _StepCounter(steps)
+    hooks = {name: _CachedBranch(counter, schedule[name]) for name, _ in branches}
+    removers = [add_hook(head, "head_cache_counter", counter)]
+    removers += [add_hook(module, "head_cache", hooks[name]) for name, module in branches]
+    return Handle("head_cache", removers, info={"schedule": {k: sorted(v) for k, v in schedule.items()},
+                                                 "branches": hooks})
