@@ -161,3 +161,59 @@ def test_bac_dynamic_programming_and_bubbling_union():
                 "similarity": {"0.attn": flat.tolist(), "0.mlp": similarity.tolist()}}
     schedule = bac_schedule(artifact, 2)
     assert schedule["0.mlp"] == {0, 3} and schedule["0.attn"] >= {0, 3}  # the MLP's steps bubbled up
+
+
+def test_token_select_forward_without_dropping_matches_the_lm():
+    from vla_runtime.accel.token_select import run_with_selection
+
+    policy = untrained("dit")
+    model = policy.model.eval()
+    obs = observations(1)[0]
+    images = torch.from_numpy(obs.images["corner4"]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize
+
+    ids, text_mask = tokenize(policy.tokenizer, [obs.instruction], policy.config.max_text_tokens)
+    with torch.no_grad():
+        prefix, mask = model.embed_prefix(images, ids, text_mask, torch.zeros(1, 4))
+        reference = model.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state
+        everything = run_with_selection(model.lm, prefix, mask, 2, (0, 64),
+                                        lambda layer, hidden, rotary, m: torch.arange(64)[None])
+    assert torch.allclose(everything, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["efficientvla", "dart", "attention_topk", "random"])
+def test_token_select_strategies(strategy):
+    from vla_runtime.accel import token_select
+
+    policy = untrained("dit")
+    obs = observations()
+    baseline = actions(policy, obs)
+    keep_all = token_select.apply(policy, token_select.TokenSelectConfig(keep=64, strategy=strategy))
+    assert np.array_equal(actions(policy, obs), baseline)
+    keep_all.remove()
+
+    handle = token_select.apply(policy, token_select.TokenSelectConfig(layer=1, keep=12, strategy=strategy))
+    first = actions(policy, obs)
+    again = actions(policy, obs)
+    handle.remove()
+    assert handle.info["hook"].kept_tokens == [12] * 6
+    assert np.all(np.isfinite(first)) and not np.array_equal(first, baseline)
+    assert np.array_equal(first, again)  # deterministic, random included (seeded per inference)
+    assert np.array_equal(actions(policy, obs), baseline)
+
+
+def test_token_select_selection_is_k_distinct_visual_tokens():
+    from vla_runtime.accel.token_select import TokenSelectConfig, select_visual_tokens
+
+    policy = untrained("dit")
+    layer = policy.model.lm.layers[1]
+    hidden = torch.randn(2, 82, 32)
+    rotary = policy.model.lm.rotary_emb(hidden, torch.arange(82)[None].expand(2, -1))
+    mask = torch.ones(2, 82, dtype=torch.long)
+    for strategy in ("efficientvla", "dart", "attention_topk", "random"):
+        chosen = select_visual_tokens(TokenSelectConfig(keep=10, strategy=strategy), layer, hidden, rotary, (0, 64),
+                                      mask, torch.Generator().manual_seed(0))
+        assert chosen.shape == (2, 10)
+        assert all(len(set(row.tolist())) == 10 and row.min() >= 0 and row.max() < 64 for row in chosen)
+    with pytest.raises(ValueError, match="Unknown token_select strategy 'best'"):
+        TokenSelectConfig(strategy="best")

@@ -103,6 +103,14 @@ class Handle:
         self.removed = True
 
 
+def reset_hooks(root: nn.Module) -> None:
+    """Per-episode reset of every hook under `root` (a policy calls this from its `reset`)."""
+    for module in root.modules():
+        registry = HookRegistry.find(module)
+        if registry is not None:
+            registry.reset()
+
+
 def add_hook(module: nn.Module, name: str, hook: ModelHook) -> Any:
     """Register `hook` on `module`; returns the function that removes it."""
     registry = HookRegistry.of(module)

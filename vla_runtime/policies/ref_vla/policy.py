@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from vla_runtime.accel.hooks import reset_hooks
 from vla_runtime.policies.ref_vla.checkpoint import load_model
 from vla_runtime.policies.ref_vla.configuration_ref_vla import LARGE_RANDOM_WEIGHTS, RefVLAConfig
 from vla_runtime.policies.ref_vla.modeling_ref_vla import RefVLA
@@ -61,6 +62,7 @@ class RefVLAPolicy:
     def reset(self) -> None:
         # The same noise sequence every episode: evaluations and replays are reproducible.
         self.generator.manual_seed(self.noise_seed)
+        reset_hooks(self.model)
 
     def _text(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
         if instruction not in self._text_cache:

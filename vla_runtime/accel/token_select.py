@@ -1,0 +1,177 @@
+"""Visual token selection inside the language model: from layer L on, only K visual tokens go on.
+
+The LM's forward is replaced (a replace-forward hook): layers 0..L-1 see every token; at the input of
+layer L the selection strategy scores the visual tokens from the hidden states there, the others are
+dropped, and the kept ones keep their position ids (rotary positions are not renumbered).
+
+Strategies:
+- `attention_topk`: the K visual tokens most attended by the tokens after the image (instruction,
+  proprio, special token), using layer L's own query/key projections;
+- `efficientvla`: a share of K by that task relevance, the rest by diversity (farthest-point
+  sampling in cosine distance from the tokens already kept);
+- `dart`: a few pivot tokens (largest hidden-state norm), then the tokens least duplicated with the
+  pivots (lowest cosine similarity);
+- `random`: K uniformly random visual tokens (a baseline every study needs).
+Keeping every visual token leaves the original forward untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
+from vla_runtime.types import Policy
+
+STRATEGIES = ("efficientvla", "dart", "attention_topk", "random")
+
+
+@dataclass
+class TokenSelectConfig:
+    layer: int = 2  # selection happens at the input of this LM layer
+    keep: int = 16  # visual tokens kept from then on
+    strategy: str = "efficientvla"
+    relevance_share: float = 0.5  # efficientvla: fraction of `keep` chosen by task relevance
+    pivots: int = 4  # dart
+    seed: int = 0  # random
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown token_select strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if self.keep < 1 or self.layer < 0:
+            raise ValueError("token_select keep must be >= 1 and layer >= 0")
+
+
+def _relevance(layer, hidden: torch.Tensor, position_embeddings, span: tuple[int, int],
+               mask: torch.Tensor) -> torch.Tensor:
+    """[B, N_visual]: attention from the tokens after the image to each visual token, at `layer`."""
+    attention = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    shape = (*hidden.shape[:-1], -1, attention.head_dim)
+    queries = attention.q_proj(normed).view(shape).transpose(1, 2)
+    keys = attention.k_proj(normed).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+    start, end = span
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    scores = queries[:, :, end:] @ keys.transpose(-1, -2) * attention.scaling  # [B, H, Q_after, K_all]
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=hidden.device).tril(diagonal=end)
+    scores = scores.masked_fill(~(causal & mask[:, None, None, :].bool()), float("-inf"))
+    weights = scores.softmax(-1)
+    query_mask = mask[:, None, end:, None].float()  # padded instruction tokens do not vote
+    votes = (weights * query_mask).sum(dim=(1, 2)) / (query_mask.sum(dim=(1, 2)) * weights.shape[1]).clamp_min(1)
+    return votes[:, start:end]
+
+
+def _farthest_points(features: torch.Tensor, chosen: list[int], count: int) -> list[int]:
+    """Greedily add the token whose cosine similarity to everything chosen is lowest."""
+    features = F.normalize(features, dim=-1)
+    chosen = list(chosen)
+    if not chosen:
+        chosen.append(int(features.norm(dim=-1).argmax()))
+    closeness = (features @ features[chosen].T).max(-1).values
+    while len(chosen) < count:
+        closeness[chosen] = float("inf")
+        candidate = int(closeness.argmin())
+        chosen.append(candidate)
+        closeness = torch.maximum(closeness, features @ features[candidate])
+    return chosen
+
+
+def select_visual_tokens(config: TokenSelectConfig, layer, hidden: torch.Tensor, position_embeddings,
+                         span: tuple[int, int], mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """-> [B, keep] indices into the visual span, sorted."""
+    start, end = span
+    visual = hidden[:, start:end]
+    keep = min(config.keep, end - start)
+    chosen_rows = []
+    if config.strategy in ("attention_topk", "efficientvla"):
+        relevance = _relevance(layer, hidden, position_embeddings, span, mask)
+    for row in range(hidden.shape[0]):
+        if config.strategy == "random":
+            chosen = torch.randperm(end - start, generator=generator)[:keep].tolist()
+        elif config.strategy == "attention_topk":
+            chosen = relevance[row].topk(keep).indices.tolist()
+        elif config.strategy == "efficientvla":
+            by_relevance = relevance[row].topk(max(1, round(config.relevance_share * keep))).indices.tolist()
+            chosen = _farthest_points(visual[row], by_relevance, keep)
+        else:  # dart
+            pivots = visual[row].norm(dim=-1).topk(min(config.pivots, keep)).indices.tolist()
+            features = F.normalize(visual[row], dim=-1)
+            duplication = (features @ features[pivots].T).max(-1).values
+            duplication[pivots] = float("-inf")  # pivots stay
+            rest = [i for i in duplication.argsort().tolist() if i not in pivots][: keep - len(pivots)]
+            chosen = pivots + rest
+        chosen_rows.append(sorted(chosen))
+    return torch.tensor(chosen_rows, device=hidden.device)
+
+
+class TokenSelectHook(ModelHook):
+    def __init__(self, config: TokenSelectConfig, span_fn):
+        self.config = config
+        self.span_fn = span_fn
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.kept_tokens: list[int] = []
+
+    def reset_state(self, module) -> None:
+        self.generator.manual_seed(self.config.seed)
+
+    def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                    inputs_embeds=None, use_cache=None, **kwargs):
+        start, end = self.span_fn()
+        if self.config.keep >= end - start:
+            return call_next(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if use_cache or cache is not None or inputs_embeds is None or position_ids is not None:
+            raise ValueError("token_select prunes the prefix pass of a policy without a KV cache (the DiT "
+                             "variant); with a KV cache each layer would need its own mask")
+
+        def selector(layer, hidden, rotary, mask):
+            chosen = select_visual_tokens(self.config, layer, hidden, rotary, (start, end), mask, self.generator)
+            self.kept_tokens.append(chosen.shape[1])
+            return chosen + start
+
+        hidden = run_with_selection(lm, inputs_embeds, attention_mask, self.config.layer, (start, end), selector)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=None)
+
+
+def run_with_selection(lm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, at_layer: int,
+                       span: tuple[int, int], selector) -> torch.Tensor:
+    """The Llama forward, with the visual tokens of `span` narrowed to `selector(...)` (absolute
+    indices, [B, K]) at the input of layer `at_layer`. Returns the final normed hidden states."""
+    start, end = span
+    hidden = embeds
+    batch, length = hidden.shape[:2]
+    mask = attention_mask if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.long)
+    positions = torch.arange(length, device=hidden.device)[None].expand(batch, -1)
+    for index, layer in enumerate(lm.layers):
+        if index == at_layer:
+            chosen = selector(layer, hidden, lm.rotary_emb(hidden, positions), mask)
+            before = torch.arange(0, start, device=hidden.device)[None].expand(batch, -1)
+            after = torch.arange(end, length, device=hidden.device)[None].expand(batch, -1)
+            order = torch.cat([before, chosen, after], dim=1)
+            hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+            mask, positions = mask.gather(1, order), positions.gather(1, order)
+        if index in (0, at_layer):
+            # Causal over the kept order (the original order, minus dropped tokens); padding masked out.
+            causal = torch.ones(hidden.shape[1], hidden.shape[1], dtype=torch.bool, device=hidden.device).tril()
+            attention = (causal[None] & mask[:, None, :].bool())[:, None]
+            rotary = lm.rotary_emb(hidden, positions)
+        hidden = layer(hidden, attention_mask=attention, position_embeddings=rotary, position_ids=positions)
+    return lm.norm(hidden)
+
+
+def apply(policy: Policy, config: TokenSelectConfig) -> Handle:
+    layers = policy.structure.require("lm_layers", "token_select")
+    span_fn = policy.structure.require("visual_token_span", "token_select")
+    lm = getattr(policy.model, "lm", None)
+    if lm is None or lm.layers is not layers:
+        raise ValueError("token_select needs lm_layers to be the `layers` list of the policy's model.lm")
+    if config.layer >= len(layers):
+        raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(layers)} layers")
+    hook = TokenSelectHook(config, span_fn)
+    return Handle("token_select", [add_hook(lm, "token_select", hook)], info={"hook": hook})
