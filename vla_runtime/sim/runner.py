@@ -233,7 +233,12 @@ class WorkerPool:
 
     def __init__(self, worker_cls: type, args: tuple, workers: int):
         self.workers = max(1, min(workers, os.cpu_count() or 1))
-        self._inline = worker_cls(*args) if self.workers == 1 else None
+        # Built here first even when processes will do the work: a bad checkpoint or setting then fails
+        # with its own message instead of as a broken process pool.
+        first = worker_cls(*args)
+        self._inline = first if self.workers == 1 else None
+        if self._inline is None:
+            first.close()
         # spawn: a forked child would inherit the parent's GL and torch thread state.
         self._pool = None if self._inline else ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),

@@ -84,14 +84,22 @@ class RefVLAPolicy:
         return ActionChunk(actions, t0=obs.timestamp, dt=CONTROL_DT)
 
 
+def _trained(name: str, checkpoint: str | None, options: dict) -> RefVLAPolicy:
+    directory = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
+    if not checkpoint and not (directory / "model.safetensors").exists():
+        raise FileNotFoundError(f"No trained {name} checkpoint ships with this install ({directory}). Train one "
+                                f"(vla-train model={name} ...) and pass policy.checkpoint=<its output_dir>.")
+    return RefVLAPolicy.from_checkpoint(directory, **options)
+
+
 @register_policy("ref_dit")
 def ref_dit(checkpoint: str | None = None, **options) -> RefVLAPolicy:
-    return RefVLAPolicy.from_checkpoint(checkpoint or shipped_checkpoint("ref_dit"), **options)
+    return _trained("ref_dit", checkpoint, options)
 
 
 @register_policy("ref_ar")
 def ref_ar(checkpoint: str | None = None, **options) -> RefVLAPolicy:
-    return RefVLAPolicy.from_checkpoint(checkpoint or shipped_checkpoint("ref_ar"), **options)
+    return _trained("ref_ar", checkpoint, options)
 
 
 def identity_stats(config: RefVLAConfig) -> dict:
