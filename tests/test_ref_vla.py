@@ -85,6 +85,20 @@ def test_action_bins_round_trip(tokenizer):
     assert torch.all((model.bins_to_actions(bins) - actions).abs() <= 1 / 256 + 1e-6)
 
 
+def test_shipped_ref_dit_loads_and_acts_on_a_meta_world_frame():
+    from vla_runtime.sim import MetaWorldEnv
+
+    policy = make_policy("ref_dit")
+    with MetaWorldEnv("drawer-close") as env:
+        obs = env.reset(env.config.seeds("eval").seed(0)).without_privileged_state()
+    policy.reset()
+    first = policy.predict_chunk(obs).actions
+    policy.reset()
+    assert first.shape == (8, 4) and np.all(np.abs(first) <= 1.0)
+    assert np.array_equal(first, policy.predict_chunk(obs).actions)  # same noise seed, same actions
+    assert policy.actions_per_chunk == 4 and policy.camera_names == ("corner4",)
+
+
 def test_large_config_is_smolvla_scale():
     policy = make_policy("ref_dit_large")
     config = policy.config
@@ -161,3 +175,11 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert steps == [1, 2, 3, 4, 5]  # continued from step 3, not restarted
     resumed = load_model(tmp_path / "run")[0].state_dict()
     assert any(not torch.equal(first_weights[k], resumed[k]) for k in first_weights)
+
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        fine_tune = [*overrides, f"output_dir={tmp_path / 'fine_tune'}", f"init_from={tmp_path / 'run'}", "max_steps=1"]
+        train_cli.train(compose("train", overrides=fine_tune))
+    start = load_model(tmp_path / "run")[0].state_dict()
+    tuned = load_model(tmp_path / "fine_tune")[0].state_dict()
+    assert json.loads((tmp_path / "fine_tune" / "train_state.json").read_text())["step"] == 1
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)  # started from those weights, then moved

@@ -64,6 +64,9 @@ def train(cfg: DictConfig) -> Path:
     resume = (out / "train_state.json").exists()
     if resume:
         model, normalizer, tokenizer = load_model(out)
+    elif cfg.init_from:
+        # Fine-tune a saved model with a fresh optimizer (e.g. a shipped checkpoint, which has no train state).
+        model, normalizer, tokenizer = load_model(cfg.init_from)
     else:
         tokenizer = train_instruction_tokenizer(list(INSTRUCTIONS.values()))
         config = RefVLAConfig(**model_options, text_vocab_size=tokenizer.get_vocab_size())
