@@ -35,7 +35,8 @@ def test_results_json_schema(tmp_path):
 
 
 def test_video_is_written_per_episode(tmp_path):
-    cfg = eval_config(tmp_path, "tasks=[drawer-close]", "episodes_per_task=1", "workers=1", "video=true")
+    cfg = eval_config(tmp_path, "policy=expert", "tasks=[drawer-close]", "episodes_per_task=1", "workers=1",
+                      "video=true")
     results = eval_cli.run(cfg)
     (episode,) = results["episodes"]
     assert episode["success"] and episode["video"].endswith(".mp4")
@@ -57,13 +58,14 @@ def test_wilson_interval(successes, trials, expected):
     ("override", "message"),
     [
         ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee'. Valid task names: assembly-v3"),
-        ("sim.cameras=[wrist]", "Camera 'wrist' does not exist"),
+        ("policy=random sim.cameras=[wrist]", "Camera 'wrist' does not exist"),
+        ("sim.cameras=[corner2]", "The policy reads cameras ['corner4'], which the simulator does not render"),
         ("episodes_per_task=0", "episodes_per_task must be a positive integer"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
     process = subprocess.run(
-        [sys.executable, "-m", "vla_runtime.cli.eval", override, "workers=1", f"output_dir={tmp_path}"],
+        [sys.executable, "-m", "vla_runtime.cli.eval", *override.split(), "workers=1", f"output_dir={tmp_path}"],
         capture_output=True, text=True, timeout=120,
     )
     assert process.returncode == 2

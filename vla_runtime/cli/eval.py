@@ -82,7 +82,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     print(summary)
     print(f"results: {output_dir / 'results.json'}")
     if results["errors"] and len(results["errors"]) == len(episodes):
-        raise RuntimeError(f"Every episode ended in an error; first: {results['errors'][0]['error']}")
+        raise ValueError(f"Every episode ended in an error; first: {results['errors'][0]['error']}")
     return results
 
 

@@ -69,7 +69,8 @@ def _loop_totals(loops: Sequence[dict]) -> dict:
     keys = ("ticks", "deadline_misses", "startup_holds", "faults", "policy_errors", "stale_holds", "clipped", "reuses",
             "discarded_actions")
     totals = {key: sum(loop[key] for loop in loops) for key in keys}
-    totals["miss_rate"] = totals["deadline_misses"] / max(1, totals["ticks"])
+    # Of the ticks after the first chunk arrived: waiting for the very first chunk is not a missed deadline.
+    totals["miss_rate"] = totals["deadline_misses"] / max(1, totals["ticks"] - totals["startup_holds"])
     jitter_p99 = [loop["tick_jitter_ms"]["p99"] for loop in loops if loop["tick_jitter_ms"]["p99"] is not None]
     totals["tick_jitter_ms_p99_max"] = max(jitter_p99) if jitter_p99 else None
     totals["profile_switches"] = sum(len(loop["profile_switches"]) for loop in loops)
