@@ -61,6 +61,9 @@ def test_wilson_interval(successes, trials, expected):
         ("policy=random sim.cameras=[wrist]", "Camera 'wrist' does not exist"),
         ("sim.cameras=[corner2]", "The policy reads cameras ['corner4'], which the simulator does not render"),
         ("episodes_per_task=0", "episodes_per_task must be a positive integer"),
+        ("runtime.mode=fast", "runtime.mode must be 'sync' or 'realtime', got 'fast'"),
+        ("runtime.mode=realtime runtime.latency_model=recorded", "needs runtime.recorded_latencies"),
+        ("policy=ref_dit policy.checkpoint=/nonexistent", "Checkpoint /nonexistent is missing config.json"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):

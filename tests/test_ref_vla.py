@@ -183,3 +183,19 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     tuned = load_model(tmp_path / "fine_tune")[0].state_dict()
     assert json.loads((tmp_path / "fine_tune" / "train_state.json").read_text())["step"] == 1
     assert any(not torch.equal(start[k], tuned[k]) for k in start)  # started from those weights, then moved
+
+
+def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        with pytest.raises(FileNotFoundError, match="is not an episode dataset"):
+            train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'none'}",
+                                                        f"output_dir={tmp_path / 'run'}"]))
+        store = EpisodeStore(tmp_path / "small", {"image_size": 32}, create=True)
+        from vla_runtime.data import Episode
+
+        store.write(Episode("reach-v3", 43, INSTRUCTIONS["reach-v3"], 0, True,
+                            {"corner4": np.zeros((3, 32, 32, 3), np.uint8)}, np.zeros((3, 4), np.float32),
+                            np.zeros((3, 4), np.float32), np.arange(3) * 0.0125))
+        with pytest.raises(ValueError, match="the model needs 128x128 images from camera 'corner4'"):
+            train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'small'}",
+                                                        f"output_dir={tmp_path / 'run'}"]))

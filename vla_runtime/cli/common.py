@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vla_runtime.sim.metaworld_suite import MetaWorldConfig, resolve_tasks
-
-log = logging.getLogger("vla_runtime")
 
 
 class UsageError(Exception):
