@@ -118,11 +118,6 @@ class LoopMetrics:
         return self.safety_events["fault"] + len(self.policy_errors)
 
     def summary(self) -> dict:
-        def percentiles_ms(values: list[float]) -> dict[str, float | None]:
-            if not values:
-                return {"p50": None, "p95": None, "p99": None}
-            return {f"p{q}": 1000 * float(np.percentile(values, q)) for q in (50, 95, 99)}
-
         return {
             "ticks": self.ticks, "policy_calls": self.policy_calls, "deadline_misses": self.misses,
             "startup_holds": self.startup_holds,
@@ -133,6 +128,13 @@ class LoopMetrics:
             "reuses": self.reuses, "discarded_actions": self.discarded_actions,
             "profile_switches": self.profile_switches,
         }
+
+
+def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:
+    """p50 / p95 / p99 in milliseconds of durations given in seconds (None when there are none)."""
+    if not values_s:
+        return {"p50": None, "p95": None, "p99": None}
+    return {f"p{q}": 1000 * float(np.percentile(values_s, q)) for q in (50, 95, 99)}
 
 
 class ControlLoop:

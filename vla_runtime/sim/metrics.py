@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vla_runtime.control.loop import percentiles_ms
 from vla_runtime.sim.runner import EpisodeResult
 
 
@@ -19,13 +20,6 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     centre = (p + z**2 / (2 * trials)) / denominator
     half_width = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
-
-
-def latency_percentiles_ms(latencies_s: Sequence[float]) -> dict[str, float | None]:
-    if not latencies_s:
-        return {"p50": None, "p95": None, "p99": None}
-    values = np.asarray(latencies_s) * 1000.0
-    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
 
 
 def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
@@ -49,7 +43,7 @@ def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
     return {
         "success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "per_task": per_task,
-        "latency_ms": latency_percentiles_ms(latencies),
+        "latency_ms": percentiles_ms(latencies),
         "policy_calls": len(latencies),
         # The synchronous protocol stops the world while the policy runs: no tick can be late there.
         "deadline_misses": sum(loop["deadline_misses"] for loop in loops),
