@@ -9,9 +9,8 @@ from hydra import compose, initialize_config_module
 from vla_runtime.cli import train as train_cli
 from vla_runtime.data import EpisodeStore
 from vla_runtime.policies import make_policy
-from vla_runtime.policies.ref_vla import RefVLAPolicy
 from vla_runtime.policies.ref_vla.checkpoint import CheckpointError, load_model, save_model
-from vla_runtime.policies.ref_vla.policy import random_init_policy
+from vla_runtime.policies.ref_vla.policy import RefVLAPolicy, random_init_policy
 from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize, train_instruction_tokenizer
 from vla_runtime.sim import INSTRUCTIONS
 from vla_runtime.types import Observation

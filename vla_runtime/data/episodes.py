@@ -9,6 +9,9 @@ Layout of a dataset directory:
 An episode is written under episodes/.tmp-* and renamed into place only when complete (a rename is
 atomic on POSIX), so a killed writer leaves at most a temporary directory, which readers skip and the
 next writer deletes.
+
+zarr is imported where it is used: `Episode` alone (training from in-memory episodes, e.g. on a GPU
+machine without zarr) needs only numpy.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 FORMAT = "vla_runtime.episodes"
 FORMAT_VERSION = 1
@@ -105,6 +107,8 @@ class EpisodeStore:
             raise FileExistsError(f"Episode {final} already exists")
         tmp = self.episodes_dir / f"{_TMP_PREFIX}{episode.name}-{os.getpid()}.zarr"
         shutil.rmtree(tmp, ignore_errors=True)
+        import zarr
+
         group = zarr.open_group(store=str(tmp), mode="w")
         for camera, frames in episode.images.items():
             frames = np.asarray(frames, dtype=np.uint8)
@@ -143,9 +147,13 @@ class EpisodeStore:
 
     def index(self) -> list[dict[str, Any]]:
         """Attributes of every complete episode (no arrays loaded)."""
+        import zarr
+
         return [dict(zarr.open_group(store=str(p), mode="r").attrs) for p in self.episode_paths()]
 
     def read(self, path: str | Path) -> Episode:
+        import zarr
+
         try:
             group = zarr.open_group(store=str(path), mode="r")
             attrs = dict(group.attrs)

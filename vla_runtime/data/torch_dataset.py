@@ -19,14 +19,16 @@ class ActionChunkDataset(Dataset):
     `task_id`.
     """
 
-    def __init__(self, root: str | Path, chunk_size: int, tasks: list[str] | None = None):
+    def __init__(self, source: str | Path | list[Episode], chunk_size: int, tasks: list[str] | None = None):
+        """`source`: a dataset directory (see `EpisodeStore`) or episodes already in memory."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        store = EpisodeStore(root)
+        episodes = source if isinstance(source, list) else EpisodeStore(source)
         self.chunk_size = chunk_size
-        self.episodes: list[Episode] = [e for e in store if tasks is None or e.task in tasks]
+        self.episodes: list[Episode] = [e for e in episodes if tasks is None or e.task in tasks]
         if not self.episodes:
-            raise ValueError(f"No episodes in {root}" + (f" for tasks {tasks}" if tasks else ""))
+            where = "the episodes given" if isinstance(source, list) else source
+            raise ValueError(f"No episodes in {where}" + (f" for tasks {tasks}" if tasks else ""))
         self._frames = [(e, t) for e in range(len(self.episodes)) for t in range(self.episodes[e].length)]
 
     def __len__(self) -> int:

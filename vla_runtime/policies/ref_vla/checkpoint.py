@@ -36,7 +36,7 @@ def save_model(directory: Path, model: RefVLA, normalizer: Normalizer, tokenizer
     directory.mkdir(parents=True, exist_ok=True)
     model.config.to_json(directory / "config.json")
     # Tied or shared tensors would be refused by safetensors; contiguous copies of every entry.
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(directory / "model.safetensors"))
     normalizer.save(directory / "stats.json")
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -73,7 +73,7 @@ def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, state: d
     for index, param_state in optimizer.state_dict()["state"].items():
         for key, value in param_state.items():
             if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{index}.{key}"] = value.contiguous()
+                tensors[f"{index}.{key}"] = value.cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = float(value)
     save_file(tensors, str(directory / "optimizer.safetensors"))

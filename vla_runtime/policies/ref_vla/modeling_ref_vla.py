@@ -92,7 +92,7 @@ class DiTBlock(nn.Module):
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    frequencies = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    frequencies = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = 1000.0 * t[:, None].float() * frequencies[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 

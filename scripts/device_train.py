@@ -1,0 +1,148 @@
+"""Train the reference VLAs on a GPU machine that has no simulator, no zarr and no hydra.
+
+A vla-collect dataset (zarr, ~290 MB for MT10) is too large to send to a lent GPU machine, so it
+travels as a bundle: one H.264 4:4:4 video per episode (CRF 12, mean pixel error ~1.3/255, ~22 MB for
+MT10) plus the states, actions and metadata in npz/json. On the GPU machine the bundle is decoded
+into in-memory episodes and trained with the same loop and configs as `vla-train`.
+
+    # here (needs the project's venv: zarr + imageio-ffmpeg)
+    python scripts/device_train.py pack data/mt10 .devdata/mt10
+    # there (python3 with torch, transformers, tokenizers, safetensors, opencv, pyyaml)
+    python3 scripts/device_train.py train .devdata/mt10 OUT_DIR model=ref_dit batch_size=256 max_minutes=6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VIDEO_CRF = 12
+
+
+def pack(source: Path, bundle: Path) -> None:
+    import imageio.v3 as iio
+    from tqdm.auto import tqdm
+
+    from vla_runtime.data.episodes import EpisodeStore
+    from vla_runtime.sim.metaworld_suite import INSTRUCTIONS
+
+    store = EpisodeStore(source)
+    (bundle / "video").mkdir(parents=True, exist_ok=True)
+    episodes, arrays = [], {}
+    for episode in tqdm(store, total=len(store), desc="pack", unit="episode"):
+        (camera, frames), = episode.images.items()  # the reference VLAs see one camera
+        iio.imwrite(bundle / "video" / f"{episode.name}.mp4", frames, extension=".mp4", codec="libx264",
+                    fps=80, pixelformat="yuv444p", macro_block_size=1,
+                    output_params=["-crf", str(VIDEO_CRF), "-preset", "slow"])
+        episodes.append({"name": episode.name, "task": episode.task, "task_id": episode.task_id,
+                         "instruction": episode.instruction, "seed": episode.seed,
+                         "success": episode.success, "camera": camera, "length": episode.length})
+        for key in ("state", "action", "timestamp"):
+            arrays[f"{episode.name}/{key}"] = getattr(episode, key)
+    np.savez_compressed(bundle / "arrays.npz", **arrays)
+    (bundle / "meta.json").write_text(json.dumps(
+        {"source": str(source), "video_crf": VIDEO_CRF, "instructions": INSTRUCTIONS, "episodes": episodes},
+        indent=1) + "\n")
+    size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
+    print(f"{len(episodes)} episodes -> {bundle} ({size_mb:.1f} MB)")
+
+
+def read_video(path: Path) -> np.ndarray:
+    """uint8 [T, H, W, 3] RGB. OpenCV where installed (the GPU machine's image has it, not imageio-ffmpeg)."""
+    try:
+        import cv2
+    except ImportError:
+        import imageio.v3 as iio
+
+        return iio.imread(path, extension=".mp4")
+    video = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = video.read()
+        if not ok:
+            break
+        frames.append(frame[..., ::-1])  # BGR -> RGB
+    return np.ascontiguousarray(np.stack(frames))
+
+
+def unpack(bundle: Path) -> tuple[list, dict]:
+    from vla_runtime.data.episodes import Episode
+
+    meta = json.loads((bundle / "meta.json").read_text())
+    arrays = np.load(bundle / "arrays.npz")
+    episodes = []
+    for info in meta["episodes"]:
+        frames = read_video(bundle / "video" / f"{info['name']}.mp4")
+        if len(frames) != info["length"]:
+            raise ValueError(f"{info['name']}.mp4 decoded to {len(frames)} frames, expected {info['length']}")
+        episodes.append(Episode(info["task"], info["task_id"], info["instruction"], info["seed"], info["success"],
+                                {info["camera"]: frames},
+                                *(arrays[f"{info['name']}/{key}"] for key in ("state", "action", "timestamp"))))
+    return episodes, meta
+
+
+def load_config(overrides: list[str]) -> tuple[SimpleNamespace, dict]:
+    """configs/train.yaml + configs/model/<model>.yaml with key=value overrides, without hydra."""
+    import yaml
+
+    settings = yaml.safe_load((REPO / "configs" / "train.yaml").read_text())
+    settings.pop("defaults"), settings.pop("hydra")
+    pairs = dict(item.split("=", 1) for item in overrides)
+    model_name = pairs.pop("model", "ref_dit")
+    model_options = yaml.safe_load((REPO / "configs" / "model" / f"{model_name}.yaml").read_text())
+    for key, text in pairs.items():
+        if key not in settings:
+            raise SystemExit(f"unknown setting '{key}' (train.yaml has {', '.join(settings)})")
+        settings[key] = yaml.safe_load(text)
+    return SimpleNamespace(**settings, model_name=model_name), model_options
+
+
+def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> None:
+    import torch
+
+    from vla_runtime.data.torch_dataset import ActionChunkDataset
+    from vla_runtime.policies.ref_vla.training import train
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    cfg, model_options = load_config(overrides)
+    cfg.output_dir, cfg.dataset = str(output_dir), f"{bundle} (video bundle of {cfg.dataset})"
+    started = time.monotonic()
+    episodes, meta = unpack(bundle)
+    print(f"decoded {len(episodes)} episodes in {time.monotonic() - started:.0f} s", flush=True)
+    dataset = ActionChunkDataset(episodes, chunk_size=model_options.get("chunk_size", 8))
+    train(cfg, dataset, meta["instructions"].values(), model_options)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (output_dir / "provenance.json").write_text(json.dumps({
+        "command": "python3 scripts/device_train.py train " + " ".join([str(bundle), str(output_dir), *overrides]),
+        "device": device, "torch": torch.__version__, "bundle_video_crf": meta["video_crf"],
+        "wall_s": time.monotonic() - started}, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack_parser = commands.add_parser("pack", help="dataset directory -> video bundle")
+    pack_parser.add_argument("source", type=Path)
+    pack_parser.add_argument("bundle", type=Path)
+    train_parser = commands.add_parser("train", help="train from a video bundle")
+    train_parser.add_argument("bundle", type=Path)
+    train_parser.add_argument("output_dir", type=Path)
+    train_parser.add_argument("overrides", nargs="*", help="key=value, as for vla-train (model=ref_ar, ...)")
+    args = parser.parse_args()
+    if args.command == "pack":
+        pack(args.source, args.bundle)
+    else:
+        train_from_bundle(args.bundle, args.output_dir, args.overrides)
+
+
+if __name__ == "__main__":
+    main()
