@@ -56,6 +56,7 @@ class PolicyStructure:
     """
 
     vision_encoder: Any = None  # nn.Module mapping images to visual tokens
+    preprocess_images: Callable[[Any], Any] | None = None  # Observation -> the vision encoder's input
     lm_layers: Sequence[Any] | None = None  # decoder layers of the language model, in order
     visual_token_span: Callable[[], tuple[int, int]] | None = None  # [start, end) in the LM input
     action_head_blocks: Sequence[Any] | None = None  # e.g. DiT blocks

@@ -171,6 +171,9 @@ def apply(policy: Policy, config: TokenSelectConfig) -> Handle:
     lm = getattr(policy.model, "lm", None)
     if lm is None or lm.layers is not layers:
         raise ValueError("token_select needs lm_layers to be the `layers` list of the policy's model.lm")
+    if policy.structure.ar_decode_loop is not None:
+        raise ValueError("token_select cannot run on a policy with an autoregressive decode loop: its decode loop "
+                         "reads a KV cache of the full prefix")
     if config.layer >= len(layers):
         raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(layers)} layers")
     hook = TokenSelectHook(config, span_fn)

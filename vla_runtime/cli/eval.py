@@ -8,6 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vla_runtime.accel.profiles import load_profile
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     as_dict,
@@ -38,6 +39,16 @@ def realtime_options(runtime: DictConfig) -> dict | None:
     return {"loop": options, "latency_model": latency_model, "reuse_gate": reuse_gate}
 
 
+def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict | None:
+    """What EpisodeWorker needs to apply `accel=` (None for `none`)."""
+    spec = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
+    profile = load_profile(spec, as_dict(cfg.accel_options))
+    if not profile.methods:
+        return None
+    return {"profile": profile, "calibration_dir": cfg.calibration_dir, "calibration_tasks": tasks,
+            "calibration_per_task": positive_int(cfg, "calibration_per_task"), "policy_name": policy_name}
+
+
 def describe_runtime(runtime: DictConfig) -> str:
     if runtime.mode == "sync":
         return "sync"
@@ -56,6 +67,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         raise ValueError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
     output_dir = Path(cfg.output_dir)
     realtime = realtime_options(cfg.runtime)
+    accel = accel_options(cfg, policy_name, tasks)
     episodes = evaluate(
         functools.partial(make_policy, policy_name, **policy_options),
         sim,
@@ -65,11 +77,16 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         actions_per_chunk=cfg.actions_per_chunk,
         video_dir=str(output_dir / "videos") if cfg.video else None,
         realtime=realtime,
+        accel=accel,
     )
     results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": cfg.runtime.mode,
-               "runtime": as_dict(cfg.runtime), **summarize(episodes, tasks)}
+               "runtime": as_dict(cfg.runtime),
+               "accel": {"profile": accel["profile"].name, "methods": accel["profile"].methods} if accel else None,
+               **summarize(episodes, tasks)}
     write_json(output_dir / "results.json", results)
-    title = f"{policy_name} on {cfg.sim.name}, {describe_runtime(cfg.runtime)} ({episodes_per_task} episodes per task)"
+    accelerated = f", accel={accel['profile'].name}" if accel else ""
+    title = (f"{policy_name}{accelerated} on {cfg.sim.name}, {describe_runtime(cfg.runtime)} "
+             f"({episodes_per_task} episodes per task)")
     summary = markdown_summary(results, title)
     if command:
         summary += f"\nCommand: `{command}`\n"

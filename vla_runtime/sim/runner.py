@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
-from vla_runtime.control.reuse import make_reuse_gate
+from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
 from vla_runtime.sim.metaworld_suite import MetaWorldConfig, MetaWorldEnv
+from vla_runtime.sim.observations import expert_observations
 from vla_runtime.types import Observation, Policy
 
 
@@ -123,7 +125,7 @@ class SimRobot:
 
 
 def run_episode_realtime(env: MetaWorldEnv, policy: Policy, seed: int, runtime: RuntimeConfig,
-                         latency_model: LatencyModel, reuse_gate: str = "never") -> EpisodeResult:
+                         latency_model: LatencyModel, reuse_gate: ReuseGate | None = None) -> EpisodeResult:
     """Latency in the loop: the simulator advances one step per control tick, in simulated time, and
     keeps executing queued actions while a chunk is being computed (`latency_model` says how long)."""
     if not np.isclose(runtime.control_hz * env.dt, 1.0):
@@ -131,9 +133,11 @@ def run_episode_realtime(env: MetaWorldEnv, policy: Policy, seed: int, runtime: 
     env.reset(seed, render=False)
     policy.reset()
     latency_model.reset()
+    reuse_gate = reuse_gate or NeverReuse()
+    reuse_gate.reset()
     robot = SimRobot(env, policy)
     loop = ControlLoop(robot, SimulatedInferenceWorker(policy, latency_model, env.dt), runtime,
-                       clock=SimulatedClock(), reuse_gate=make_reuse_gate(reuse_gate))
+                       clock=SimulatedClock(), reuse_gate=reuse_gate)
     metrics = loop.run(env.max_steps, done=lambda: robot.done)
     return EpisodeResult(env.task, seed, robot.success, env.steps, metrics.inference_latency_s,
                          loop=metrics.summary())
@@ -148,6 +152,25 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
             writer.append_data(frame)
 
 
+def default_calibration_dir(policy: Policy) -> str | None:
+    """`<checkpoint>/calibration` when the policy has a checkpoint and that can be written, else None."""
+    checkpoint = getattr(policy, "checkpoint_dir", None)
+    if checkpoint is None:
+        return None
+    default = Path(checkpoint) / "calibration"
+    return str(default) if os.access(default if default.exists() else checkpoint, os.W_OK) else None
+
+
+def accelerate(policy: Policy, sim_config: MetaWorldConfig, profile: Profile, calibration_dir: str | None,
+               calibration_tasks: list[str], calibration_per_task: int, policy_name: str) -> ProfileHandle:
+    """Apply an acceleration profile; calibration observations come from expert episodes on training seeds.
+    Artifacts go to `calibration_dir` (default: see `default_calibration_dir`; with none, each process
+    calibrates for itself)."""
+    return apply_profile(policy, profile, calibration_dir or default_calibration_dir(policy),
+                         lambda: expert_observations(calibration_tasks, calibration_per_task, sim_config),
+                         policy_name=policy_name)
+
+
 @dataclass(frozen=True)
 class EvalJob:
     task: str
@@ -160,12 +183,15 @@ class EpisodeWorker:
 
     `realtime`: None for the synchronous protocol, else {"loop": RuntimeConfig options,
     "latency_model": LatencyModel options, "reuse_gate": name} for latency in the loop.
+    `accel`: None, or {"profile": a `Profile`, "calibration_dir", "calibration_tasks", "calibration_per_task",
+    "policy_name"}: the acceleration profile applied to the policy (its reuse gate, if any, replaces the named one).
     """
 
     def __init__(self, policy_factory: Any, sim_config: MetaWorldConfig, actions_per_chunk: int | None,
-                 video_dir: str | None, realtime: dict | None = None):
+                 video_dir: str | None, realtime: dict | None = None, accel: dict | None = None):
         self.policy: Policy = policy_factory()
         check_policy_fits_sim(self.policy, sim_config)
+        self.accel = accelerate(self.policy, sim_config, **accel) if accel else None
         self.sim_config = sim_config
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
         self.actions_per_chunk = actions_per_chunk or getattr(self.policy, "actions_per_chunk", None)
@@ -175,7 +201,9 @@ class EpisodeWorker:
             if video_dir:
                 raise ValueError("video=true is only available with runtime.mode=sync")
             loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"]})
-            self.realtime = (loop, LatencyModel(**realtime["latency_model"]), realtime["reuse_gate"])
+            profile_gate = self.accel.reuse_gate if self.accel else None
+            gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
+            self.realtime = (loop, LatencyModel(**realtime["latency_model"]), gate)
         self.envs: dict[str, MetaWorldEnv] = {}
 
     def env(self, task: str) -> MetaWorldEnv:
@@ -272,6 +300,7 @@ def evaluate(
     video_dir: str | None = None,
     progress: bool = True,
     realtime: dict | None = None,
+    accel: dict | None = None,
 ) -> list[EpisodeResult]:
     """Episodes on the eval seeds: episode i of every task starts from eval seed i.
 
@@ -280,7 +309,7 @@ def evaluate(
     seeds = sim_config.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     results: list[EpisodeResult] = []
-    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir, realtime)
+    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir, realtime, accel)
     with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
             tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
         for result in pool.imap_unordered(jobs):

@@ -33,10 +33,11 @@ class RefVLAPolicy:
     privileged = False
 
     def __init__(self, model: RefVLA, normalizer: Normalizer, tokenizer: Tokenizer, noise_seed: int = 0,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, checkpoint_dir: Path | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
+        self.checkpoint_dir = checkpoint_dir  # None: random weights
         self.config = model.config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
@@ -47,6 +48,7 @@ class RefVLAPolicy:
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.structure = PolicyStructure(
             vision_encoder=model.vision,
+            preprocess_images=self.image_tensor,
             lm_layers=model.lm.layers,
             visual_token_span=lambda: model.visual_token_span,
             action_head_blocks=model.dit.blocks if self.config.head == "dit" else None,
@@ -57,7 +59,7 @@ class RefVLAPolicy:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **options) -> RefVLAPolicy:
         model, normalizer, tokenizer = load_model(directory)
-        return cls(model, normalizer, tokenizer, **options)
+        return cls(model, normalizer, tokenizer, checkpoint_dir=Path(directory), **options)
 
     def reset(self) -> None:
         # The same noise sequence every episode: evaluations and replays are reproducible.
@@ -69,14 +71,18 @@ class RefVLAPolicy:
             self._text_cache[instruction] = tokenize(self.tokenizer, [instruction], self.config.max_text_tokens)
         return self._text_cache[instruction]
 
-    @torch.inference_mode()
-    def predict_chunk(self, obs: Observation) -> ActionChunk:
+    def image_tensor(self, obs: Observation) -> torch.Tensor:
+        """The camera image as the vision encoder's input, [1, 3, H, W] in [-1, 1]."""
         image = obs.images.get(self.config.camera)
         size = self.config.image_size
         if image is None or image.shape != (size, size, 3) or image.dtype != np.uint8:
             got = None if image is None else (image.shape, image.dtype)
             raise ValueError(f"Expected a uint8 {size}x{size}x3 image from camera '{self.config.camera}', got {got}")
-        images = images_to_tensor(torch.from_numpy(image).permute(2, 0, 1)[None])
+        return images_to_tensor(torch.from_numpy(image).permute(2, 0, 1)[None])
+
+    @torch.inference_mode()
+    def predict_chunk(self, obs: Observation) -> ActionChunk:
+        images = self.image_tensor(obs)
         state = self.normalizer.state(torch.as_tensor(obs.state, dtype=torch.float32)[None])
         text_ids, text_mask = self._text(obs.instruction)
         actions = self.model.predict(images, text_ids, text_mask, state, self.generator)

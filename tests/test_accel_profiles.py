@@ -1,0 +1,121 @@
+"""Action reuse, profiles (composition, incompatibility, calibration artifacts) and vla-bench."""
+
+import json
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from vla_runtime.accel import action_reuse
+from vla_runtime.accel.profiles import Profile, apply_profile, compatible_methods, load_profile, profile_names
+from vla_runtime.types import ActionChunk
+
+from test_accel import actions, observations, untrained
+
+
+def chunk(first_action):
+    return ActionChunk(np.asarray([first_action] * 4, dtype=np.float32), t0=0.0, dt=0.0125)
+
+
+def warm_gate(policy, config):
+    """A gate that has seen two real inferences on the first observation, with stable actions."""
+    handle = action_reuse.apply(policy, config)
+    gate, obs = handle.info["gate"], observations(1)[0]
+    gate.reset()
+    for _ in range(2):
+        policy.predict_chunk(obs)
+        gate.on_inference(obs, chunk([0.1, 0.0, 0.0, 0.0]))
+    return handle, gate, obs
+
+
+def test_action_reuse_threshold_above_one_never_reuses_and_remove_restores():
+    policy = untrained("dit")
+    baseline = actions(policy, observations())
+    handle, gate, obs = warm_gate(policy, action_reuse.ActionReuseConfig(token_similarity=1.01, max_consecutive=5))
+    assert not any(gate.should_reuse(obs, chunk([0.1, 0, 0, 0])) for _ in range(5))
+    assert gate.reuses == 0 and gate.decisions == 5
+    handle.remove()
+    assert np.array_equal(actions(policy, observations()), baseline)
+
+
+def test_action_reuse_is_bounded_and_needs_a_similar_frame_and_stable_actions():
+    policy = untrained("dit")
+    handle, gate, obs = warm_gate(policy, action_reuse.ActionReuseConfig(token_similarity=0.999, max_consecutive=2))
+    decisions = [gate.should_reuse(obs, chunk([0.1, 0, 0, 0])) for _ in range(6)]
+    assert decisions == [True, True, False, False, False, False]  # the same frame, but at most 2 in a row
+    gate.on_inference(obs, chunk([0.1, 0, 0, 0]))  # a real inference resets the count
+    assert gate.should_reuse(obs, chunk([0.1, 0, 0, 0]))
+    other = observations(3)[2]
+    gate.consecutive = 0
+    assert not gate.should_reuse(other, chunk([0.1, 0, 0, 0]))  # a different frame
+    gate.on_inference(obs, chunk([0.9, 0, 0, 0]))  # actions jumped: not stable
+    assert not gate.should_reuse(obs, chunk([0.9, 0, 0, 0]))
+    handle.remove()
+
+
+def test_profiles_compose_and_name_what_is_incompatible():
+    assert {"none", "efficientvla", "flashvla", "bac", "pdvla", "full"} <= set(profile_names())
+    composed = load_profile(["efficientvla", "action_reuse"], {"token_select": {"keep": 24}})
+    assert list(composed.methods) == ["layer_prune", "token_select", "head_cache", "action_reuse"]
+    assert composed.methods["token_select"]["keep"] == 24 and composed.methods["layer_prune"]["num_layers"] == 2
+    with pytest.raises(ValueError, match="Unknown accel profile or method 'turbo'"):
+        load_profile("turbo")
+    with pytest.raises(ValueError, match="accel options for 'parallel_decode', which profile 'bac' does not use"):
+        load_profile("bac", {"parallel_decode": {"max_passes": 2}})
+    dit, ar = untrained("dit"), untrained("ar")
+    with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs the hook point.*ar_decode_loop"
+                                         ".*which ref_dit does not declare"):
+        compatible_methods(dit, load_profile("pdvla"), "ref_dit")
+    with pytest.raises(ValueError, match="accel profile 'efficientvla': token_select cannot run on ref_ar: its decode "
+                                         "loop reads a KV cache"):
+        compatible_methods(ar, load_profile("efficientvla"), "ref_ar")
+    assert compatible_methods(ar, load_profile("full")) == ["layer_prune", "parallel_decode", "action_reuse"]
+    assert compatible_methods(dit, load_profile("full")) == ["layer_prune", "token_select", "head_cache",
+                                                             "action_reuse"]
+
+
+@pytest.mark.parametrize("head", ["dit", "ar"])
+def test_full_profile_calibrates_once_and_remove_restores_the_baseline(head, tmp_path):
+    policy = untrained(head)
+    obs = observations()
+    baseline = actions(policy, obs)
+    calls = []
+
+    def calibration_observations():
+        calls.append(1)
+        return observations(2)
+
+    profile = Profile("test", {**load_profile("full").methods, "layer_prune": {"num_layers": 1},
+                               "token_select": {"layer": 1, "keep": 8}}, skip_incompatible=True)
+    handle = apply_profile(policy, profile, tmp_path, calibration_observations)
+    accelerated = actions(policy, obs)
+    handle.remove()
+    assert np.array_equal(actions(policy, obs), baseline)
+    assert not np.array_equal(accelerated, baseline)
+    artifacts = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
+    assert artifacts == (["head_cache", "layer_prune"] if head == "dit" else ["layer_prune"])
+    assert json.loads(next(tmp_path.glob("layer_prune-*.json")).read_text())["method"] == "layer_prune"
+    handle = apply_profile(policy, profile, tmp_path, calibration_observations)  # artifacts found: no new data
+    assert np.array_equal(actions(policy, obs), accelerated)
+    handle.remove()
+    assert calls == [1]
+
+
+def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
+    from vla_runtime.cli import bench
+
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        cfg = compose("bench", overrides=["accel=[bac,pdvla]", "tasks=[drawer-close]"])
+        with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
+            bench.run(cfg)
+        cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "measurement_per_task=2",
+                                          "calibration_per_task=1", "rounds=2", "num_threads=1",
+                                          f"calibration_dir={tmp_path / 'cal'}", f"output_dir={tmp_path / 'out'}"])
+        result = bench.run(cfg)
+    rows = result["profiles"]
+    assert list(rows) == ["none", "bac"]  # the baseline is always measured
+    assert rows["none"]["speedup"] == 1.0 and rows["none"]["actions_identical"]
+    assert rows["bac"]["flops_ratio"] < 1 and rows["bac"]["latency_samples"] == 4
+    assert 0 < rows["bac"]["methods"]["head_cache"]["branch_updates_share"] < 1
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
+    assert "| `bac` | head_cache |" in (tmp_path / "out" / "bench.md").read_text()
