@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
+from test_accel import actions, observations, untrained
 
 from vla_runtime.accel import action_reuse
 from vla_runtime.accel.profiles import Profile, apply_profile, compatible_methods, load_profile, profile_names
 from vla_runtime.types import ActionChunk
-
-from test_accel import actions, observations, untrained
 
 
 def chunk(first_action):
