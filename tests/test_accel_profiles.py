@@ -53,7 +53,7 @@ def test_action_reuse_is_bounded_and_needs_a_similar_frame_and_stable_actions():
 
 
 def test_profiles_compose_and_name_what_is_incompatible():
-    assert {"none", "efficientvla", "flashvla", "bac", "pdvla", "full"} <= set(profile_names())
+    assert {"none", "efficientvla", "flashvla", "bac", "pdvla", "vlacache", "full"} <= set(profile_names())
     composed = load_profile(["efficientvla", "action_reuse"], {"token_select": {"keep": 24}})
     assert list(composed.methods) == ["layer_prune", "token_select", "head_cache", "action_reuse"]
     assert composed.methods["token_select"]["keep"] == 24 and composed.methods["layer_prune"]["num_layers"] == 2
@@ -108,13 +108,45 @@ def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
         with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
             bench.run(cfg)
         cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "measurement_per_task=2",
-                                          "calibration_per_task=1", "rounds=2", "num_threads=1",
+                                          "calibration_per_task=1", "rounds=2", "num_threads=1", "frames_per_sequence=2",
                                           f"calibration_dir={tmp_path / 'cal'}", f"output_dir={tmp_path / 'out'}"])
         result = bench.run(cfg)
     rows = result["profiles"]
     assert list(rows) == ["none", "bac"]  # the baseline is always measured
     assert rows["none"]["speedup"] == 1.0 and rows["none"]["actions_identical"]
-    assert rows["bac"]["flops_ratio"] < 1 and rows["bac"]["latency_samples"] == 4
+    assert rows["bac"]["flops_ratio"] < 1 and rows["bac"]["latency_samples"] == 2 * 2 * 2
     assert 0 < rows["bac"]["methods"]["head_cache"]["branch_updates_share"] < 1
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
     assert "| `bac` | head_cache |" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_visual_kv_reuse_on_an_unchanged_frame_matches_a_full_pass_and_threshold_above_one_is_exact():
+    from vla_runtime.accel import visual_kv_reuse
+
+    policy = untrained("dit")
+    obs = observations(1)[0]
+    policy.reset()
+    baseline = policy.predict_chunk(obs).actions
+    policy.reset()  # the same noise for the second call of each pair below
+
+    handle = visual_kv_reuse.apply(policy, visual_kv_reuse.VisualKVReuseConfig(similarity=1.01))
+    policy.reset()
+    policy.predict_chunk(obs)
+    policy.generator.manual_seed(policy.noise_seed)
+    assert np.array_equal(policy.predict_chunk(obs).actions, baseline)
+    handle.remove()
+
+    handle = visual_kv_reuse.apply(policy, visual_kv_reuse.VisualKVReuseConfig(similarity=0.999, relevant_share=0.25))
+    policy.reset()
+    policy.predict_chunk(obs)
+    policy.generator.manual_seed(policy.noise_seed)
+    reused = policy.predict_chunk(obs).actions  # same frame: static tokens' cached K/V are exactly theirs
+    hook = handle.info["hook"]
+    visual = policy.model.visual_token_span[1]
+    assert hook.reused_tokens == [0, visual - round(0.25 * visual)]
+    np.testing.assert_allclose(reused, baseline, atol=1e-4)
+    handle.remove()
+    policy.reset()
+    assert np.array_equal(policy.predict_chunk(obs).actions, baseline)
+    with pytest.raises(ValueError, match="visual_kv_reuse cannot be combined with token_select"):
+        compatible_methods(policy, load_profile(["token_select", "visual_kv_reuse"]))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import yaml
 
-from vla_runtime.accel import action_reuse, head_cache, layer_prune, parallel_decode, token_select
+from vla_runtime.accel import action_reuse, head_cache, layer_prune, parallel_decode, token_select, visual_kv_reuse
 from vla_runtime.accel.calibration import load_artifact, save_artifact
 from vla_runtime.accel.hooks import Handle
 from vla_runtime.types import Observation, Policy
@@ -54,6 +54,9 @@ METHODS: dict[str, Method] = {
     "token_select": Method(token_select.TokenSelectConfig, lambda p, c, a: token_select.apply(p, c),
                            ("lm_layers", "visual_token_span"),
                            excluded_by=("ar_decode_loop", "its decode loop reads a KV cache of the full prefix")),
+    "visual_kv_reuse": Method(visual_kv_reuse.VisualKVReuseConfig, lambda p, c, a: visual_kv_reuse.apply(p, c),
+                              ("lm_layers", "visual_token_span"),
+                              excluded_by=("ar_decode_loop", "its decode loop reads a KV cache of the full prefix")),
     "head_cache": Method(head_cache.HeadCacheConfig, lambda p, c, a: head_cache.apply(p, c, a),
                          ("action_head_blocks", "denoising_loop"),
                          calibrate=lambda p, obs, c: head_cache.calibrate(p, obs),
@@ -64,7 +67,7 @@ METHODS: dict[str, Method] = {
                            ("vision_encoder", "preprocess_images")),
 }
 # Pairs that cannot go on one policy together (see `compatible_methods` for the reason given).
-EXCLUSIVE: list[tuple[str, str]] = []
+EXCLUSIVE: list[tuple[str, str]] = [("token_select", "visual_kv_reuse")]
 
 
 @dataclass

@@ -13,23 +13,35 @@ CALIBRATION_SEEDS = 90_000
 MEASUREMENT_SEEDS = 95_000
 
 
-def expert_observations(tasks: list[str], per_task: int, config: MetaWorldConfig | None = None,
-                        seed_offset: int = CALIBRATION_SEEDS, steps_apart: int = 12) -> list[Observation]:
-    """`per_task` observations per task, the i-th taken after i * `steps_apart` expert steps of its own
-    episode (so the set covers reaching, grasping and moving), without privileged state."""
+def expert_sequences(tasks: list[str], per_task: int, config: MetaWorldConfig | None = None,
+                     seed_offset: int = CALIBRATION_SEEDS, steps_apart: int = 12, frames: int = 1,
+                     frame_stride: int = 4) -> list[list[Observation]]:
+    """`per_task` sequences per task of `frames` observations `frame_stride` expert steps apart (4: one
+    executed chunk, what a policy sees between two calls). Sequence i starts after i * `steps_apart`
+    expert steps of its own episode, so the set covers reaching, grasping and moving. No privileged state."""
     from vla_runtime.policies import make_policy
 
     config = config or MetaWorldConfig()
     expert = make_policy("expert")
-    observations = []
+    sequences = []
     for task in tqdm(tasks, desc="expert observations", unit="task", leave=False):
         with MetaWorldEnv(task, config, render=True) as env:
             for index in range(per_task):
                 obs = env.reset(config.train_seeds.seed(seed_offset + index), render=False)
                 expert.reset()
-                for _ in range(index * steps_apart):
-                    obs, _, success, truncated, _ = env.step(expert.predict_chunk(obs).actions[0], render=False)
-                    if success or truncated:
-                        break
-                observations.append(env.observe(render=True).without_privileged_state())
-    return observations
+                sequence, steps, finished = [], 0, False
+                for frame in range(frames):
+                    target = index * steps_apart + frame * frame_stride
+                    while steps < target and not finished:  # a finished episode repeats its last frame
+                        obs, _, success, truncated, _ = env.step(expert.predict_chunk(obs).actions[0], render=False)
+                        steps += 1
+                        finished = success or truncated
+                    sequence.append(env.observe(render=True).without_privileged_state())
+                sequences.append(sequence)
+    return sequences
+
+
+def expert_observations(tasks: list[str], per_task: int, config: MetaWorldConfig | None = None,
+                        seed_offset: int = CALIBRATION_SEEDS, steps_apart: int = 12) -> list[Observation]:
+    """One observation per sequence of `expert_sequences`: a calibration set."""
+    return [sequence[0] for sequence in expert_sequences(tasks, per_task, config, seed_offset, steps_apart)]

@@ -1,0 +1,161 @@
+"""VLA-Cache-style reuse of the keys and values of visual tokens that did not change since the last frame.
+
+The LM's forward is replaced (a replace-forward hook). A visual token is *static* when its LM input
+embedding is nearly that of the previous frame (cosine similarity >= `similarity`); static tokens are
+not recomputed: every layer takes their keys / values from the previous frame and computes queries,
+attention output and MLP only for the other tokens (changed visual tokens, the instruction, proprio and
+cognition tokens). The `relevant_share` of visual tokens that the instruction attended to most in the
+last full pass are always recomputed (task-relevant regions, e.g. the gripper and the object, change
+meaning even when their pixels barely move), and every `refresh_every` frames a full pass refreshes
+the whole cache so stale entries cannot pile up.
+
+It serves the cache-free prefix pass of the DiT variant; the output holds the recomputed tokens only,
+in their original order (the cognition token stays last). `similarity > 1` never reuses: the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
+from vla_runtime.accel.token_select import _relevance
+from vla_runtime.types import Policy
+
+
+@dataclass
+class VisualKVReuseConfig:
+    similarity: float = 0.995
+    relevant_share: float = 0.25
+    relevance_layer: int = 1
+    refresh_every: int = 4  # a full pass at least every this many frames
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.relevant_share <= 1 or self.refresh_every < 1 or self.relevance_layer < 0:
+            raise ValueError("visual_kv_reuse needs 0 <= relevant_share <= 1, refresh_every >= 1, relevance_layer >= 0")
+
+
+class VisualKVReuseHook(ModelHook):
+    def __init__(self, config: VisualKVReuseConfig, span_fn):
+        self.config = config
+        self.span_fn = span_fn
+        self.reused_tokens: list[int] = []  # static visual tokens per call, for benchmarks
+        self.reset_state(None)
+
+    def reset_state(self, module) -> None:
+        self.previous_embeds: torch.Tensor | None = None
+        self.keys: list[torch.Tensor] = []  # per layer, pre-rotary [B, T, kv_dim]
+        self.values: list[torch.Tensor] = []
+        self.relevant: torch.Tensor | None = None  # [B, N_visual] bool
+        self.frames_since_full = 0
+
+    def _static_tokens(self, embeds: torch.Tensor, span: tuple[int, int]) -> torch.Tensor | None:
+        """[N_visual] bool, or None when this frame needs a full pass."""
+        previous = self.previous_embeds
+        if (self.config.similarity > 1 or previous is None or previous.shape != embeds.shape
+                or self.frames_since_full + 1 >= self.config.refresh_every or embeds.shape[0] != 1):
+            return None
+        start, end = span
+        similarity = F.cosine_similarity(embeds[0, start:end].float(), previous[0, start:end].float(), dim=-1)
+        static = (similarity >= self.config.similarity) & ~self.relevant[0]
+        return static if static.any() else None
+
+    def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                    inputs_embeds=None, use_cache=None, **kwargs):
+        if use_cache or cache is not None or inputs_embeds is None or position_ids is not None:
+            raise ValueError("visual_kv_reuse serves the cache-free prefix pass of a policy (the DiT variant)")
+        span = self.span_fn()
+        batch, length = inputs_embeds.shape[:2]
+        mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(batch, length, dtype=torch.long)
+        static = self._static_tokens(inputs_embeds, span)
+        if static is None:
+            output = self._full_pass(lm, call_next, inputs_embeds, mask, span)
+            self.frames_since_full = 0
+            self.reused_tokens.append(0)
+        else:
+            output = BaseModelOutputWithPast(last_hidden_state=self._partial_pass(lm, inputs_embeds, mask, span, static),
+                                             cache=None)
+            self.frames_since_full += 1
+            self.reused_tokens.append(int(static.sum()))
+        self.previous_embeds = inputs_embeds.detach()
+        return output
+
+    def _full_pass(self, lm, call_next, embeds, mask, span):
+        """The original forward (bit-identical output), recording every layer's keys / values and the
+        instruction's attention to the visual tokens."""
+        keys, values, handles = [None] * len(lm.layers), [None] * len(lm.layers), []
+
+        def store(target, index):
+            def hook(module, args, output):
+                target[index] = output.detach()
+            return hook
+
+        def relevance(layer, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            scores = _relevance(layer, hidden, kwargs["position_embeddings"], span, mask)
+            share = max(1, round(self.config.relevant_share * scores.shape[1])) if self.config.relevant_share else 0
+            relevant = torch.zeros_like(scores, dtype=torch.bool)
+            if share:
+                relevant.scatter_(1, scores.topk(share, dim=1).indices, True)
+            self.relevant = relevant
+
+        for index, layer in enumerate(lm.layers):
+            handles.append(layer.self_attn.k_proj.register_forward_hook(store(keys, index)))
+            handles.append(layer.self_attn.v_proj.register_forward_hook(store(values, index)))
+        relevance_layer = lm.layers[min(self.config.relevance_layer, len(lm.layers) - 1)]
+        handles.append(relevance_layer.register_forward_pre_hook(relevance, with_kwargs=True))
+        try:
+            output = call_next(inputs_embeds=embeds, attention_mask=mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.keys, self.values = keys, values
+        return output
+
+    def _partial_pass(self, lm, embeds, mask, span, static):
+        start, end = span
+        batch, length = embeds.shape[:2]
+        recompute = torch.ones(length, dtype=torch.bool, device=embeds.device)
+        recompute[start:end] = ~static
+        rows = recompute.nonzero().squeeze(1)
+        positions = torch.arange(length, device=embeds.device)[None]
+        cos, sin = lm.rotary_emb(embeds, positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()[rows]
+        allowed = (causal[None] & mask[:, None, :].bool())[:, None]  # [B, 1, |rows|, T]
+        hidden = embeds[:, rows]
+        for index, layer in enumerate(lm.layers):
+            attention = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            queries = attention.q_proj(normed).view(batch, len(rows), -1, attention.head_dim).transpose(1, 2)
+            keys, values = self.keys[index].clone(), self.values[index].clone()
+            keys[:, rows], values[:, rows] = attention.k_proj(normed), attention.v_proj(normed)
+            # Static tokens keep their old entries: the next frame may reuse them again (until a refresh).
+            self.keys[index], self.values[index] = keys, values
+            keys = keys.view(batch, length, -1, attention.head_dim).transpose(1, 2)
+            values = values.view(batch, length, -1, attention.head_dim).transpose(1, 2)
+            queries = apply_rotary_pos_emb(queries, queries, cos[:, rows], sin[:, rows])[0]
+            keys = apply_rotary_pos_emb(keys, keys, cos, sin)[0]
+            groups = queries.shape[1] // keys.shape[1]
+            attended = F.scaled_dot_product_attention(queries, repeat_kv(keys, groups), repeat_kv(values, groups),
+                                                      attn_mask=allowed, scale=attention.scaling)
+            hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, len(rows), -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return lm.norm(hidden)
+
+
+def apply(policy: Policy, config: VisualKVReuseConfig | None = None) -> Handle:
+    config = config or VisualKVReuseConfig()
+    layers = policy.structure.require("lm_layers", "visual_kv_reuse")
+    span_fn = policy.structure.require("visual_token_span", "visual_kv_reuse")
+    if policy.structure.ar_decode_loop is not None:
+        raise ValueError("visual_kv_reuse cannot run on a policy with an autoregressive decode loop: its decode "
+                         "loop reads a KV cache of the full prefix")
+    lm = getattr(policy.model, "lm", None)
+    if lm is None or lm.layers is not layers:
+        raise ValueError("visual_kv_reuse needs lm_layers to be the `layers` list of the policy's model.lm")
+    hook = VisualKVReuseHook(config, span_fn)
+    return Handle("visual_kv_reuse", [add_hook(lm, "visual_kv_reuse", hook)], info={"hook": hook})
