@@ -108,7 +108,8 @@ def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
         with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
             bench.run(cfg)
         cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "measurement_per_task=2",
-                                          "calibration_per_task=1", "rounds=2", "num_threads=1", "frames_per_sequence=2",
+                                          "calibration_per_task=1", "rounds=2", "num_threads=1",
+                                          "frames_per_sequence=2",
                                           f"calibration_dir={tmp_path / 'cal'}", f"output_dir={tmp_path / 'out'}"])
         result = bench.run(cfg)
     rows = result["profiles"]

@@ -77,8 +77,8 @@ class VisualKVReuseHook(ModelHook):
             self.frames_since_full = 0
             self.reused_tokens.append(0)
         else:
-            output = BaseModelOutputWithPast(last_hidden_state=self._partial_pass(lm, inputs_embeds, mask, span, static),
-                                             cache=None)
+            hidden = self._partial_pass(lm, inputs_embeds, mask, span, static)
+            output = BaseModelOutputWithPast(last_hidden_state=hidden, cache=None)
             self.frames_since_full += 1
             self.reused_tokens.append(int(static.sum()))
         self.previous_embeds = inputs_embeds.detach()
