@@ -107,7 +107,8 @@ def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
         cfg = compose("bench", overrides=["accel=[bac,pdvla]", "tasks=[drawer-close]"])
         with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
             bench.run(cfg)
-        cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "measurement_per_task=2",
+        cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "with_success=false",
+                                          "measurement_per_task=2",
                                           "calibration_per_task=1", "rounds=2", "num_threads=1",
                                           "frames_per_sequence=2",
                                           f"calibration_dir={tmp_path / 'cal'}", f"output_dir={tmp_path / 'out'}"])
