@@ -104,9 +104,11 @@ def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
     from vla_runtime.cli import bench
 
     with initialize_config_module("vla_runtime.configs", version_base="1.3"):
-        cfg = compose("bench", overrides=["accel=[bac,pdvla]", "tasks=[drawer-close]"])
+        cfg = compose("bench", overrides=["accel=[bac,pdvla]", "tasks=[drawer-close]",
+                                          f"calibration_dir={tmp_path / 'cal'}"])
         with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
             bench.run(cfg)
+        assert not (tmp_path / "cal").exists()  # refused before anything was calibrated
         cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "with_success=false",
                                           "measurement_per_task=2",
                                           "calibration_per_task=1", "rounds=2", "num_threads=1",

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.hooks import ModelHook, add_hook
-from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile, load_profile
+from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile, compatible_methods, load_profile
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     as_dict,
@@ -261,8 +261,8 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     def apply(profile: Profile) -> ProfileHandle:
         return apply_profile(policy, profile, calibration_dir, calibration_set, policy_name=policy_name)
 
-    for profile in profiles:  # every incompatibility is reported before anything is measured
-        apply(profile).remove()
+    for profile in profiles:  # every incompatibility is reported before anything is calibrated or measured
+        compatible_methods(policy, profile, policy_name)
     sequences = expert_sequences(tasks, positive_int(cfg, "measurement_per_task"), sim,
                                  seed_offset=MEASUREMENT_SEEDS, frames=positive_int(cfg, "frames_per_sequence"))
     has_head = (policy.structure.denoising_loop or policy.structure.ar_decode_loop) is not None
