@@ -75,6 +75,9 @@ def _method_summary(handle) -> dict:
         elif method == "parallel_decode":
             passes = info["hook"].passes
             summary[method] = {"mean_passes": float(np.mean(passes)) if passes else None}
+        elif method == "visual_kv_reuse":
+            reused = info["hook"].reused_tokens
+            summary[method] = {"mean_reused_visual_tokens": float(np.mean(reused)) if reused else None}
         elif method == "token_select":
             kept = info["hook"].kept_tokens
             summary[method] = {"kept_visual_tokens": int(np.mean(kept)) if kept else None}
