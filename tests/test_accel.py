@@ -112,6 +112,22 @@ def test_jacobi_decoding_equals_greedy_and_removes_cleanly():
     assert np.array_equal(actions(policy, obs), greedy)
 
 
+def test_jacobi_decoding_equals_greedy_on_the_trained_ref_ar():
+    from vla_runtime.policies import make_policy
+    from vla_runtime.sim import INSTRUCTIONS
+
+    policy = make_policy("ref_ar")
+    rng = np.random.default_rng(1)
+    obs = [Observation({"corner4": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)},
+                       rng.normal(size=4).astype(np.float32), text, 0.0)
+           for text in [INSTRUCTIONS[t] for t in ("drawer-open-v3", "window-open-v3", "door-open-v3")]]
+    greedy = actions(policy, obs)
+    handle = parallel_decode.apply(policy)
+    jacobi = actions(policy, obs)
+    handle.remove()
+    assert np.array_equal(jacobi, greedy)
+
+
 def test_parallel_decode_needs_an_ar_policy():
     policy = untrained("dit")
     with pytest.raises(ValueError, match="parallel_decode needs the hook point 'ar_decode_loop'"):
