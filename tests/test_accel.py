@@ -163,6 +163,19 @@ def test_head_cache_refresh_every_step_is_the_baseline_and_remove_restores(tmp_p
         head_cache.apply(policy, head_cache.HeadCacheConfig(mode="bac"))
 
 
+def test_head_cache_batched_conditioning_matches_per_step_conditioning():
+    from vla_runtime.accel import head_cache
+
+    policy = untrained("dit")
+    obs = observations()
+    results = {}
+    for batched in (False, True):
+        handle = head_cache.apply(policy, head_cache.HeadCacheConfig(interval=2, batch_conditioning=batched))
+        results[batched] = actions(policy, obs)
+        handle.remove()
+    np.testing.assert_allclose(results[True], results[False], atol=1e-5)
+
+
 def test_bac_dynamic_programming_and_bubbling_union():
     from vla_runtime.accel.head_cache import bac_schedule, choose_update_steps
 

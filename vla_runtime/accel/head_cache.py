@@ -11,6 +11,12 @@ are still computed).
   output it reuses. Caching errors grow through FFN branches, so the "bubbling union" adds each MLP
   branch's update steps to every branch upstream of it.
 Step 0 is always an update step, so nothing leaks from one inference into the next.
+
+When any branch skips a step, the blocks' adaLN modulations for every step are also computed at step 0
+in one batched call (`batch_conditioning`): they depend only on the denoising time and the cognition
+feature, and reading each adaLN weight matrix once per inference instead of once per step is what a
+memory-bound head (ref_dit_large: a third of the head's weight bytes) needs. Equal to the per-step
+modulations up to float rounding; a schedule without skips leaves the head untouched (exact baseline).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class HeadCacheConfig:
     mode: str = "static"  # static | bac
     interval: int = 2  # static: update every `interval` steps (1 = no caching)
     updates: int = 4  # bac: update steps per branch, step 0 included
+    batch_conditioning: bool = True  # adaLN of all steps at step 0 (needs head.condition and block.adaln)
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "bac"):
@@ -40,15 +47,41 @@ class HeadCacheConfig:
 
 
 class _StepCounter(ModelHook):
-    """On the head: which denoising step is running (t = step / steps in the Euler loop)."""
+    """On the head: which denoising step is running (t = step / steps in the Euler loop); with
+    `blocks`, also every block's adaLN output for every step, computed at step 0."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, blocks: list[nn.Module] | None = None):
         self.steps = steps
         self.step = 0
+        self.blocks = blocks
+        self.modulations: list[torch.Tensor] | None = None  # per block [steps, batch, 6 * dim]
 
     def pre_forward(self, module, noisy, t, cognition):
         self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
+        if self.blocks is not None and self.step == 0:
+            batch = cognition.shape[0]
+            # The same float times the Euler loop builds with torch.full(step / steps).
+            times = torch.tensor([s / self.steps for s in range(self.steps)], device=cognition.device)
+            conditions = module.condition(times.repeat_interleave(batch), cognition.repeat(self.steps, 1))
+            self.modulations = [block.adaln(conditions).view(self.steps, batch, -1) for block in self.blocks]
         return (noisy, t, cognition), {}
+
+    def reset_state(self, module) -> None:
+        self.modulations = None
+
+
+class _BatchedModulation(ModelHook):
+    """On a block's adaLN: this step's row of what the counter computed at step 0."""
+
+    def __init__(self, counter: _StepCounter, index: int):
+        self.counter = counter
+        self.index = index
+
+    def new_forward(self, module, call_next, condition):
+        modulations = self.counter.modulations
+        if modulations is None or modulations[self.index].shape[1] != condition.shape[0]:
+            return call_next(condition)
+        return modulations[self.index][self.counter.step]
 
 
 class _CachedBranch(ModelHook):
@@ -175,9 +208,18 @@ def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = No
         if calibration["steps"] != steps:
             raise ValueError(f"Calibrated for {calibration['steps']} denoising steps, the head runs {steps}")
         schedule = bac_schedule(calibration, config.updates)
-    counter = _StepCounter(steps)
+    skips = any(len(schedule[name] | {0}) < steps for name, _ in branches)
+    blocks = list(policy.structure.action_head_blocks)
+    batched = config.batch_conditioning and skips
+    if batched and not (hasattr(head, "condition") and all(hasattr(block, "adaln") for block in blocks)):
+        raise ValueError("head_cache batch_conditioning needs the head's `condition(t, cognition)` and an `adaln` "
+                         "module in every block; set batch_conditioning=false for this policy")
+    counter = _StepCounter(steps, blocks if batched else None)
     hooks = {name: _CachedBranch(counter, schedule[name]) for name, _ in branches}
     removers = [add_hook(head, "head_cache_counter", counter)]
     removers += [add_hook(module, "head_cache", hooks[name]) for name, module in branches]
+    if batched:
+        removers += [add_hook(block.adaln, "head_cache_adaln", _BatchedModulation(counter, index))
+                     for index, block in enumerate(blocks)]
     return Handle("head_cache", removers, info={"schedule": {k: sorted(v) for k, v in schedule.items()},
                                                  "branches": hooks})

@@ -118,8 +118,12 @@ class DiTActionHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def condition(self, t: torch.Tensor, cognition: torch.Tensor) -> torch.Tensor:
+        """What every block's adaLN reads: the denoising time and the LM's cognition feature."""
+        return self.time_mlp(timestep_embedding(t, self.config.dit_hidden)) + self.condition_in(cognition)
+
     def forward(self, noisy_actions: torch.Tensor, t: torch.Tensor, cognition: torch.Tensor) -> torch.Tensor:
-        condition = self.time_mlp(timestep_embedding(t, self.config.dit_hidden)) + self.condition_in(cognition)
+        condition = self.condition(t, cognition)
         x = self.action_in(noisy_actions) + self.position
         for block in self.blocks:
             x = block(x, condition)
