@@ -74,3 +74,23 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
     assert process.returncode == 2
     assert message in process.stderr
     assert "Traceback" not in process.stderr
+
+
+def test_eval_with_an_acceleration_profile_sync_and_realtime(tmp_path):
+    calibration = tmp_path / "calibration"
+    common = ["policy=ref_dit", "tasks=[drawer-close]", "episodes_per_task=1", "workers=1",
+              "sim.default_max_steps=16", "calibration_per_task=1", f"calibration_dir={calibration}"]
+    cfg = eval_config(tmp_path / "sync", "sim.image_size=128", "accel=[efficientvla,bac]", *common)
+    results = eval_cli.run(cfg)
+    assert results["accel"]["profile"] == "efficientvla+bac"
+    assert results["accel"]["methods"]["head_cache"] == {"mode": "bac", "interval": 2, "updates": 4}
+    assert sorted(p.name.split("-")[0] for p in calibration.glob("*.json")) == ["head_cache", "layer_prune"]
+    assert results["policy_calls"] == 4 and not results["errors"]  # 16 steps, 4 actions per chunk
+
+    cfg = eval_config(tmp_path / "realtime", "sim.image_size=128", "accel=flashvla", "runtime.mode=realtime",
+                      "runtime.latency_model=fixed", "runtime.latency_ms=0", *common)
+    results = eval_cli.run(cfg)
+    loop = results["control_loop"]
+    assert loop["reuses"] + results["policy_calls"] >= 4 and not results["errors"]
+    with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
+        eval_cli.run(eval_config(tmp_path / "bad", "sim.image_size=128", "accel=pdvla", *common))
