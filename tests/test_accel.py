@@ -127,6 +127,16 @@ def test_jacobi_decoding_equals_greedy_on_the_trained_ref_ar():
     handle.remove()
     assert np.array_equal(jacobi, greedy)
 
+    def episode(policy):  # one reset, then consecutive calls: the warm start uses the previous call's tokens
+        policy.reset()
+        return np.stack([policy.predict_chunk(o).actions for o in obs])
+
+    greedy_episode = episode(policy)
+    for init in ("previous", "repeat_first"):
+        handle = parallel_decode.apply(policy, parallel_decode.ParallelDecodeConfig(init=init))
+        assert np.array_equal(episode(policy), greedy_episode)
+        handle.remove()
+
 
 def test_parallel_decode_needs_an_ar_policy():
     policy = untrained("dit")

@@ -4,6 +4,10 @@ Greedy decoding costs one LM pass per token. Jacobi decoding guesses every token
 the whole block (prefix KV-cached), replaces each token by the argmax at its position, and repeats until
 nothing changes. Token i depends only on tokens < i, so after k passes the first k + 1 tokens are the
 greedy ones: the fixed point is greedy decoding, reached in at most N - 1 passes, usually far fewer.
+
+The initial guess does not change the result, only how many passes it takes: `init="previous"` starts
+from the tokens of the policy's previous call in the episode (actions change slowly from one chunk
+to the next), `"repeat_first"` from the first token repeated (PD-VLA).
 """
 
 from __future__ import annotations
@@ -20,12 +24,21 @@ from vla_runtime.types import Policy
 @dataclass
 class ParallelDecodeConfig:
     max_passes: int | None = None  # None: N - 1, which makes the result exact
+    init: str = "previous"  # previous | repeat_first
+
+    def __post_init__(self) -> None:
+        if self.init not in ("previous", "repeat_first"):
+            raise ValueError(f"parallel_decode init must be 'previous' or 'repeat_first', got '{self.init}'")
 
 
 class JacobiDecodeHook(ModelHook):
     def __init__(self, config: ParallelDecodeConfig):
         self.config = config
         self.passes: list[int] = []  # block passes per call, for benchmarks
+        self.previous: torch.Tensor | None = None  # tokens of the last call in this episode
+
+    def reset_state(self, module) -> None:
+        self.previous = None
 
     def new_forward(self, loop: nn.Module, call_next, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = loop.model
@@ -34,6 +47,8 @@ class JacobiDecodeHook(ModelHook):
         cache = output.cache
         first = model.action_logits(output.last_hidden_state[:, -1]).argmax(-1)
         guess = first[:, None].repeat(1, count)
+        if self.config.init == "previous" and self.previous is not None and self.previous.shape == guess.shape:
+            guess = torch.cat([first[:, None], self.previous[:, 1:]], dim=1)
         if count == 1:
             self.passes.append(0)
             return guess
@@ -52,6 +67,7 @@ class JacobiDecodeHook(ModelHook):
             if converged:
                 break
         self.passes.append(passes)
+        self.previous = guess
         return guess
 
 
