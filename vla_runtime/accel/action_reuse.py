@@ -28,8 +28,8 @@ from vla_runtime.types import ActionChunk, Observation, Policy
 @dataclass
 class ActionReuseConfig:
     token_similarity: float = 0.99
-    action_tolerance: float = 0.25
-    max_consecutive: int = 1
+    action_tolerance: float = 0.5
+    max_consecutive: int = 2
 
     def __post_init__(self) -> None:
         if self.max_consecutive < 0:
