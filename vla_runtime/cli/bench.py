@@ -226,7 +226,7 @@ def plot(bench: dict, path: Path) -> None:
             ax.scatter(xs, ys, marker=marker, label=f"success, {mode}")
             for name, x, y in zip(rows, xs, ys, strict=True):
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_ylabel("MT10 success (%)")
+        ax.set_ylabel(f"success on {len(bench['tasks'])} tasks (%)")
         ax.legend()
     else:
         xs = [row["speedup"] for row in rows.values()]
