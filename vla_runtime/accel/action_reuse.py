@@ -64,7 +64,6 @@ class ActionReuseGate:
         self.consecutive = 0
         self.decisions = 0
         self.reuses = 0
-        self.similarities: list[float] = []
 
     def reset(self) -> None:
         self.recent_first_actions.clear()
@@ -93,9 +92,7 @@ class ActionReuseGate:
         if (self.config.token_similarity > 1 or last_chunk is None
                 or self.consecutive >= self.config.max_consecutive or not self._actions_stable()):
             return False
-        similarity = self._token_similarity(obs)
-        self.similarities.append(similarity)
-        if similarity < self.config.token_similarity:
+        if self._token_similarity(obs) < self.config.token_similarity:
             return False
         self.consecutive += 1
         self.reuses += 1

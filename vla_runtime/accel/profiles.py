@@ -173,12 +173,8 @@ class ProfileHandle:
     def __init__(self, profile: Profile, handles: list[Handle]):
         self.profile = profile
         self.handles = handles
-        self.methods = [handle.method for handle in handles]
         gates = [h.info["gate"] for h in handles if "gate" in h.info]
         self.reuse_gate = gates[0] if gates else None
-
-    def info(self, method: str) -> dict:
-        return next(h.info for h in self.handles if h.method == method)
 
     def remove(self) -> None:
         for handle in reversed(self.handles):
