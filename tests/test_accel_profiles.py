@@ -68,6 +68,8 @@ def test_profiles_compose_and_name_what_is_incompatible():
     with pytest.raises(ValueError, match="accel profile 'efficientvla': token_select cannot run on ref_ar: its decode "
                                          "loop reads a KV cache"):
         compatible_methods(ar, load_profile("efficientvla"), "ref_ar")
+    with pytest.raises(ValueError, match="accel method head_cache: .*intervall.*settings: mode, interval"):
+        apply_profile(dit, load_profile("bac", {"head_cache": {"intervall": 3}}))
     assert compatible_methods(ar, load_profile("full")) == ["layer_prune", "parallel_decode", "action_reuse"]
     assert compatible_methods(dit, load_profile("full")) == ["layer_prune", "token_select", "head_cache",
                                                              "action_reuse"]
