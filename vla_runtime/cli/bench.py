@@ -33,7 +33,7 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
-from vla_runtime.cli.eval import realtime_options
+from vla_runtime.cli.eval import realtime_options, worker_accel
 from vla_runtime.policies import make_policy, policy_names
 from vla_runtime.sim.metrics import summarize, wilson_interval
 from vla_runtime.sim.observations import MEASUREMENT_SEEDS, expert_observations, expert_sequences
@@ -161,9 +161,7 @@ def success_runs(cfg: DictConfig, policy_name: str, policy_options: dict, profil
     sim = sim_config(cfg)
     out: dict[str, dict] = {p.name: {} for p in profiles}
     for profile in profiles:
-        accel = None if not profile.methods else {
-            "profile": profile, "calibration_dir": calibration_dir, "calibration_tasks": tasks,
-            "calibration_per_task": positive_int(cfg, "calibration_per_task"), "policy_name": policy_name}
+        accel = worker_accel(profile, cfg, policy_name, tasks, calibration_dir)
         for mode in cfg.success_modes:
             runtime = OmegaConf.merge(cfg.runtime, {"mode": mode})
             print(f"success: {profile.name}, {mode}")

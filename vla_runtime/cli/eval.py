@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from vla_runtime.accel.profiles import load_profile
+from vla_runtime.accel.profiles import Profile, load_profile
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     as_dict,
@@ -39,14 +39,19 @@ def realtime_options(runtime: DictConfig) -> dict | None:
     return {"loop": options, "latency_model": latency_model, "reuse_gate": reuse_gate}
 
 
-def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict | None:
-    """What EpisodeWorker needs to apply `accel=` (None for `none`)."""
-    spec = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
-    profile = load_profile(spec, as_dict(cfg.accel_options))
+def worker_accel(profile: Profile, cfg: DictConfig, policy_name: str, tasks: list[str],
+                 calibration_dir: str | None) -> dict | None:
+    """What EpisodeWorker needs to apply `profile` (None when it has no methods)."""
     if not profile.methods:
         return None
-    return {"profile": profile, "calibration_dir": cfg.calibration_dir, "calibration_tasks": tasks,
+    return {"profile": profile, "calibration_dir": calibration_dir, "calibration_tasks": tasks,
             "calibration_per_task": positive_int(cfg, "calibration_per_task"), "policy_name": policy_name}
+
+
+def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict | None:
+    """`accel=` / `accel_options=` as EpisodeWorker takes them (None for `none`)."""
+    spec = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
+    return worker_accel(load_profile(spec, as_dict(cfg.accel_options)), cfg, policy_name, tasks, cfg.calibration_dir)
 
 
 def describe_runtime(runtime: DictConfig) -> str:
