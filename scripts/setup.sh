@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up vla_runtime on a fresh Debian machine: rendering libraries (apt, only those missing), a venv
-# in .venv, torch, then the project. `--dev` installs it editable with the test tools.
+# in .venv, torch, then the project. `--dev` installs it editable with the test tools and the ROS 2 extra.
 #   bash scripts/setup.sh          # users: the project as a package
-#   bash scripts/setup.sh --dev    # developers and CI: editable, plus pytest and ruff
+#   bash scripts/setup.sh --ros    # users: plus ROS 2 (rclpy wheels, MCAP): vla-robot, the control node
+#   bash scripts/setup.sh --dev    # developers and CI: editable, plus pytest, ruff and the ROS 2 extra
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +25,9 @@ fi
 # otherwise let pip fetch a multi-GB CUDA build. A venv that already has a torch (yours, with CUDA)
 # keeps it.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-if [ "${1:-}" = "--dev" ]; then
-    .venv/bin/python -m pip install -q -e ".[dev]"
-else
-    .venv/bin/python -m pip install -q .
-fi
+case "${1:-}" in
+    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros]" ;;
+    --ros) .venv/bin/python -m pip install -q ".[ros]" ;;
+    "") .venv/bin/python -m pip install -q . ;;
+    *) echo "usage: bash scripts/setup.sh [--dev | --ros]" >&2; exit 2 ;;
+esac

@@ -152,6 +152,7 @@ class ControlLoop:
         self.action_queue = ActionQueue(config.merge, config.ensemble_decay, config.old_weight)
         self.safety = SafetyLayer(config.safety)
         self.metrics = LoopMetrics()
+        self.metrics.safety_events = self.safety.events  # live: diagnostics read it while the loop runs
         self.last_chunk: ActionChunk | None = None
         self._requested_observation: Observation | None = None
         self._stop = False
@@ -161,6 +162,10 @@ class ControlLoop:
 
     def stop(self) -> None:
         self._stop = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
 
     def _predicted_latency_s(self) -> float:
         recent = self.metrics.inference_latency_s[-20:]
@@ -226,6 +231,5 @@ class ControlLoop:
                 break  # e-stop: not one more command
             self.robot.send(command)
             self.metrics.ticks += 1
-        self.metrics.safety_events = self.safety.events
         self.metrics.discarded_actions = self.action_queue.discarded
         return self.metrics

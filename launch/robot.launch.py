@@ -1,0 +1,35 @@
+"""`ros2 launch vla_runtime robot.launch.py [policy:=ref_dit] [accel:=bac] [control_hz:=20.0] [budget_ms:=50.0]
+[use_sim:=true] [task:=door-open-v3] [log_bag:=/tmp/episode.mcap] ...`
+
+Starts the control node and, with use_sim, the Meta-World bridge. Argument defaults come from the package's
+configs/robot.yaml, the same file vla-robot reads, so both start the same nodes with the same parameters.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+from vla_runtime.ros import BRIDGE_KEYS, CONTROL_KEYS, LAUNCH_ARGUMENTS, robot_defaults
+
+
+def generate_launch_description() -> LaunchDescription:
+    defaults = robot_defaults()
+
+    def argument(name: str) -> ParameterValue:
+        # Typed like its default: an empty string stays a string, "20" becomes 20.0 where a float is due.
+        return ParameterValue(LaunchConfiguration(name), value_type=type(defaults[name]))
+
+    control = {name: argument(name) for name in CONTROL_KEYS}
+    bridge = {name: argument(name) for name in BRIDGE_KEYS}
+    bridge["step_hz"] = argument("control_hz")
+    return LaunchDescription([
+        *(DeclareLaunchArgument(name, default_value=str(defaults[name]).lower() if isinstance(defaults[name], bool)
+                                else str(defaults[name])) for name in LAUNCH_ARGUMENTS),
+        Node(package="vla_runtime", executable="sim_bridge", name="vla_sim_bridge", output="screen",
+             parameters=[bridge, defaults["bridge"]], condition=IfCondition(LaunchConfiguration("use_sim"))),
+        Node(package="vla_runtime", executable="control_node", name="vla_control", output="screen",
+             parameters=[control, defaults["control"]]),
+    ])

@@ -1,0 +1,141 @@
+"""vla-robot: the nodes of launch/robot.launch.py without the ros2 CLI (for machines with only the rclpy wheels).
+
+The bridge runs in its own process, as `ros2 launch` would start it (the control node's inference then
+does not share a Python interpreter with the renderer); the control node runs in this one. SIGINT or
+SIGTERM, or `episodes` finished simulator episodes, end it cleanly: the bag is closed, the bridge stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from vla_runtime.cli import CONFIG_PATH
+from vla_runtime.cli.common import UsageError, as_dict, command_line, friendly_errors, write_json
+from vla_runtime.ros import node_parameters
+
+
+def require_rclpy() -> None:
+    try:
+        import rclpy  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"vla-robot needs ROS 2's rclpy ({exc}). Install the extra: pip install "
+                         "'vla-runtime[ros]' (ROS 2 Kilted wheels), or source a ROS 2 installation") from exc
+
+
+def ros_args(parameters: dict) -> list[str]:
+    """`--ros-args -p name:=value ...`; values are YAML to ROS, and JSON is YAML."""
+    args = ["--ros-args"]
+    for name, value in parameters.items():
+        args += ["-p", f"{name}:={json.dumps(value)}"]
+    return args
+
+
+def start_bridge(parameters: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vla_runtime.ros.sim_bridge", *ros_args(parameters)])
+
+
+class EpisodeMonitor:
+    """Collects the bridge's finished episodes from its (latched) status topic."""
+
+    def __init__(self, node, topic: str):
+        from std_msgs.msg import String
+
+        from vla_runtime.ros.control_node import LATCHED
+
+        self.finished: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        node.create_subscription(String, topic, self._on_status, LATCHED)
+
+    def _on_status(self, msg) -> None:
+        status = json.loads(msg.data)
+        if status.get("done"):
+            with self._lock:
+                self.finished.setdefault(status["episode"], status)
+
+    def episodes(self) -> list[dict]:
+        with self._lock:
+            return [self.finished[index] for index in sorted(self.finished)]
+
+
+def run(config: dict, command: str | None = None) -> dict:
+    require_rclpy()
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from vla_runtime.ros.control_node import ControlNode, speed_up_thread_switching
+
+    if not isinstance(config["episodes"], int) or config["episodes"] < 0:
+        raise UsageError(f"episodes must be a non-negative integer, got {config['episodes']!r}")
+    control_parameters, bridge_parameters = node_parameters(config)
+    speed_up_thread_switching()
+    bridge = start_bridge(bridge_parameters) if config["use_sim"] else None
+    rclpy.init()  # installs SIGINT / SIGTERM handlers that shut the context down
+    executor = MultiThreadedExecutor(num_threads=2)
+    node = None
+    try:
+        node = ControlNode(parameter_overrides=control_parameters)
+        monitor = EpisodeMonitor(node, (config.get("bridge") or {}).get("episode_topic", "/sim/episode"))
+        executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        while rclpy.ok():
+            if bridge is not None and bridge.poll() is not None:
+                raise RuntimeError(f"the simulator bridge exited with status {bridge.returncode}")
+            if config["episodes"] and len(monitor.episodes()) >= config["episodes"]:
+                break
+            time.sleep(0.1)
+        episodes = monitor.episodes()[: config["episodes"] or None]
+        summary = {"command": command, "config": config, "episodes": episodes,
+                   "success_rate": sum(e["success"] for e in episodes) / len(episodes) if episodes else None,
+                   "control": node.summary()}
+    finally:
+        if node is not None:
+            node.destroy_node()
+        executor.shutdown()
+        rclpy.try_shutdown()
+        if bridge is not None:
+            bridge.send_signal(signal.SIGINT)
+            try:
+                bridge.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                bridge.kill()
+    if config.get("output_dir"):
+        write_json(Path(config["output_dir"]) / "robot.json", summary)
+    return summary
+
+
+def describe(summary: dict) -> str:
+    control = summary["control"]
+    lines = [f"{len(summary['episodes'])} episode(s)" + (f", success {summary['success_rate']:.0%}"
+                                                        if summary["episodes"] else "")]
+    lines += [f"  episode {e['episode']} ({e['task']}, seed {e['seed']}): "
+              f"{'success' if e['success'] else 'failure'} after {e['step']} steps" for e in summary["episodes"]]
+    latency, publish, jitter = control["latency_ms"], control["image_to_action_ms"], control["tick_jitter_ms"]
+    if latency["p50"] is not None:
+        lines.append(f"  policy calls {control['policy_calls']}, inference p50 {latency['p50']:.1f} ms, "
+                     f"image -> action p50/p99 {publish['p50']:.1f}/{publish['p99']:.1f} ms, "
+                     f"tick jitter p99 {jitter['p99']:.2f} ms")
+    lines.append(f"  ticks {control['ticks']}, commands {control['commands_published']}, deadline misses "
+                 f"{control['deadline_misses']}, message faults {control['message_faults']}, "
+                 f"loop faults {control['loop_faults']}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="robot", version_base=None)
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    summary = run(as_dict(cfg), command_line("vla-robot"))
+    print(describe(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""ROS 2 messages <-> arrays, with the validation the control node applies to every incoming message.
+
+A message that fails validation raises `MessageRejected` with a short `reason` (the key it is counted
+under in diagnostics) and a detail that names what was wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from builtin_interfaces.msg import Duration, Time
+from geometry_msgs.msg import TwistStamped
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float32MultiArray, MultiArrayDimension
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+CHANNELS = {"rgb8": 3, "bgr8": 3, "mono8": 1}
+ACTION_TYPES = {"joint_trajectory": JointTrajectory, "twist": TwistStamped, "float32_array": Float32MultiArray}
+# rosbag / ROS type names of the action messages, for logs
+ACTION_TYPE_NAMES = {"joint_trajectory": "trajectory_msgs/msg/JointTrajectory",
+                     "twist": "geometry_msgs/msg/TwistStamped", "float32_array": "std_msgs/msg/Float32MultiArray"}
+
+
+class MessageRejected(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def stamp_ns(stamp: Time) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def time_msg(ns: int) -> Time:
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def check_stamp(stamp: Time, now_ns: int, max_age_s: float, what: str) -> None:
+    """A stamp older than `max_age_s` (or that far in the future: another clock) is stale; 0 disables."""
+    if max_age_s <= 0:
+        return
+    age_s = (now_ns - stamp_ns(stamp)) / 1e9
+    if abs(age_s) > max_age_s:
+        raise MessageRejected("stale", f"{what} stamp is {age_s:+.3f} s from now (limit {max_age_s} s)")
+
+
+def image_from_msg(msg: Image) -> np.ndarray:
+    """uint8 [H, W, 3] RGB from an rgb8 / bgr8 / mono8 image."""
+    if msg.encoding not in CHANNELS:
+        raise MessageRejected("encoding", f"image encoding '{msg.encoding}' is not one of {sorted(CHANNELS)}")
+    channels = CHANNELS[msg.encoding]
+    height, width, step = msg.height, msg.width, msg.step
+    if height == 0 or width == 0:
+        raise MessageRejected("size", f"image is {width}x{height}")
+    if step < width * channels:
+        raise MessageRejected("size", f"image step {step} < width {width} * {channels} channels")
+    if len(msg.data) != step * height:
+        raise MessageRejected("size", f"image data has {len(msg.data)} bytes, expected step {step} * height "
+                                      f"{height} = {step * height}")
+    rows = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(height, step)
+    pixels = rows[:, : width * channels].reshape(height, width, channels)
+    if msg.encoding == "bgr8":
+        pixels = pixels[..., ::-1]
+    elif msg.encoding == "mono8":
+        pixels = np.repeat(pixels, 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+def image_to_msg(image: np.ndarray, stamp: Time, frame_id: str) -> Image:
+    height, width, _ = image.shape
+    msg = Image(height=height, width=width, encoding="rgb8", is_bigendian=0, step=width * 3)
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    return msg
+
+
+def state_from_joint_state(msg: JointState, names: list[str], expected_dim: int | None) -> np.ndarray:
+    """Positions as float32 [S]; ordered by `names` when given, else as sent."""
+    positions = np.asarray(msg.position, dtype=np.float64)
+    if names:
+        missing = [name for name in names if name not in msg.name]
+        if missing or len(msg.name) != len(positions):
+            raise MessageRejected("joint_names", f"joint state lacks joints {missing} (has {list(msg.name)}) "
+                                                 f"or names/positions differ in length")
+        positions = positions[[list(msg.name).index(name) for name in names]]
+    if expected_dim is not None and len(positions) != expected_dim:
+        raise MessageRejected("size", f"joint state has {len(positions)} positions, the policy needs {expected_dim}")
+    if not np.all(np.isfinite(positions)):
+        raise MessageRejected("nan", f"joint state positions contain NaN/Inf: {positions.tolist()}")
+    return positions.astype(np.float32)
+
+
+def state_to_joint_state(state: np.ndarray, names: list[str], stamp: Time) -> JointState:
+    msg = JointState(name=list(names), position=[float(x) for x in state])
+    msg.header.stamp = stamp
+    return msg
+
+
+def action_to_msg(kind: str, action: np.ndarray, stamp: Time, names: list[str], period_s: float):
+    """One action as the configured message type. `twist`: dims 0-2 linear, 3-5 angular (at most 6)."""
+    values = [float(x) for x in action]
+    if kind == "joint_trajectory":
+        msg = JointTrajectory(joint_names=list(names))
+        msg.header.stamp = stamp
+        nanoseconds = int(period_s * 1e9)
+        msg.points = [JointTrajectoryPoint(positions=values, time_from_start=Duration(
+            sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000))]
+        return msg
+    if kind == "twist":
+        if len(values) > 6:
+            raise ValueError(f"action_type=twist carries at most 6 dimensions; the policy outputs {len(values)}")
+        padded = values + [0.0] * (6 - len(values))
+        msg = TwistStamped()
+        msg.header.stamp = stamp
+        msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = padded[:3]
+        msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = padded[3:]
+        return msg
+    if kind == "float32_array":
+        msg = Float32MultiArray(data=values)
+        msg.layout.dim = [MultiArrayDimension(label="action", size=len(values), stride=len(values))]
+        return msg
+    raise ValueError(f"Unknown action_type '{kind}'; use one of {sorted(ACTION_TYPES)}")
+
+
+def action_from_msg(kind: str, msg, action_dim: int) -> np.ndarray:
+    if kind == "joint_trajectory":
+        if not msg.points:
+            raise MessageRejected("size", "joint trajectory has no points")
+        values = list(msg.points[0].positions)
+    elif kind == "twist":
+        linear, angular = msg.twist.linear, msg.twist.angular
+        values = [linear.x, linear.y, linear.z, angular.x, angular.y, angular.z][:action_dim]
+    else:
+        values = list(msg.data)
+    action = np.asarray(values, dtype=np.float64)
+    if len(action) != action_dim:
+        raise MessageRejected("size", f"action has {len(action)} values, expected {action_dim}")
+    if not np.all(np.isfinite(action)):
+        raise MessageRejected("nan", f"action contains NaN/Inf: {action.tolist()}")
+    return action
