@@ -121,6 +121,15 @@ def load_profile(spec: str | list[str] | tuple[str, ...] | Profile, options: dic
     return profile
 
 
+def load_profiles(specs: str | list[str], with_baseline: bool = True) -> list[Profile]:
+    """Profiles from a name or a list of names ("a+b" composes); `none` first unless listed or not wanted."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    profiles = [load_profile(spec.split("+") if "+" in spec else spec) for spec in specs]
+    if with_baseline and "none" not in [p.name for p in profiles]:
+        profiles.insert(0, load_profile("none"))
+    return profiles
+
+
 def _config(method: str, settings: dict) -> Any:
     config_cls = METHODS[method].config
     try:

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.hooks import ModelHook, add_hook
-from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile, compatible_methods, load_profile
+from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile, compatible_methods, load_profiles
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     as_dict,
@@ -53,14 +53,6 @@ class _Timer(ModelHook):
             return call_next(*args, **kwargs)
         finally:
             self.elapsed_s += time.perf_counter() - started
-
-
-def _profile_specs(accel) -> list[Profile]:
-    specs = [accel] if isinstance(accel, str) else list(accel)
-    profiles = [load_profile(spec.split("+") if "+" in spec else spec) for spec in specs]
-    if "none" not in [p.name for p in profiles]:
-        profiles.insert(0, load_profile("none"))
-    return profiles
 
 
 def _method_summary(handle) -> dict:
@@ -249,7 +241,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     policy_name = policy_options.pop("name")
     if policy_name not in policy_names():
         raise ValueError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
-    profiles = _profile_specs(cfg.accel if isinstance(cfg.accel, str) else as_dict(cfg.accel))
+    profiles = load_profiles(cfg.accel if isinstance(cfg.accel, str) else as_dict(cfg.accel))
     output_dir = Path(cfg.output_dir)
     policy = make_policy(policy_name, **policy_options)
     # Random-weight policies have no checkpoint to keep artifacts next to: keep them for this run only.

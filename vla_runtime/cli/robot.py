@@ -96,7 +96,10 @@ def run(config: dict, command: str | None = None) -> dict:
         episodes = monitor.episodes()[: config["episodes"] or None]
         summary = {"command": command, "config": config, "episodes": episodes,
                    "success_rate": sum(e["success"] for e in episodes) / len(episodes) if episodes else None,
-                   "control": node.summary()}
+                   "control": node.summary(),
+                   # raw samples, for distributions across runs (benchmarks/ros_latency.py)
+                   "image_to_action_ms_samples": [1000 * s for s in node.publish_latency_s],
+                   "tick_jitter_ms_samples": [1000 * s for m in node.run_metrics for s in m.tick_jitter_s]}
     finally:
         if node is not None:
             node.destroy_node()

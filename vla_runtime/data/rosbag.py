@@ -173,3 +173,23 @@ def read_bag(path: str | Path, topics: list[str] | None = None) -> Iterator[BagM
         reader = _read_mcap if file.suffix == ".mcap" else _read_sqlite3
         yield from reader(file, wanted)
 
+
+
+def bag_topic_names(path: str | Path) -> set[str]:
+    """The topics a bag declares (MCAP channels, sqlite3 topics table), without decoding messages."""
+    import sqlite3
+
+    names: set[str] = set()
+    for file in bag_files(path):
+        if file.suffix == ".db3":
+            with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as connection:
+                names.update(name for (name,) in connection.execute("SELECT name FROM topics"))
+            continue
+        with open(file, "rb") as stream:
+            try:
+                for record in StreamReader(stream, skip_magic=False).records:
+                    if isinstance(record, Channel):
+                        names.add(record.topic)
+            except (McapError, EOFError, ValueError):
+                pass  # a truncated file: the channels before the cut are what it has
+    return names

@@ -32,8 +32,8 @@ from vla_runtime.control.reuse import NeverReuse
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.ros.messages import (
     ACTION_TYPE_NAMES,
-    ACTION_TYPES,
     MessageRejected,
+    action_message_class,
     action_to_msg,
     check_stamp,
     image_from_msg,
@@ -67,7 +67,7 @@ def policy_dims(policy: Policy) -> tuple[int | None, int | None]:
 class ControlNode(Node):
     def __init__(self, policy: Policy | None = None, parameter_overrides: dict | None = None,
                  node_name: str = "vla_control"):
-        super().__init__(node_name, parameter_overrides=_as_parameters(parameter_overrides or {}))
+        super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}))
         # State first: destroy_node() may run on a node whose construction failed half-way.
         self._lock = threading.Lock()
         self.images: dict[str, Sample] = {}
@@ -96,8 +96,7 @@ class ControlNode(Node):
         image_topics = list(p["image_topics"] or [f"/camera/{name}/image_raw" for name in self.cameras])
         if len(image_topics) != len(self.cameras):
             raise ValueError(f"image_topics {image_topics} and camera_names {self.cameras} differ in length")
-        if p["action_type"] not in ACTION_TYPES:
-            raise ValueError(f"Unknown action_type '{p['action_type']}'; use one of {sorted(ACTION_TYPES)}")
+        action_class = action_message_class(p["action_type"])
         self.action_names = list(p["action_names"] or [f"action_{i}" for i in range(self.action_dim)])
         self.runtime = RuntimeConfig(
             control_hz=p["control_hz"], request_when=p["request_when"], request_threshold=p["request_threshold"],
@@ -117,12 +116,12 @@ class ControlNode(Node):
                                      qos_profile_sensor_data)
         self.create_subscription(JointState, p["joint_state_topic"], self._on_joint_state, qos_profile_sensor_data)
         self.create_subscription(String, p["instruction_topic"], self._on_instruction, LATCHED)
-        self.action_publisher = self.create_publisher(ACTION_TYPES[p["action_type"]], p["action_topic"], 10)
+        self.action_publisher = self.create_publisher(action_class, p["action_topic"], 10)
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0 / p["diagnostics_hz"], self.publish_diagnostics)
         for name, handler in (("start", self.start), ("stop", self.stop), ("estop", self.estop),
                               ("reset", self.reset)):
-            self.create_service(Trigger, f"~/{name}", lambda _req, res, h=handler: _trigger(h, res))
+            self.create_service(Trigger, f"~/{name}", lambda _req, res, h=handler: answer_trigger(h, res))
         self.get_logger().info(
             f"policy {p['policy']} (accel {p['accel']}), {self.runtime.control_hz:g} Hz, cameras "
             f"{dict(zip(self.cameras, image_topics, strict=True))}, actions -> {p['action_topic']} "
@@ -371,7 +370,7 @@ class ControlNode(Node):
         super().destroy_node()
 
 
-def _trigger(handler, response):
+def answer_trigger(handler, response):
     try:
         response.message, response.success = handler(), True
     except Exception as exc:  # a service call must answer, not take the node down
@@ -379,7 +378,7 @@ def _trigger(handler, response):
     return response
 
 
-def _as_parameters(overrides: dict) -> list:
+def as_parameters(overrides: dict) -> list:
     from rclpy.parameter import Parameter
 
     # An empty list has no ROS parameter type; [""] is how the node spells "not set".

@@ -1,23 +1,33 @@
 """ROS 2 messages <-> arrays, with the validation the control node applies to every incoming message.
 
 A message that fails validation raises `MessageRejected` with a short `reason` (the key it is counted
-under in diagnostics) and a detail that names what was wrong.
+under in diagnostics) and a detail that names what was wrong. The readers (`*_from_msg`) only read
+attributes, so they take rclpy messages and messages decoded from bags alike, and need no ROS install;
+the writers import rclpy's message classes.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 import numpy as np
-from builtin_interfaces.msg import Duration, Time
-from geometry_msgs.msg import TwistStamped
-from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import Float32MultiArray, MultiArrayDimension
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+if TYPE_CHECKING:
+    from builtin_interfaces.msg import Time
+    from sensor_msgs.msg import Image, JointState
 
 CHANNELS = {"rgb8": 3, "bgr8": 3, "mono8": 1}
-ACTION_TYPES = {"joint_trajectory": JointTrajectory, "twist": TwistStamped, "float32_array": Float32MultiArray}
-# rosbag / ROS type names of the action messages, for logs
+# The ROS type of each action message kind
 ACTION_TYPE_NAMES = {"joint_trajectory": "trajectory_msgs/msg/JointTrajectory",
                      "twist": "geometry_msgs/msg/TwistStamped", "float32_array": "std_msgs/msg/Float32MultiArray"}
+
+
+def action_message_class(kind: str) -> type:
+    if kind not in ACTION_TYPE_NAMES:
+        raise ValueError(f"Unknown action_type '{kind}'; use one of {sorted(ACTION_TYPE_NAMES)}")
+    package, _, name = ACTION_TYPE_NAMES[kind].split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
 
 
 class MessageRejected(ValueError):
@@ -28,10 +38,6 @@ class MessageRejected(ValueError):
 
 def stamp_ns(stamp: Time) -> int:
     return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
-def time_msg(ns: int) -> Time:
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
 def check_stamp(stamp: Time, now_ns: int, max_age_s: float, what: str) -> None:
@@ -66,6 +72,8 @@ def image_from_msg(msg: Image) -> np.ndarray:
 
 
 def image_to_msg(image: np.ndarray, stamp: Time, frame_id: str) -> Image:
+    from sensor_msgs.msg import Image
+
     height, width, _ = image.shape
     msg = Image(height=height, width=width, encoding="rgb8", is_bigendian=0, step=width * 3)
     msg.header.stamp = stamp
@@ -91,6 +99,8 @@ def state_from_joint_state(msg: JointState, names: list[str], expected_dim: int 
 
 
 def state_to_joint_state(state: np.ndarray, names: list[str], stamp: Time) -> JointState:
+    from sensor_msgs.msg import JointState
+
     msg = JointState(name=list(names), position=[float(x) for x in state])
     msg.header.stamp = stamp
     return msg
@@ -98,6 +108,11 @@ def state_to_joint_state(state: np.ndarray, names: list[str], stamp: Time) -> Jo
 
 def action_to_msg(kind: str, action: np.ndarray, stamp: Time, names: list[str], period_s: float):
     """One action as the configured message type. `twist`: dims 0-2 linear, 3-5 angular (at most 6)."""
+    from builtin_interfaces.msg import Duration
+    from geometry_msgs.msg import TwistStamped
+    from std_msgs.msg import Float32MultiArray, MultiArrayDimension
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
     values = [float(x) for x in action]
     if kind == "joint_trajectory":
         msg = JointTrajectory(joint_names=list(names))
@@ -119,10 +134,12 @@ def action_to_msg(kind: str, action: np.ndarray, stamp: Time, names: list[str], 
         msg = Float32MultiArray(data=values)
         msg.layout.dim = [MultiArrayDimension(label="action", size=len(values), stride=len(values))]
         return msg
-    raise ValueError(f"Unknown action_type '{kind}'; use one of {sorted(ACTION_TYPES)}")
+    raise ValueError(f"Unknown action_type '{kind}'; use one of {sorted(ACTION_TYPE_NAMES)}")
 
 
 def action_from_msg(kind: str, msg, action_dim: int) -> np.ndarray:
+    if kind not in ACTION_TYPE_NAMES:
+        raise ValueError(f"Unknown action_type '{kind}'; use one of {sorted(ACTION_TYPE_NAMES)}")
     if kind == "joint_trajectory":
         if not msg.points:
             raise MessageRejected("size", "joint trajectory has no points")

@@ -24,11 +24,11 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from vla_runtime.ros.control_node import LATCHED, _as_parameters, _trigger
+from vla_runtime.ros.control_node import LATCHED, answer_trigger, as_parameters
 from vla_runtime.ros.messages import (
-    ACTION_TYPES,
     MessageRejected,
     action_from_msg,
+    action_message_class,
     image_to_msg,
     state_to_joint_state,
 )
@@ -40,7 +40,7 @@ ACTION_DIM = 4
 
 class SimBridgeNode(Node):
     def __init__(self, parameter_overrides: dict | None = None, node_name: str = "vla_sim_bridge"):
-        super().__init__(node_name, parameter_overrides=_as_parameters(parameter_overrides or {}))
+        super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}))
         # First: destroy_node() may run on a node whose construction failed half-way.
         self._closing = threading.Event()
         self._sim_thread: threading.Thread | None = None
@@ -53,8 +53,7 @@ class SimBridgeNode(Node):
         }
         p = {name: self.declare_parameter(name, default).value for name, default in defaults.items()}
         self.params = p
-        if p["action_type"] not in ACTION_TYPES:
-            raise ValueError(f"Unknown action_type '{p['action_type']}'; use one of {sorted(ACTION_TYPES)}")
+        action_class = action_message_class(p["action_type"])
         self.config = MetaWorldConfig(cameras=tuple(p["camera_names"]), image_size=p["image_size"],
                                       default_max_steps=p["max_steps"])
         self.task = resolve_task(p["task"])
@@ -82,8 +81,8 @@ class SimBridgeNode(Node):
         self.state_publisher = self.create_publisher(JointState, p["joint_state_topic"], qos_profile_sensor_data)
         self.instruction_publisher = self.create_publisher(String, p["instruction_topic"], LATCHED)
         self.episode_publisher = self.create_publisher(String, p["episode_topic"], LATCHED)
-        self.create_subscription(ACTION_TYPES[p["action_type"]], p["action_topic"], self._on_action, 10)
-        self.create_service(Trigger, "~/reset", lambda _req, res: _trigger(self.reset_episode, res))
+        self.create_subscription(action_class, p["action_topic"], self._on_action, 10)
+        self.create_service(Trigger, "~/reset", lambda _req, res: answer_trigger(self.reset_episode, res))
         # MuJoCo's GL context belongs to the thread that made it: one thread owns the simulator.
         ready: list = []
         started = threading.Event()
