@@ -1,0 +1,338 @@
+"""vla-replay: a policy, open loop, over logged episodes, for one or more acceleration profiles.
+
+Every `query_every` steps the policy sees the logged frame and predicts a chunk; its first `query_every`
+actions stand for the next steps. Per profile: the predicted actions against the logged ones and against a
+separate unaccelerated (`none`) pass of the same policy (fidelity), the latency of each call, what the
+profile's reuse gate decided (a reused chunk is what the control loop would have executed), and, with
+`budget_ms`, which profile the budget governor would have run. Profiles take turns episode by episode.
+A source that breaks part-way (a truncated bag, a missing topic) still gets a report of every episode
+completed before the error, and the error, naming the file and topic, ends the command (exit status 2).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import matplotlib
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from vla_runtime.accel.profiles import Profile, apply_profile, compatible_methods, load_profile, load_profiles
+from vla_runtime.cli import CONFIG_PATH
+from vla_runtime.cli.common import UsageError, as_dict, command_line, friendly_errors, positive_int, write_json
+from vla_runtime.control.governor import BudgetGovernor
+from vla_runtime.control.governor import Profile as GovernorProfile
+from vla_runtime.control.loop import percentiles_ms
+from vla_runtime.control.reuse import NeverReuse, ReuseGate
+from vla_runtime.data.episodes import Episode
+from vla_runtime.data.sources import LeRobotKeys, SourceError, TopicMap, logged_episodes
+from vla_runtime.policies import make_policy, policy_names
+from vla_runtime.sim.runner import default_calibration_dir
+from vla_runtime.types import Observation, Policy
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REFERENCE = "none (reference pass)"
+
+
+@dataclass
+class ProfileReplay:
+    """One profile over one episode."""
+
+    predicted: np.ndarray  # float32 [T, A]: the action the policy would have executed at each step
+    latency_s: list[float] = field(default_factory=list)  # one per policy call
+    reuses: int = 0  # chunks the reuse gate re-used instead of calling the policy
+
+
+def episode_observation(episode: Episode, step: int) -> Observation:
+    return Observation(images={camera: frames[step] for camera, frames in episode.images.items()},
+                       state=episode.state[step], instruction=episode.instruction,
+                       timestamp=float(episode.timestamp[step]))
+
+
+def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: ReuseGate) -> ProfileReplay:
+    policy.reset()
+    gate.reset()
+    replay = ProfileReplay(np.zeros_like(episode.action, dtype=np.float32))
+    last_chunk = None
+    for step in range(0, episode.length, query_every):
+        obs = episode_observation(episode, step)
+        if last_chunk is not None and gate.should_reuse(obs, last_chunk):
+            replay.reuses += 1  # the loop re-queues the last chunk from this tick on
+        else:
+            started = time.perf_counter()
+            last_chunk = policy.predict_chunk(obs)
+            replay.latency_s.append(time.perf_counter() - started)
+            gate.on_inference(obs, last_chunk)
+        count = min(query_every, episode.length - step)
+        if last_chunk.horizon < count:
+            raise ValueError(f"The policy predicts {last_chunk.horizon} actions per chunk, fewer than "
+                             f"query_every={query_every}")
+        replay.predicted[step: step + count] = last_chunk.actions[:count]
+    return replay
+
+
+def calibration_frames(episode: Episode, count: int) -> list[Observation]:
+    steps = np.linspace(0, episode.length - 1, num=min(count, episode.length)).round().astype(int)
+    return [episode_observation(episode, int(step)) for step in steps]
+
+
+class Replayer:
+    """Holds the policy; replays each episode under the reference pass and every profile in turn."""
+
+    def __init__(self, policy: Policy, policy_name: str, profiles: list[Profile], calibration_dir: str,
+                 calibration_count: int, query_every: int):
+        self.policy = policy
+        self.policy_name = policy_name
+        self.profiles = profiles
+        self.calibration_dir = calibration_dir
+        self.calibration_count = calibration_count
+        self.query_every = query_every
+        self._calibration_set: list[Observation] | None = None
+
+    def run(self, episode: Episode) -> dict[str, ProfileReplay]:
+        if self._calibration_set is None:  # methods that calibrate see frames of the first episode
+            self._calibration_set = calibration_frames(episode, self.calibration_count)
+        replays = {REFERENCE: replay_episode(self.policy, episode, self.query_every, NeverReuse())}
+        for profile in self.profiles:
+            handle = apply_profile(self.policy, profile, self.calibration_dir, lambda: self._calibration_set,
+                                   policy_name=self.policy_name)
+            try:
+                replays[profile.name] = replay_episode(self.policy, episode, self.query_every,
+                                                       handle.reuse_gate or NeverReuse())
+            finally:
+                handle.remove()
+        return replays
+
+
+def episode_summary(episode: Episode, replays: dict[str, ProfileReplay]) -> dict:
+    reference = replays[REFERENCE].predicted
+    profiles = {}
+    for name, replay in replays.items():
+        if name == REFERENCE:
+            continue
+        vs_logged = (replay.predicted - episode.action) ** 2
+        vs_none = (replay.predicted - reference) ** 2
+        profiles[name] = {
+            "action_mse_vs_logged": float(vs_logged.mean()), "action_mse_vs_none": float(vs_none.mean()),
+            "per_dim_mse_vs_logged": vs_logged.mean(axis=0).tolist(),
+            "per_dim_mse_vs_none": vs_none.mean(axis=0).tolist(),
+            "step_mse_vs_logged": vs_logged.mean(axis=1).tolist(),
+            "latency_ms_samples": [1000 * s for s in replay.latency_s],
+            "policy_calls": len(replay.latency_s), "reuses": replay.reuses,
+        }
+    return {"name": episode.name, "task": episode.task, "instruction": episode.instruction,
+            "length": episode.length, "profiles": profiles}
+
+
+def aggregate(episodes: list[dict], profile_names: list[str]) -> dict[str, dict]:
+    """Step-weighted over episodes (every step counts once)."""
+    table = {}
+    baseline_p50 = None
+    for name in profile_names:
+        rows = [(e["length"], e["profiles"][name]) for e in episodes]
+        steps = sum(length for length, _ in rows)
+        latency = [x for _, row in rows for x in row["latency_ms_samples"]]
+
+        def weighted(key: str, rows=rows, steps=steps):
+            return (np.sum([length * np.asarray(row[key]) for length, row in rows], axis=0) / steps).tolist()
+
+        p = percentiles_ms([x / 1000 for x in latency])
+        table[name] = {
+            "action_mse_vs_logged": weighted("action_mse_vs_logged"),
+            "action_mse_vs_none": weighted("action_mse_vs_none"),
+            "per_dim_mse_vs_logged": weighted("per_dim_mse_vs_logged"),
+            "per_dim_mse_vs_none": weighted("per_dim_mse_vs_none"),
+            "latency_ms_p50": p["p50"], "latency_ms_p95": p["p95"], "latency_ms_p99": p["p99"],
+            "policy_calls": sum(row["policy_calls"] for _, row in rows),
+            "reuses": sum(row["reuses"] for _, row in rows), "steps": steps,
+        }
+        if name == "none":
+            baseline_p50 = p["p50"]
+    for row in table.values():
+        row["speedup_p50_vs_none"] = baseline_p50 / row["latency_ms_p50"] if baseline_p50 and row["latency_ms_p50"] \
+            else None
+    return table
+
+
+def governor_decisions(table: dict, episodes: list[dict], budget_ms: float) -> dict:
+    """Replays the measured latencies through the budget governor: the profile it starts with, each switch,
+    and where it ends. Fidelity: lower action deviation from `none` is more faithful."""
+    profiles = [GovernorProfile(name, row["latency_ms_p95"], -row["action_mse_vs_none"]) for name, row in table.items()
+                if row["latency_ms_p95"] is not None]
+    governor = BudgetGovernor(profiles, budget_ms)
+    initial = governor.current.name
+    samples = {name: [x for e in episodes for x in e["profiles"][name]["latency_ms_samples"]] for name in table}
+    position = dict.fromkeys(samples, 0)
+    for _ in range(sum(len(v) for v in samples.values()) // max(1, len(samples))):
+        name = governor.current.name
+        if not samples[name]:
+            break
+        governor.observe(samples[name][position[name] % len(samples[name])])
+        position[name] += 1
+    return {"budget_ms": budget_ms, "initial": initial, "final": governor.current.name,
+            "switches": [vars(s) for s in governor.switches]}
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    lines = [f"# vla-replay: {report['policy']} over {report['source']}", ""]
+    if report.get("command"):
+        lines += [f"Command: `{report['command']}`", ""]
+    lines += [f"{len(report['episodes'])} episode(s), {report['steps']} steps, a policy call every "
+              f"{report['query_every']} steps (open loop); latency on {report['device']}. `vs none`: the same "
+              "policy without acceleration, replayed separately (a `none` row measures run-to-run "
+              "determinism: it must be 0).", "",
+              "| profile | MSE vs logged | MSE vs none | latency p50 / p95 (ms) | speed-up p50 | policy calls "
+              "| reuses |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in report["profiles"].items():
+        speedup = f"{row['speedup_p50_vs_none']:.2f}x" if row["speedup_p50_vs_none"] else "-"
+        lines.append(f"| {name} | {row['action_mse_vs_logged']:.4f} | {row['action_mse_vs_none']:.4f} | "
+                     f"{row['latency_ms_p50']:.1f} / {row['latency_ms_p95']:.1f} | {speedup} | "
+                     f"{row['policy_calls']} | {row['reuses']} |")
+    lines += ["", "Per action dimension, MSE vs logged:", "",
+              "| profile | " + " | ".join(f"dim {i}" for i in range(report["action_dim"])) + " |",
+              "|---|" + "---:|" * report["action_dim"]]
+    for name, row in report["profiles"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in row["per_dim_mse_vs_logged"]) + " |")
+    if report.get("governor"):
+        g = report["governor"]
+        lines += ["", f"Budget governor at {g['budget_ms']:g} ms: starts with `{g['initial']}`, ends with "
+                      f"`{g['final']}`, {len(g['switches'])} switch(es)."]
+    if report.get("error"):
+        lines += ["", f"**Stopped early:** {report['error']}", ""]
+    lines += ["", "![latency CDF](latency_cdf.png)", "", "![errors](error_histogram.png)", ""]
+    lines += [f"![actions {name}]({name}_actions.png)" for name in report["trace_plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_traces(path: Path, episode: Episode, replays: dict[str, ProfileReplay]) -> None:
+    dims = episode.action.shape[1]
+    figure, axes = plt.subplots(dims, 1, figsize=(9, 1.9 * dims), sharex=True, squeeze=False)
+    steps = np.arange(episode.length)
+    for dim, axis in enumerate(axes[:, 0]):
+        axis.plot(steps, episode.action[:, dim], color="black", linewidth=2, label="logged")
+        for name, replay in replays.items():
+            if name != REFERENCE:
+                axis.plot(steps, replay.predicted[:, dim], linewidth=1, label=name)
+        axis.set_ylabel(f"action {dim}")
+    axes[0, 0].set_title(f"{episode.name}: logged vs predicted actions (open loop)")
+    axes[0, 0].legend(fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_distributions(output_dir: Path, episodes: list[dict], names: list[str]) -> None:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in names:
+        values = np.sort([x for e in episodes for x in e["profiles"][name]["latency_ms_samples"]])
+        axis.plot(values, np.arange(1, len(values) + 1) / max(1, len(values)), label=name)
+    axis.set(xlabel="policy call latency (ms)", ylabel="fraction of calls", title="latency CDF")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output_dir / "latency_cdf.png", dpi=110)
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    errors = {name: np.asarray([x for e in episodes for x in e["profiles"][name]["step_mse_vs_logged"]])
+              for name in names}
+    high = max(max(v.max() for v in errors.values()), 1e-6)
+    bins = np.logspace(math.log10(max(1e-6, min(v[v > 0].min() if (v > 0).any() else high for v in errors.values()))),
+                       math.log10(high), 40)
+    for name, values in errors.items():
+        axis.hist(np.clip(values, bins[0], None), bins=bins, histtype="step", label=name)
+    axis.set(xscale="log", xlabel="per-step action MSE vs logged", ylabel="steps", title="action error")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output_dir / "error_histogram.png", dpi=110)
+    plt.close(figure)
+
+
+def write_report(output_dir: Path, report: dict, episodes: list[dict], names: list[str]) -> None:
+    if episodes:
+        report["profiles"] = aggregate(episodes, names)
+        report["steps"] = sum(e["length"] for e in episodes)
+        plot_distributions(output_dir, episodes, names)
+    write_json(output_dir / "replay.json", {**report, "episodes": episodes})
+    if episodes:
+        (output_dir / "replay.md").write_text(markdown({**report, "episodes": episodes}))
+
+
+# ---- command ------------------------------------------------------------------------------------------
+def run(cfg: DictConfig, command: str | None = None) -> dict:
+    torch.set_num_threads(positive_int(cfg, "num_threads"))
+    policy_options = as_dict(cfg.policy)
+    policy_name = policy_options.pop("name")
+    if policy_name not in policy_names():
+        raise UsageError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
+    specs = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
+    options = as_dict(cfg.accel_options)
+    profiles = load_profiles(specs, with_baseline=False)
+    unused = [method for method in options if not any(method in p.methods for p in profiles)]
+    if unused:
+        raise UsageError(f"accel_options for {unused}, which none of the profiles {[p.name for p in profiles]} uses")
+    # Each option goes to the profiles that use its method.
+    profiles = [load_profile(p, {m: s for m, s in options.items() if m in p.methods}) for p in profiles]
+    policy = make_policy(policy_name, **policy_options)
+    for profile in profiles:  # every incompatibility is reported before any replay
+        compatible_methods(policy, profile, policy_name)
+    query_every = cfg.query_every or getattr(policy, "actions_per_chunk", None) or 1
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    calibration_dir = cfg.calibration_dir or default_calibration_dir(policy) or tempfile.mkdtemp(
+        prefix="calibration-", dir=output_dir)
+    replayer = Replayer(policy, policy_name, profiles, calibration_dir, positive_int(cfg, "calibration_frames"),
+                        query_every)
+    topics = TopicMap(**as_dict(cfg.topics))
+    source = logged_episodes(cfg.source, cfg.source_type, topics, LeRobotKeys(**as_dict(cfg.lerobot)),
+                             cfg.instruction)
+    names = [p.name for p in profiles]
+    report = {"command": command, "source": str(cfg.source), "policy": policy_name, "accel": names,
+              "profile_methods": {p.name: p.methods for p in profiles}, "query_every": query_every,
+              "device": f"CPU, {torch.get_num_threads()} torch threads", "error": None, "trace_plots": [],
+              "action_dim": None}
+    episodes: list[dict] = []
+    error = None
+    with tqdm(desc="episodes", unit="ep", total=cfg.max_episodes) as bar:
+        try:
+            for episode in source:
+                if cfg.max_episodes and len(episodes) >= cfg.max_episodes:
+                    break
+                replays = replayer.run(episode)
+                episodes.append(episode_summary(episode, replays))
+                report["action_dim"] = int(episode.action.shape[1])
+                if len(episodes) <= cfg.plot_episodes:
+                    plot_traces(output_dir / f"{episode.name}_actions.png", episode, replays)
+                    report["trace_plots"].append(episode.name)
+                bar.update()
+        except SourceError as exc:
+            error = report["error"] = str(exc)
+    if episodes and cfg.budget_ms:
+        report["governor"] = governor_decisions(aggregate(episodes, names), episodes, float(cfg.budget_ms))
+    write_report(output_dir, report, episodes, names)
+    if error:
+        raise UsageError(f"{error}\n(partial report of the {len(episodes)} episode(s) replayed before it: "
+                         f"{output_dir / 'replay.json'})")
+    print((output_dir / "replay.md").read_text())
+    print(f"results: {output_dir / 'replay.json'}")
+    return report
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="replay", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg, command_line("vla-replay"))
+
+
+if __name__ == "__main__":
+    main()
