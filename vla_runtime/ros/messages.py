@@ -68,7 +68,7 @@ def image_from_msg(msg: Image) -> np.ndarray:
         pixels = pixels[..., ::-1]
     elif msg.encoding == "mono8":
         pixels = np.repeat(pixels, 3, axis=2)
-    return np.ascontiguousarray(pixels)
+    return np.array(pixels)  # a writable copy: the message's buffer is read-only
 
 
 def image_to_msg(image: np.ndarray, stamp: Time, frame_id: str) -> Image:
