@@ -153,9 +153,9 @@ def test_closed_loop_episode_with_faults_estop_and_bag(ros_domain, tmp_path):
         assert probe.call("/vla_control/reset").success
         assert control.summary()["state"] == "idle"
     finally:
+        executor.shutdown()
         if control is not None:
             control.destroy_node()  # closes the bag
-        executor.shutdown()
         rclpy.try_shutdown()
         bridge.send_signal(signal.SIGINT)
         bridge.wait(timeout=20)

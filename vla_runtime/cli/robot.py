@@ -101,9 +101,13 @@ def run(config: dict, command: str | None = None) -> dict:
                    "image_to_action_ms_samples": [1000 * s for s in node.publish_latency_s],
                    "tick_jitter_ms_samples": [1000 * s for m in node.run_metrics for s in m.tick_jitter_s]}
     finally:
+        # Loop first (it publishes), then the executor, then the node: destroying a node that an
+        # executor still spins leaves "cannot use Destroyable" errors behind.
+        if node is not None:
+            node.stop()
+        executor.shutdown()
         if node is not None:
             node.destroy_node()
-        executor.shutdown()
         rclpy.try_shutdown()
         if bridge is not None:
             bridge.send_signal(signal.SIGINT)
