@@ -174,3 +174,20 @@ def test_unreplayable_sources_are_named(tmp_path, dataset):
     except ImportError:
         with pytest.raises(UsageError, match="pip install lerobot"):
             replay(tmp_path, lerobot)
+
+
+def test_an_eval_log_replays_to_the_actions_it_executed(tmp_path):
+    """vla-eval save_episodes=true keeps what the policy saw and did; replaying the same policy over it
+    predicts exactly the executed actions (same frames, same call steps, same noise sequence)."""
+    from vla_runtime.cli import eval as eval_cli
+
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        cfg = compose("eval", overrides=["policy=ref_dit", "tasks=[drawer-close-v3]", "episodes_per_task=1",
+                                         "workers=1", "save_episodes=true", "sim.default_max_steps=40",
+                                         f"output_dir={tmp_path / 'eval'}"])
+    eval_cli.run(cfg)
+    report = replay(tmp_path, tmp_path / "eval" / "episodes")
+    assert report["steps"] == json.loads((tmp_path / "eval" / "results.json").read_text())["episodes"][0]["length"]
+    assert report["profiles"]["none"]["action_mse_vs_logged"] < 1e-10
+    with pytest.raises(UsageError, match="already holds 1 episodes"):
+        eval_cli.run(cfg)

@@ -28,13 +28,14 @@ from vla_runtime.cli.common import (
     as_dict,
     command_line,
     friendly_errors,
+    policy_spec,
     positive_int,
     sim_config,
     task_list,
     write_json,
 )
 from vla_runtime.cli.eval import realtime_options, worker_accel
-from vla_runtime.policies import make_policy, policy_names
+from vla_runtime.policies import make_policy
 from vla_runtime.sim.metrics import summarize, wilson_interval
 from vla_runtime.sim.observations import MEASUREMENT_SEEDS, expert_observations, expert_sequences
 from vla_runtime.sim.runner import default_calibration_dir, evaluate
@@ -237,10 +238,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
     sim = sim_config(cfg)
     tasks = task_list(cfg)
-    policy_options = as_dict(cfg.policy)
-    policy_name = policy_options.pop("name")
-    if policy_name not in policy_names():
-        raise ValueError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
+    policy_name, policy_options = policy_spec(cfg)
     profiles = load_profiles(cfg.accel if isinstance(cfg.accel, str) else as_dict(cfg.accel))
     output_dir = Path(cfg.output_dir)
     policy = make_policy(policy_name, **policy_options)

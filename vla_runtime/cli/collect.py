@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import friendly_errors, positive_int, sim_config, task_list
-from vla_runtime.data.episodes import Episode, EpisodeStore
+from vla_runtime.data.episodes import EpisodeStore
 from vla_runtime.policies.scripted import MetaWorldExpert
-from vla_runtime.sim.metaworld_suite import MT50, MetaWorldConfig, MetaWorldEnv
+from vla_runtime.sim.metaworld_suite import MetaWorldConfig, MetaWorldEnv
 from vla_runtime.sim.runner import WorkerPool, run_episode
 
 log = logging.getLogger(__name__)
@@ -46,14 +45,7 @@ class CollectWorker:
         env = self.envs[job.task]
         result = run_episode(env, self.expert, job.seed, keep_trajectory=True)
         if result.success:
-            trajectory = result.trajectory
-            self.store.write(Episode(
-                task=job.task, task_id=MT50.index(job.task), instruction=env.instruction, seed=job.seed,
-                success=True,
-                images={cam: np.stack(frames) for cam, frames in trajectory.images.items()},
-                state=np.stack(trajectory.states), action=np.stack(trajectory.actions),
-                timestamp=np.asarray(trajectory.timestamps),
-            ))
+            self.store.write(result.trajectory.to_episode(job.task, env.instruction, job.seed, True))
         return job, result.success
 
     def close(self) -> None:

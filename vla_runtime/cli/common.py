@@ -33,6 +33,17 @@ def task_list(cfg: DictConfig) -> list[str]:
     return resolve_tasks(tasks)
 
 
+def policy_spec(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """(registered policy name, its options) from the `policy` config group."""
+    from vla_runtime.policies import policy_names
+
+    options = as_dict(cfg.policy)
+    name = options.pop("name")
+    if name not in policy_names():
+        raise UsageError(f"Unknown policy '{name}'. Registered policies: {', '.join(policy_names())}")
+    return name, options
+
+
 def positive_int(cfg: DictConfig, key: str) -> int:
     value = cfg[key]
     if not isinstance(value, int) or value < 1:

@@ -11,15 +11,17 @@ from omegaconf import DictConfig
 from vla_runtime.accel.profiles import Profile, load_profile
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
+    UsageError,
     as_dict,
     command_line,
     friendly_errors,
+    policy_spec,
     positive_int,
     sim_config,
     task_list,
     write_json,
 )
-from vla_runtime.policies import make_policy, policy_names
+from vla_runtime.policies import make_policy
 from vla_runtime.sim.metrics import markdown_summary, summarize
 from vla_runtime.sim.runner import evaluate
 
@@ -54,6 +56,19 @@ def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict |
     return worker_accel(load_profile(spec, as_dict(cfg.accel_options)), cfg, policy_name, tasks, cfg.calibration_dir)
 
 
+def episode_dataset(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`save_episodes=true`: output_dir/episodes, an episode dataset vla-replay reads."""
+    if not cfg.save_episodes:
+        return None
+    from vla_runtime.cli.collect import sim_settings
+    from vla_runtime.data.episodes import EpisodeStore
+
+    store = EpisodeStore(output_dir / "episodes", sim_settings(sim_config(cfg)), create=True)
+    if len(store):
+        raise UsageError(f"{store.root} already holds {len(store)} episodes; use another output_dir")
+    return str(store.root)
+
+
 def describe_runtime(runtime: DictConfig) -> str:
     if runtime.mode == "sync":
         return "sync"
@@ -66,10 +81,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     sim = sim_config(cfg)
     tasks = task_list(cfg)
     episodes_per_task = positive_int(cfg, "episodes_per_task")
-    policy_options = as_dict(cfg.policy)
-    policy_name = policy_options.pop("name")
-    if policy_name not in policy_names():
-        raise ValueError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
+    policy_name, policy_options = policy_spec(cfg)
     output_dir = Path(cfg.output_dir)
     realtime = realtime_options(cfg.runtime)
     accel = accel_options(cfg, policy_name, tasks)
@@ -83,6 +95,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         video_dir=str(output_dir / "videos") if cfg.video else None,
         realtime=realtime,
         accel=accel,
+        episodes_dir=episode_dataset(cfg, output_dir),
     )
     results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": cfg.runtime.mode,
                "runtime": as_dict(cfg.runtime),

@@ -26,14 +26,22 @@ from tqdm.auto import tqdm
 
 from vla_runtime.accel.profiles import Profile, apply_profile, compatible_methods, load_profile, load_profiles
 from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import UsageError, as_dict, command_line, friendly_errors, positive_int, write_json
+from vla_runtime.cli.common import (
+    UsageError,
+    as_dict,
+    command_line,
+    friendly_errors,
+    policy_spec,
+    positive_int,
+    write_json,
+)
 from vla_runtime.control.governor import BudgetGovernor
 from vla_runtime.control.governor import Profile as GovernorProfile
 from vla_runtime.control.loop import percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.data.episodes import Episode
 from vla_runtime.data.sources import LeRobotKeys, SourceError, TopicMap, logged_episodes
-from vla_runtime.policies import make_policy, policy_names
+from vla_runtime.policies import make_policy
 from vla_runtime.sim.runner import default_calibration_dir
 from vla_runtime.types import Observation, Policy
 
@@ -271,10 +279,7 @@ def write_report(output_dir: Path, report: dict, episodes: list[dict], names: li
 # ---- command ------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, command: str | None = None) -> dict:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
-    policy_options = as_dict(cfg.policy)
-    policy_name = policy_options.pop("name")
-    if policy_name not in policy_names():
-        raise UsageError(f"Unknown policy '{policy_name}'. Registered policies: {', '.join(policy_names())}")
+    policy_name, policy_options = policy_spec(cfg)
     specs = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
     options = as_dict(cfg.accel_options)
     profiles = load_profiles(specs, with_baseline=False)

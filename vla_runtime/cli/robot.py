@@ -49,7 +49,7 @@ class EpisodeMonitor:
     def __init__(self, node, topic: str):
         from std_msgs.msg import String
 
-        from vla_runtime.ros.control_node import LATCHED
+        from vla_runtime.ros.common import LATCHED
 
         self.finished: dict[int, dict] = {}
         self._lock = threading.Lock()
@@ -71,7 +71,8 @@ def run(config: dict, command: str | None = None) -> dict:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
-    from vla_runtime.ros.control_node import ControlNode, speed_up_thread_switching
+    from vla_runtime.ros.common import speed_up_thread_switching
+    from vla_runtime.ros.control_node import ControlNode
 
     if not isinstance(config["episodes"], int) or config["episodes"] < 0:
         raise UsageError(f"episodes must be a non-negative integer, got {config['episodes']!r}")

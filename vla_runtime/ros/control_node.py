@@ -16,11 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import rclpy
-import rclpy.exceptions
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
-from rclpy.qos import QoSDurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from rclpy.qos import qos_profile_sensor_data
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
@@ -30,6 +28,7 @@ from vla_runtime.control.inference import ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, LoopMetrics, RuntimeConfig, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse
 from vla_runtime.control.safety import SafetyConfig
+from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, speed_up_thread_switching, spin_node
 from vla_runtime.ros.messages import (
     ACTION_TYPE_NAMES,
     MessageRejected,
@@ -41,8 +40,6 @@ from vla_runtime.ros.messages import (
 )
 from vla_runtime.types import Observation, Policy
 
-# Latched: a late-joining node still gets the current instruction.
-LATCHED = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 MANY_TICKS = sys.maxsize  # the loop runs until stopped
 
 
@@ -50,12 +47,6 @@ MANY_TICKS = sys.maxsize  # the loop runs until stopped
 class Sample:
     value: object
     received_s: float  # time.monotonic() when the message arrived
-
-
-def speed_up_thread_switching() -> None:
-    """The policy thread gives up the GIL for every torch op; with Python's default 5 ms switch interval
-    it then waits behind message callbacks for up to 5 ms each time (measured: ~3x the call's latency)."""
-    sys.setswitchinterval(0.0005)
 
 
 def policy_dims(policy: Policy) -> tuple[int | None, int | None]:
@@ -370,39 +361,10 @@ class ControlNode(Node):
         super().destroy_node()
 
 
-def answer_trigger(handler, response):
-    try:
-        response.message, response.success = handler(), True
-    except Exception as exc:  # a service call must answer, not take the node down
-        response.message, response.success = f"{type(exc).__name__}: {exc}", False
-    return response
-
-
-def as_parameters(overrides: dict) -> list:
-    from rclpy.parameter import Parameter
-
-    # An empty list has no ROS parameter type; [""] is how the node spells "not set".
-    return [Parameter(name, value=[""] if value == [] else value) for name, value in overrides.items()]
-
-
 def main(args: list[str] | None = None) -> None:
     """`ros2 run vla_runtime control_node --ros-args -p policy:=ref_dit ...`"""
     speed_up_thread_switching()
-    rclpy.init(args=args)
-    try:
-        node = ControlNode()
-    except (ValueError, FileNotFoundError, rclpy.exceptions.InvalidParameterTypeException) as exc:
-        # a bad parameter: say which, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(ControlNode, args)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,17 @@ episode waits (republishing its first frame) until the first action command arri
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 
 import numpy as np
-import rclpy
-import rclpy.exceptions
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from vla_runtime.ros.control_node import LATCHED, answer_trigger, as_parameters
+from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, spin_node
 from vla_runtime.ros.messages import (
     MessageRejected,
     action_from_msg,
@@ -199,21 +196,7 @@ class SimBridgeNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """`ros2 run vla_runtime sim_bridge --ros-args -p task:=drawer-close-v3 ...`"""
-    rclpy.init(args=args)
-    try:
-        node = SimBridgeNode()
-    except (ValueError, FileNotFoundError, rclpy.exceptions.InvalidParameterTypeException) as exc:
-        # a bad parameter: say which, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(SimBridgeNode, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
 from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
-from vla_runtime.sim.metaworld_suite import MetaWorldConfig, MetaWorldEnv
+from vla_runtime.data.episodes import Episode, EpisodeStore
+from vla_runtime.sim.metaworld_suite import MT50, MetaWorldConfig, MetaWorldEnv
 from vla_runtime.sim.observations import expert_observations
 from vla_runtime.types import Observation, Policy
 
@@ -39,6 +40,12 @@ class Trajectory:
         self.states.append(obs.state)
         self.actions.append(np.asarray(action, dtype=np.float32))
         self.timestamps.append(obs.timestamp)
+
+    def to_episode(self, task: str, instruction: str, seed: int, success: bool) -> Episode:
+        return Episode(task=task, task_id=MT50.index(task), instruction=instruction, seed=seed, success=success,
+                       images={camera: np.stack(frames) for camera, frames in self.images.items()},
+                       state=np.stack(self.states), action=np.stack(self.actions),
+                       timestamp=np.asarray(self.timestamps))
 
 
 @dataclass
@@ -185,10 +192,12 @@ class EpisodeWorker:
     "latency_model": LatencyModel options, "reuse_gate": name} for latency in the loop.
     `accel`: None, or {"profile": a `Profile`, "calibration_dir", "calibration_tasks", "calibration_per_task",
     "policy_name"}: the acceleration profile applied to the policy (its reuse gate, if any, replaces the named one).
+    `episodes_dir`: an existing episode dataset (EpisodeStore) each episode is written to (sync only).
     """
 
     def __init__(self, policy_factory: Any, sim_config: MetaWorldConfig, actions_per_chunk: int | None,
-                 video_dir: str | None, realtime: dict | None = None, accel: dict | None = None):
+                 video_dir: str | None, realtime: dict | None = None, accel: dict | None = None,
+                 episodes_dir: str | None = None):
         self.policy: Policy = policy_factory()
         check_policy_fits_sim(self.policy, sim_config)
         self.accel = accelerate(self.policy, sim_config, **accel) if accel else None
@@ -196,10 +205,11 @@ class EpisodeWorker:
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
         self.actions_per_chunk = actions_per_chunk or getattr(self.policy, "actions_per_chunk", None)
         self.video_dir = Path(video_dir) if video_dir else None
+        self.episode_store = EpisodeStore(episodes_dir) if episodes_dir else None
         self.realtime = None
         if realtime is not None:
-            if video_dir:
-                raise ValueError("video=true is only available with runtime.mode=sync")
+            if video_dir or episodes_dir:
+                raise ValueError("video=true and save_episodes=true are only available with runtime.mode=sync")
             loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"]})
             profile_gate = self.accel.reuse_gate if self.accel else None
             gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
@@ -208,12 +218,16 @@ class EpisodeWorker:
 
     def env(self, task: str) -> MetaWorldEnv:
         if task not in self.envs:
-            render = bool(self.policy.camera_names) or self.video_dir is not None
+            render = bool(self.policy.camera_names) or self.keeps_frames
             self.envs[task] = MetaWorldEnv(task, self.sim_config, render=render)
         return self.envs[task]
 
+    @property
+    def keeps_frames(self) -> bool:
+        return self.video_dir is not None or self.episode_store is not None
+
     def run(self, job: EvalJob) -> EpisodeResult:
-        keep = self.video_dir is not None
+        keep = self.keeps_frames
         env = self.env(job.task)
         try:
             if self.realtime is None:
@@ -223,12 +237,14 @@ class EpisodeWorker:
         except Exception as exc:  # one broken episode must not throw away the others
             error = f"{type(exc).__name__}: {exc}"
             return EpisodeResult(job.task, job.seed, False, env.steps, [], error=error)
-        if keep:
+        if self.episode_store is not None:
+            self.episode_store.write(result.trajectory.to_episode(job.task, env.instruction, job.seed, result.success))
+        if self.video_dir is not None:
             camera = self.sim_config.cameras[0]
             path = self.video_dir / job.task / f"episode{job.episode_index:03d}_seed{job.seed}.mp4"
             write_video(path, result.trajectory.images[camera])
             result.video_path = str(path)
-            result.trajectory = None  # frames stay on disk; do not ship them back between processes
+        result.trajectory = None  # frames stay on disk; do not ship them back between processes
         return result
 
     def close(self) -> None:
@@ -301,15 +317,17 @@ def evaluate(
     progress: bool = True,
     realtime: dict | None = None,
     accel: dict | None = None,
+    episodes_dir: str | None = None,
 ) -> list[EpisodeResult]:
-    """Episodes on the eval seeds: episode i of every task starts from eval seed i.
+    """Episodes on the eval seeds: episode i of every task starts from eval seed i. `episodes_dir`: an
+    episode dataset (already created) that keeps every episode's frames, states and actions.
 
     `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
     """
     seeds = sim_config.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     results: list[EpisodeResult] = []
-    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir, realtime, accel)
+    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir, realtime, accel, episodes_dir)
     with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
             tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
         for result in pool.imap_unordered(jobs):
