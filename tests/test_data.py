@@ -107,7 +107,8 @@ def test_collect_killed_mid_run_reads_clean_and_resumes(tmp_path):
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if root.exists() and len(EpisodeStore(root)) >= 1:
+        # dataset.json appears just after the directory: test for it, not for the directory.
+        if (root / "dataset.json").exists() and len(EpisodeStore(root)) >= 1:
             break
         time.sleep(0.05)
     assert process.poll() is None, process.stderr.read().decode()

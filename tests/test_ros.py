@@ -211,3 +211,29 @@ def test_vla_robot_killed_with_sigkill_leaves_a_readable_bag(ros_domain, tmp_pat
     assert by_topic[IMAGE_TOPIC][0].message.width == 128
     assert len(by_topic["/vla/action"]) >= 5
     assert Path(bag_path).stat().st_size > 0
+
+
+def test_vla_robot_ends_cleanly_on_sigterm(ros_domain, tmp_path):
+    """SIGTERM: the bag is closed (complete MCAP, no truncation), the bridge stopped, the summary printed."""
+    bag_path, output = tmp_path / "robot.mcap", tmp_path / "vla-robot.log"
+    with open(output, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli.robot", f"log_bag={bag_path}",
+                                    f"output_dir={tmp_path}"], start_new_session=True, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: bag_path.exists() and bag_path.stat().st_size > 200_000 or process.poll() is not None,
+                 180, "vla-robot to log")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, output.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    messages = list(read_bag(bag_path))  # raises on a truncated file
+    assert any(m.topic == "/vla/action" for m in messages)
+    summary = json.loads((tmp_path / "robot.json").read_text())
+    # The summary is taken just before the loop stops: the log holds at least those commands.
+    assert 0 < summary["control"]["commands_published"] <= sum(m.topic == "/vla/action" for m in messages)
+    assert "ticks" in output.read_text()
+    bridges = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "vla_runtime.ros.sim_bridge"],
+                             capture_output=True, text=True)
+    assert bridges.stdout.strip() == ""  # no bridge left running in the session

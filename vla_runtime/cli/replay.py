@@ -58,6 +58,7 @@ class ProfileReplay:
     predicted: np.ndarray  # float32 [T, A]: the action the policy would have executed at each step
     latency_s: list[float] = field(default_factory=list)  # one per policy call
     reuses: int = 0  # chunks the reuse gate re-used instead of calling the policy
+    gate_s: list[float] = field(default_factory=list)  # what each reuse decision cost (a gate runs the encoder)
 
 
 def episode_observation(episode: Episode, step: int) -> Observation:
@@ -73,7 +74,12 @@ def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: Reu
     last_chunk = None
     for step in range(0, episode.length, query_every):
         obs = episode_observation(episode, step)
-        if last_chunk is not None and gate.should_reuse(obs, last_chunk):
+        reuse = False
+        if last_chunk is not None and not isinstance(gate, NeverReuse):
+            started = time.perf_counter()
+            reuse = gate.should_reuse(obs, last_chunk)
+            replay.gate_s.append(time.perf_counter() - started)
+        if reuse:
             replay.reuses += 1  # the loop re-queues the last chunk from this tick on
         else:
             started = time.perf_counter()
@@ -136,6 +142,7 @@ def episode_summary(episode: Episode, replays: dict[str, ProfileReplay]) -> dict
             "step_mse_vs_logged": vs_logged.mean(axis=1).tolist(),
             "latency_ms_samples": [1000 * s for s in replay.latency_s],
             "policy_calls": len(replay.latency_s), "reuses": replay.reuses,
+            "gate_ms_samples": [1000 * s for s in replay.gate_s],
         }
     return {"name": episode.name, "task": episode.task, "instruction": episode.instruction,
             "length": episode.length, "profiles": profiles}
@@ -162,6 +169,7 @@ def aggregate(episodes: list[dict], profile_names: list[str]) -> dict[str, dict]
             "latency_ms_p50": p["p50"], "latency_ms_p95": p["p95"], "latency_ms_p99": p["p99"],
             "policy_calls": sum(row["policy_calls"] for _, row in rows),
             "reuses": sum(row["reuses"] for _, row in rows), "steps": steps,
+            "gate_ms_p50": percentiles_ms([x / 1000 for _, row in rows for x in row["gate_ms_samples"]])["p50"],
         }
         if name == "none":
             baseline_p50 = p["p50"]
@@ -200,13 +208,14 @@ def markdown(report: dict) -> str:
               "policy without acceleration, replayed separately (a `none` row measures run-to-run "
               "determinism: it must be 0).", "",
               "| profile | MSE vs logged | MSE vs none | latency p50 / p95 (ms) | speed-up p50 | policy calls "
-              "| reuses |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| reuses | reuse check p50 (ms) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in report["profiles"].items():
         speedup = f"{row['speedup_p50_vs_none']:.2f}x" if row["speedup_p50_vs_none"] else "-"
         lines.append(f"| {name} | {row['action_mse_vs_logged']:.4f} | {row['action_mse_vs_none']:.4f} | "
                      f"{row['latency_ms_p50']:.1f} / {row['latency_ms_p95']:.1f} | {speedup} | "
-                     f"{row['policy_calls']} | {row['reuses']} |")
+                     f"{row['policy_calls']} | {row['reuses']} | "
+                     + (f"{row['gate_ms_p50']:.1f} |" if row["gate_ms_p50"] is not None else "- |"))
     lines += ["", "Per action dimension, MSE vs logged:", "",
               "| profile | " + " | ".join(f"dim {i}" for i in range(report["action_dim"])) + " |",
               "|---|" + "---:|" * report["action_dim"]]

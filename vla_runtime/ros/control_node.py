@@ -61,6 +61,7 @@ class ControlNode(Node):
         super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}))
         # State first: destroy_node() may run on a node whose construction failed half-way.
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.images: dict[str, Sample] = {}
         self.state: Sample | None = None
         self.message_faults: Counter[str] = Counter()
@@ -215,12 +216,13 @@ class ControlNode(Node):
                                timestamp=max(sample.received_s for sample in images.values()))
 
     def send(self, command: np.ndarray) -> None:
-        if self._estopped:
-            return
-        msg = action_to_msg(self.params["action_type"], command, self.get_clock().now().to_msg(),
-                            self.action_names, 1.0 / self.runtime.control_hz)
-        self.action_publisher.publish(msg)
-        self.commands_published += 1
+        with self._send_lock:  # an e-stop waits for a command being published, then no other follows
+            if self._estopped:
+                return
+            msg = action_to_msg(self.params["action_type"], command, self.get_clock().now().to_msg(),
+                                self.action_names, 1.0 / self.runtime.control_hz)
+            self.action_publisher.publish(msg)
+            self.commands_published += 1
         self._log(self.params["action_topic"], ACTION_TYPE_NAMES[self.params["action_type"]], msg)
         chunk = self.loop.last_chunk if self.loop else None
         if chunk is not None and chunk is not self._last_chunk_seen:
@@ -265,7 +267,8 @@ class ControlNode(Node):
         return "stopped"
 
     def estop(self) -> str:
-        self._estopped = True  # send() publishes nothing from here on, whatever thread is mid-tick
+        with self._send_lock:
+            self._estopped = True  # from here on send() publishes nothing, whatever thread ticks
         if self.loop is not None:
             self.loop.estop()
         self.get_logger().error("E-STOP: no command leaves this node until ~/reset")
