@@ -174,6 +174,43 @@ def test_closed_loop_episode_with_faults_estop_and_bag(ros_domain, tmp_path):
     assert instruction == "close the drawer"
 
 
+def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
+    """A budget no call can meet: after one window of calls the governor leaves `none` for `bac`, and the
+    node's policy then runs with bac applied."""
+    speed_up_thread_switching()
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=2)
+    control = None
+    try:
+        control = ControlNode(parameter_overrides={
+            "policy": "ref_dit", "control_hz": CONTROL_HZ, "num_threads": 1, "instruction": "close the drawer",
+            "accel_ladder": ["none", "bac"], "budget_ms": 1.0})
+        assert control.active_profile == "none" and control.accel is None
+        probe = Probe(rclpy.create_node("probe"))
+        executor.add_node(control)
+        executor.add_node(probe.node)
+        threading.Thread(target=executor.spin, daemon=True).start()
+        frame = np.full((128, 128, 3), 90, np.uint8)
+        deadline = time.monotonic() + 120
+        while control.active_profile == "none" and time.monotonic() < deadline:
+            stamp = control.get_clock().now().to_msg()
+            probe.images.publish(image_to_msg(frame, stamp, "corner4"))
+            state = JointState(position=[0.0, 0.6, 0.2, 1.0])
+            state.header.stamp = stamp
+            probe.joint_states.publish(state)
+            time.sleep(1 / CONTROL_HZ)
+        summary = control.summary()
+        assert summary["profile"] == "bac", summary
+        assert summary["profile_switches"][0]["from"] == "none" and summary["profile_switches"][0]["to"] == "bac"
+        assert summary["policy_calls"] >= 20  # one full governor window under `none`
+        assert control.accel is not None and control.accel.profile.name == "bac"
+    finally:
+        executor.shutdown()
+        if control is not None:
+            control.destroy_node()
+        rclpy.try_shutdown()
+
+
 def test_vla_robot_killed_with_sigkill_leaves_a_readable_bag(ros_domain, tmp_path):
     bag_path, output = tmp_path / "robot.mcap", tmp_path / "vla-robot.log"
     with open(output, "w") as log:

@@ -128,7 +128,7 @@ def describe(summary: dict) -> str:
     lines += [f"  episode {e['episode']} ({e['task']}, seed {e['seed']}): "
               f"{'success' if e['success'] else 'failure'} after {e['step']} steps" for e in summary["episodes"]]
     latency, publish, jitter = control["latency_ms"], control["image_to_action_ms"], control["tick_jitter_ms"]
-    if latency["p50"] is not None:
+    if publish["p50"] is not None:  # at least one chunk reached the robot
         lines.append(f"  policy calls {control['policy_calls']}, inference p50 {latency['p50']:.1f} ms, "
                      f"image -> action p50/p99 {publish['p50']:.1f}/{publish['p99']:.1f} ms, "
                      f"tick jitter p99 {jitter['p99']:.2f} ms")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.serialization import serialize_message
@@ -24,6 +25,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from vla_runtime.control.governor import BudgetGovernor
+from vla_runtime.control.governor import Profile as GovernorProfile
 from vla_runtime.control.inference import ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, LoopMetrics, RuntimeConfig, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse
@@ -78,7 +81,19 @@ class ControlNode(Node):
         self.bag = None
         p = self._declare_parameters()
         self.params = p
-        self.policy, self.accel = (policy, None) if policy is not None else self._build_policy(p)
+        self.policy = policy if policy is not None else self._build_policy(p)
+        self.ladder = [name.strip() for name in p["accel_ladder"]]
+        self.governor = None
+        if self.ladder and p["budget_ms"] > 0:
+            # No latency priors: every profile "fits" until measured, so the governor starts with the most
+            # faithful (the first) and steps down the ladder only while measured p95 exceeds the budget.
+            self.governor = BudgetGovernor([GovernorProfile(name, 0.0, -rank) for rank, name in enumerate(self.ladder)],
+                                           p["budget_ms"])
+        elif self.ladder:
+            raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
+        self.accel = None
+        self.active_profile = ""
+        self.set_profile(self.ladder[0] if self.ladder else p["accel"])
         if self.policy.privileged:
             raise ValueError(f"Policy '{p['policy']}' reads simulator state; a ROS node has only topics")
         state_dim, action_dim = policy_dims(self.policy)
@@ -90,6 +105,8 @@ class ControlNode(Node):
             raise ValueError(f"image_topics {image_topics} and camera_names {self.cameras} differ in length")
         action_class = action_message_class(p["action_type"])
         self.action_names = list(p["action_names"] or [f"action_{i}" for i in range(self.action_dim)])
+        if p["action_type"] == "twist" and self.action_dim > 6:
+            raise ValueError(f"action_type=twist carries at most 6 dimensions; the policy outputs {self.action_dim}")
         self.runtime = RuntimeConfig(
             control_hz=p["control_hz"], request_when=p["request_when"], request_threshold=p["request_threshold"],
             execute_horizon=p["execute_horizon"] or getattr(self.policy, "actions_per_chunk", None),
@@ -115,7 +132,9 @@ class ControlNode(Node):
                               ("reset", self.reset)):
             self.create_service(Trigger, f"~/{name}", lambda _req, res, h=handler: answer_trigger(h, res))
         self.get_logger().info(
-            f"policy {p['policy']} (accel {p['accel']}), {self.runtime.control_hz:g} Hz, cameras "
+            f"policy {p['policy']} (accel {self.active_profile}"
+            + (f", governor over {self.ladder} at {p['budget_ms']:g} ms" if self.governor else "")
+            + f"), {self.runtime.control_hz:g} Hz, cameras "
             f"{dict(zip(self.cameras, image_topics, strict=True))}, actions -> {p['action_topic']} "
             f"({p['action_type']})" + (f", logging to {p['log_bag']}" if self.bag else ""))
         if p["autostart"]:
@@ -123,7 +142,8 @@ class ControlNode(Node):
 
     def _declare_parameters(self) -> dict:
         defaults = {
-            "policy": "ref_dit", "checkpoint": "", "accel": "none", "control_hz": 80.0, "budget_ms": 0.0,
+            "policy": "ref_dit", "checkpoint": "", "accel": "none", "accel_ladder": [""], "control_hz": 80.0,
+            "budget_ms": 0.0,
             "camera_names": [""], "image_topics": [""], "joint_state_topic": "/joint_states", "joint_names": [""],
             "instruction_topic": "/instruction", "instruction": "", "action_topic": "/vla/action",
             "action_type": "joint_trajectory", "action_names": [""], "state_dim": 0, "action_dim": 0,
@@ -140,22 +160,37 @@ class ControlNode(Node):
             raise ValueError(f"control_hz must be positive, got {values['control_hz']}")
         return values
 
-    def _build_policy(self, p: dict):
-        from vla_runtime.accel.profiles import load_profile
+    def _build_policy(self, p: dict) -> Policy:
         from vla_runtime.policies import make_policy
-        from vla_runtime.sim.metaworld_suite import MT10, MetaWorldConfig
-        from vla_runtime.sim.runner import accelerate
 
         options = {"checkpoint": p["checkpoint"]} if p["checkpoint"] else {}
         if p["num_threads"]:
             options["num_threads"] = p["num_threads"]
-        policy = make_policy(p["policy"], **options)
-        profile = load_profile([name.strip() for name in p["accel"].split("+")])
-        if not profile.methods:
-            return policy, None
-        # Methods that calibrate use the shipped artifact when it exists, else simulator expert frames.
-        sim = MetaWorldConfig(cameras=policy.camera_names)
-        return policy, accelerate(policy, sim, profile, None, list(MT10), 2, p["policy"])
+        return make_policy(p["policy"], **options)
+
+    def set_profile(self, spec: str) -> None:
+        """Replace the active acceleration profile ("a+b" composes). The governor calls this from the loop
+        thread right after a chunk arrived, so no inference is in flight while the model changes."""
+        from vla_runtime.accel.profiles import load_profile
+        from vla_runtime.sim.metaworld_suite import MT10, MetaWorldConfig
+        from vla_runtime.sim.runner import accelerate
+
+        profile = load_profile([name.strip() for name in spec.split("+")])
+        if self.accel is not None:
+            self.accel.remove()
+            self.accel = None
+        if profile.methods:
+            # Methods that calibrate use the shipped artifact when it exists, else simulator expert frames.
+            sim = MetaWorldConfig(cameras=self.policy.camera_names)
+            self.accel = accelerate(self.policy, sim, profile, None, list(MT10), 2, self.params["policy"])
+        self.active_profile = spec
+        if self.loop is not None:
+            self.loop.reuse_gate = self._reuse_gate()
+
+    def _reuse_gate(self):
+        gate = self.accel.reuse_gate if self.accel is not None and self.accel.reuse_gate else NeverReuse()
+        gate.reset()
+        return gate
 
     # ---- incoming messages ----------------------------------------------------------------------
     def _reject(self, topic: str, error: MessageRejected) -> None:
@@ -221,7 +256,13 @@ class ControlNode(Node):
                 return
             msg = action_to_msg(self.params["action_type"], command, self.get_clock().now().to_msg(),
                                 self.action_names, 1.0 / self.runtime.control_hz)
-            self.action_publisher.publish(msg)
+            try:
+                self.action_publisher.publish(msg)
+            except RCLError:
+                if self.context.ok():
+                    raise
+                self.loop.stop()  # a signal shut ROS down mid-tick: nobody left to command
+                return
             self.commands_published += 1
         self._log(self.params["action_topic"], ACTION_TYPE_NAMES[self.params["action_type"]], msg)
         chunk = self.loop.last_chunk if self.loop else None
@@ -242,9 +283,8 @@ class ControlNode(Node):
         if self.running:
             return "already running"
         self._worker = ThreadedInferenceWorker(self.policy)
-        gate = self.accel.reuse_gate if self.accel and self.accel.reuse_gate else NeverReuse()
-        gate.reset()
-        self.loop = ControlLoop(self, self._worker, self.runtime, reuse_gate=gate)
+        self.loop = ControlLoop(self, self._worker, self.runtime, reuse_gate=self._reuse_gate(),
+                                governor=self.governor, set_profile=self.set_profile)
         self.run_metrics.append(self.loop.metrics)
         self._loop_thread = threading.Thread(target=self._run_loop, args=(self.loop,), name="control-loop",
                                              daemon=True)
@@ -294,7 +334,8 @@ class ControlNode(Node):
             received = dict(self.messages_received)
         return {
             "state": "estopped" if self._estopped else "running" if self.running else "idle",
-            "policy": self.params["policy"], "profile": self.params["accel"],
+            "policy": self.params["policy"], "profile": self.active_profile,
+            "profile_switches": [switch for m in self.run_metrics for switch in m.profile_switches],
             "ticks": sum(m.ticks for m in self.run_metrics),
             "commands_published": self.commands_published,
             "policy_calls": sum(m.policy_calls for m in self.run_metrics),
@@ -318,7 +359,7 @@ class ControlNode(Node):
             level = DiagnosticStatus.WARN
         status = DiagnosticStatus(level=level, name=f"vla_runtime: {self.get_name()}",
                                   message=summary["state"], hardware_id=self.params["policy"])
-        status.values = [KeyValue(key=key, value=json.dumps(value) if isinstance(value, dict) else str(value))
+        status.values = [KeyValue(key=key, value=json.dumps(value) if isinstance(value, dict | list) else str(value))
                          for key, value in summary.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()

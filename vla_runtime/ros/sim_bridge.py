@@ -15,6 +15,7 @@ import threading
 import time
 
 import numpy as np
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -146,15 +147,23 @@ class SimBridgeNode(Node):
             while not self._closing.is_set() and self.context.ok():
                 tick += 1
                 time.sleep(max(0.0, start + tick * period - time.monotonic()))
-                if self._reset_requested.is_set():
-                    self._reset_requested.clear()
-                    self._reset(env, self.episode + 1)
-                elif self.commands_received == 0 and self.params["start_on_command"]:
-                    # The controller is not up yet: show it the first frame again instead of moving on.
-                    if tick % self.steps_per_frame == 0:
-                        self._publish(env.observe(render=True), images=True)
-                elif not self.done:
-                    self._step(env)
+                try:
+                    self._tick(env, tick)
+                except RCLError:
+                    if self.context.ok():
+                        raise
+                    return  # a signal shut ROS down between our check and a publish
+
+    def _tick(self, env: MetaWorldEnv, tick: int) -> None:
+        if self._reset_requested.is_set():
+            self._reset_requested.clear()
+            self._reset(env, self.episode + 1)
+        elif self.commands_received == 0 and self.params["start_on_command"]:
+            # The controller is not up yet: show it the first frame again instead of moving on.
+            if tick % self.steps_per_frame == 0:
+                self._publish(env.observe(render=True), images=True)
+        elif not self.done:
+            self._step(env)
 
     def _step(self, env: MetaWorldEnv) -> None:
         render = (env.steps + 1) % self.steps_per_frame == 0
@@ -172,8 +181,6 @@ class SimBridgeNode(Node):
                 self._reset(env, self.episode + 1)
 
     def _publish(self, obs, images: bool) -> None:
-        if not self.context.ok():  # shutting down (a signal): nobody to publish to
-            return
         stamp = self.get_clock().now().to_msg()
         if images:
             for camera, image in obs.images.items():
