@@ -41,7 +41,8 @@ def spin_node(node_class: Callable[[], Node], args: list[str] | None = None) -> 
     try:
         node = node_class()
     except (ValueError, FileNotFoundError, rclpy.exceptions.InvalidParameterTypeException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        hint = " (write floats with a decimal point: 20.0)" if "expecting type 'DOUBLE'" in str(exc) else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
     try:

@@ -82,6 +82,8 @@ class ControlNode(Node):
         p = self._declare_parameters()
         self.params = p
         self.policy = policy if policy is not None else self._build_policy(p)
+        if self.policy.privileged:
+            raise ValueError(f"Policy '{p['policy']}' reads simulator state; a ROS node has only topics")
         self.ladder = [name.strip() for name in p["accel_ladder"]]
         self.governor = None
         if self.ladder and p["budget_ms"] > 0:
@@ -94,8 +96,6 @@ class ControlNode(Node):
         self.accel = None
         self.active_profile = ""
         self.set_profile(self.ladder[0] if self.ladder else p["accel"])
-        if self.policy.privileged:
-            raise ValueError(f"Policy '{p['policy']}' reads simulator state; a ROS node has only topics")
         state_dim, action_dim = policy_dims(self.policy)
         self.state_dim = p["state_dim"] or state_dim
         self.action_dim = p["action_dim"] or action_dim or 4
