@@ -64,7 +64,8 @@ def write_mcap_bag(path: Path, episode, image_encoding: str = "rgb8", skip_topic
     from vla_runtime.ros.messages import action_to_msg, image_to_msg, state_to_joint_state
 
     writer = McapBagWriter(path)
-    writer.write("/instruction", "std_msgs/msg/String", serialize_message(String(data=episode.instruction)), 0)
+    if skip_topic != "/instruction":
+        writer.write("/instruction", "std_msgs/msg/String", serialize_message(String(data=episode.instruction)), 0)
     for step in range(episode.length):
         ns = (step + 1) * 12_500_000
         stamp = Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
@@ -145,12 +146,13 @@ def test_a_truncated_bag_names_the_file_and_keeps_the_episodes_before_it(tmp_pat
 @pytest.mark.parametrize("case, words", [
     ("missing_topic", "no messages on topic '/joint_states' (joint_state)"),
     ("encoding", "topic '/camera/corner4/image_raw': image encoding 'rgba8'"),
+    ("no_instruction", "has no instruction (bag topic '/instruction'); give one with instruction="),
 ])
 def test_broken_bags_name_the_file_and_topic(tmp_path, episode, case, words):
     pytest.importorskip("rclpy", reason="writing the MCAP bag needs the [ros] extra")
     bag = tmp_path / "bag.mcap"
-    write_mcap_bag(bag, episode, image_encoding="rgba8" if case == "encoding" else "rgb8",
-                   skip_topic=STATE_TOPIC if case == "missing_topic" else None)
+    skipped = {"missing_topic": STATE_TOPIC, "no_instruction": "/instruction"}.get(case)
+    write_mcap_bag(bag, episode, image_encoding="rgba8" if case == "encoding" else "rgb8", skip_topic=skipped)
     with pytest.raises(UsageError, match=str(bag)) as error:
         replay(tmp_path, bag)
     assert words in str(error.value)

@@ -11,6 +11,7 @@ completed before the error, and the error, naming the file and topic, ends the c
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -319,9 +320,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     error = None
     with tqdm(desc="episodes", unit="ep", total=cfg.max_episodes) as bar:
         try:
-            for episode in source:
-                if cfg.max_episodes and len(episodes) >= cfg.max_episodes:
-                    break
+            for episode in itertools.islice(source, cfg.max_episodes):
                 replays = replayer.run(episode)
                 episodes.append(episode_summary(episode, replays))
                 report["action_dim"] = int(episode.action.shape[1])

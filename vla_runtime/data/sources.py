@@ -83,6 +83,9 @@ def logged_episodes(source: str | Path, source_type: str = "auto", topics: Topic
     for episode in episodes:
         if instruction:
             episode.instruction = instruction
+        if not episode.instruction:
+            where = f" (bag topic '{(topics or TopicMap()).instruction}')" if kind == "rosbag" else ""
+            raise SourceError(f"{path}: episode {episode.name} has no instruction{where}; give one with instruction=")
         yield episode
 
 
