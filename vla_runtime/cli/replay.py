@@ -277,8 +277,8 @@ def plot_distributions(output_dir: Path, episodes: list[dict], names: list[str])
 
 
 def write_report(output_dir: Path, report: dict, episodes: list[dict], names: list[str]) -> None:
+    """`report["profiles"]` holds the aggregate table when there are episodes."""
     if episodes:
-        report["profiles"] = aggregate(episodes, names)
         report["steps"] = sum(e["length"] for e in episodes)
         plot_distributions(output_dir, episodes, names)
     write_json(output_dir / "replay.json", {**report, "episodes": episodes})
@@ -330,8 +330,10 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
                 bar.update()
         except SourceError as exc:
             error = report["error"] = str(exc)
-    if episodes and cfg.budget_ms:
-        report["governor"] = governor_decisions(aggregate(episodes, names), episodes, float(cfg.budget_ms))
+    if episodes:
+        report["profiles"] = aggregate(episodes, names)
+        if cfg.budget_ms:
+            report["governor"] = governor_decisions(report["profiles"], episodes, float(cfg.budget_ms))
     write_report(output_dir, report, episodes, names)
     if error:
         raise UsageError(f"{error}\n(partial report of the {len(episodes)} episode(s) replayed before it: "

@@ -9,8 +9,10 @@ file; it tolerates the trailing padding rclpy's serializer leaves), sqlite3 thro
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,6 @@ class McapBagWriter:
         self._schemas: dict[str, int] = {}
         self._lock = threading.Lock()
         self.message_count = 0
-        self.flushed_count = 0
 
     def _channel(self, topic: str, msgtype: str) -> int:
         if topic not in self._channels:
@@ -81,25 +82,12 @@ class McapBagWriter:
         with self._lock:
             if not self._file.closed:
                 self._file.flush()
-                self.flushed_count = self.message_count
 
     def close(self) -> None:
         with self._lock:
             if not self._file.closed:
                 self._writer.finish()
                 self._file.close()
-
-
-class _Decoder:
-    def __init__(self) -> None:
-        self.typestore = get_typestore(TYPESTORE_DISTRO)
-
-    def register(self, msgtype: str, definition: str) -> None:
-        if msgtype not in self.typestore.types and definition:
-            self.typestore.register(get_types_from_msg(definition, msgtype))
-
-    def decode(self, data: bytes, msgtype: str) -> Any:
-        return self.typestore.deserialize_cdr(data, msgtype)
 
 
 def bag_files(path: str | Path) -> list[Path]:
@@ -142,25 +130,24 @@ def _read_mcap(path: Path, topics: set[str] | None) -> Iterator[BagMessage]:
 
 
 def _read_sqlite3(path: Path, topics: set[str] | None) -> Iterator[BagMessage]:
-    import sqlite3
-
-    decoder = _Decoder()
+    typestore = get_typestore(TYPESTORE_DISTRO)
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        topic_rows = connection.execute("SELECT id, name, type FROM topics").fetchall()
-        try:
-            definitions = dict(connection.execute("SELECT topic_type, encoded_message_definition "
-                                                  "FROM message_definitions WHERE encoding = 'ros2msg'"))
-        except sqlite3.OperationalError:  # bags older than ROS 2 Iron store no definitions
-            definitions = {}
-        by_id = {topic_id: (name, msgtype) for topic_id, name, msgtype in topic_rows}
-        for msgtype in {msgtype for _, msgtype in by_id.values()}:
-            decoder.register(msgtype, definitions.get(msgtype, ""))
-        rows = connection.execute("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp")
-        for topic_id, timestamp, data in rows:
-            name, msgtype = by_id[topic_id]
-            if topics is None or name in topics:
-                yield BagMessage(name, msgtype, timestamp, decoder.decode(data, msgtype))
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            topic_rows = connection.execute("SELECT id, name, type FROM topics").fetchall()
+            try:
+                definitions = dict(connection.execute("SELECT topic_type, encoded_message_definition "
+                                                      "FROM message_definitions WHERE encoding = 'ros2msg'"))
+            except sqlite3.OperationalError:  # bags older than ROS 2 Iron store no definitions
+                definitions = {}
+            by_id = {topic_id: (name, msgtype) for topic_id, name, msgtype in topic_rows}
+            for msgtype in {msgtype for _, msgtype in by_id.values()}:
+                if msgtype not in typestore.types and definitions.get(msgtype):
+                    typestore.register(get_types_from_msg(definitions[msgtype], msgtype))
+            rows = connection.execute("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp")
+            for topic_id, timestamp, data in rows:
+                name, msgtype = by_id[topic_id]
+                if topics is None or name in topics:
+                    yield BagMessage(name, msgtype, timestamp, typestore.deserialize_cdr(data, msgtype))
     except (sqlite3.DatabaseError, KeyError, ValueError) as exc:
         raise BagError(f"{path}: truncated or corrupt sqlite3 bag ({exc})") from exc
 
@@ -174,15 +161,12 @@ def read_bag(path: str | Path, topics: list[str] | None = None) -> Iterator[BagM
         yield from reader(file, wanted)
 
 
-
 def bag_topic_names(path: str | Path) -> set[str]:
     """The topics a bag declares (MCAP channels, sqlite3 topics table), without decoding messages."""
-    import sqlite3
-
     names: set[str] = set()
     for file in bag_files(path):
         if file.suffix == ".db3":
-            with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as connection:
+            with closing(sqlite3.connect(f"file:{file}?mode=ro", uri=True)) as connection:
                 names.update(name for (name,) in connection.execute("SELECT name FROM topics"))
             continue
         with open(file, "rb") as stream:

@@ -57,8 +57,7 @@ def detect_source_type(path: Path) -> str:
         return "dataset"
     if (path / "meta" / "info.json").exists():
         return "lerobot"
-    if path.suffix in (".mcap", ".db3") or (path / "metadata.yaml").exists() or list(path.glob("*.mcap")) \
-            or list(path.glob("*.db3")) or list(path.glob("*/metadata.yaml")):
+    if _bags(path):
         return "rosbag"
     raise SourceError(f"{path}: not a dataset (dataset.json), a LeRobot dataset (meta/info.json) or a ROS 2 bag "
                       f"(.mcap / .db3 / metadata.yaml); say which with source_type=")
@@ -77,7 +76,10 @@ def logged_episodes(source: str | Path, source_type: str = "auto", topics: Topic
     if kind == "dataset":
         episodes = _dataset_episodes(path)
     elif kind == "rosbag":
-        episodes = (_bag_episode(bag, topics or TopicMap(), index) for index, bag in enumerate(_bags(path)))
+        bags = _bags(path)
+        if not bags:
+            raise SourceError(f"{path}: no ROS 2 bags (.mcap, .db3, rosbag2 directories) here")
+        episodes = (_bag_episode(bag, topics or TopicMap(), index) for index, bag in enumerate(bags))
     else:
         episodes = _lerobot_episodes(path, lerobot_keys or LeRobotKeys())
     for episode in episodes:
@@ -105,13 +107,13 @@ def _dataset_episodes(path: Path) -> Iterator[Episode]:
 
 
 def _bags(path: Path) -> list[Path]:
-    """Each bag under `path`: itself, or the .mcap/.db3 files and rosbag2 directories inside it."""
-    if path.is_file() or (path / "metadata.yaml").exists():
+    """Each bag at `path`: itself (an .mcap / .db3 file or a rosbag2 directory), or the .mcap / .db3 files
+    and rosbag2 directories inside it; [] when there are none."""
+    if path.is_file():
+        return [path] if path.suffix in (".mcap", ".db3") else []
+    if (path / "metadata.yaml").exists():
         return [path]
-    bags = sorted([*path.glob("*.mcap"), *path.glob("*.db3"), *(p.parent for p in path.glob("*/metadata.yaml"))])
-    if not bags:
-        raise SourceError(f"{path}: no ROS 2 bags (.mcap, .db3, rosbag2 directories) in this directory")
-    return bags
+    return sorted([*path.glob("*.mcap"), *path.glob("*.db3"), *(p.parent for p in path.glob("*/metadata.yaml"))])
 
 
 def _bag_episode(bag: Path, topics: TopicMap, index: int) -> Episode:

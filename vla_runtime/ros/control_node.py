@@ -171,11 +171,11 @@ class ControlNode(Node):
     def set_profile(self, spec: str) -> None:
         """Replace the active acceleration profile ("a+b" composes). The governor calls this from the loop
         thread right after a chunk arrived, so no inference is in flight while the model changes."""
-        from vla_runtime.accel.profiles import load_profile
+        from vla_runtime.accel.profiles import load_profiles
         from vla_runtime.sim.metaworld_suite import MT10, MetaWorldConfig
         from vla_runtime.sim.runner import accelerate
 
-        profile = load_profile([name.strip() for name in spec.split("+")])
+        (profile,) = load_profiles(spec.replace(" ", ""), with_baseline=False)
         if self.accel is not None:
             self.accel.remove()
             self.accel = None
@@ -199,32 +199,31 @@ class ControlNode(Node):
         self.get_logger().warning(f"dropped message on {topic}: {error}", throttle_duration_sec=1.0)
         self._log_fault(topic, error)
 
-    def _on_image(self, camera: str, topic: str, msg: Image) -> None:
-        self._log(topic, "sensor_msgs/msg/Image", msg)
+    def _validated(self, topic: str, msgtype: str, msg, what: str, parse):
+        """parse(msg) when the message is fresh and well-formed, else None (counted and logged as a fault)."""
+        self._log(topic, msgtype, msg)
         try:
             check_stamp(msg.header.stamp, self.get_clock().now().nanoseconds, self.params["max_message_age_s"],
-                        f"image on {topic}")
-            image = image_from_msg(msg)
+                        f"{what} on {topic}")
+            return parse(msg)
         except MessageRejected as error:
             self._reject(topic, error)
-            return
-        with self._lock:
-            self.images[camera] = Sample(image, time.monotonic())
-            self.messages_received["image"] += 1
+            return None
+
+    def _on_image(self, camera: str, topic: str, msg: Image) -> None:
+        image = self._validated(topic, "sensor_msgs/msg/Image", msg, "image", image_from_msg)
+        if image is not None:
+            with self._lock:
+                self.images[camera] = Sample(image, time.monotonic())
+                self.messages_received["image"] += 1
 
     def _on_joint_state(self, msg: JointState) -> None:
-        topic = self.params["joint_state_topic"]
-        self._log(topic, "sensor_msgs/msg/JointState", msg)
-        try:
-            check_stamp(msg.header.stamp, self.get_clock().now().nanoseconds, self.params["max_message_age_s"],
-                        f"joint state on {topic}")
-            state = state_from_joint_state(msg, self.params["joint_names"], self.state_dim)
-        except MessageRejected as error:
-            self._reject(topic, error)
-            return
-        with self._lock:
-            self.state = Sample(state, time.monotonic())
-            self.messages_received["joint_state"] += 1
+        state = self._validated(self.params["joint_state_topic"], "sensor_msgs/msg/JointState", msg, "joint state",
+                                lambda m: state_from_joint_state(m, self.params["joint_names"], self.state_dim))
+        if state is not None:
+            with self._lock:
+                self.state = Sample(state, time.monotonic())
+                self.messages_received["joint_state"] += 1
 
     def _on_instruction(self, msg: String) -> None:
         self._log(self.params["instruction_topic"], "std_msgs/msg/String", msg)
@@ -357,12 +356,7 @@ class ControlNode(Node):
                                                                                         DiagnosticStatus.WARN)
         if summary["state"] == "running" and (summary["message_faults"] or summary["loop_faults"]):
             level = DiagnosticStatus.WARN
-        status = DiagnosticStatus(level=level, name=f"vla_runtime: {self.get_name()}",
-                                  message=summary["state"], hardware_id=self.params["policy"])
-        status.values = [KeyValue(key=key, value=json.dumps(value) if isinstance(value, dict | list) else str(value))
-                         for key, value in summary.items()]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
+        array = self._status_array(f"vla_runtime: {self.get_name()}", level, summary["state"], summary)
         self.diagnostics_publisher.publish(array)
         self._log("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", array)
 
@@ -371,8 +365,10 @@ class ControlNode(Node):
             self.bag.write(topic, msgtype, serialize_message(msg), self.get_clock().now().nanoseconds)
 
     def _status_array(self, name: str, level: int, message: str, values: dict) -> DiagnosticArray:
-        status = DiagnosticStatus(level=level, name=name, message=message,
-                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        """One DiagnosticStatus, stamped now; dict and list values as json, the rest as text."""
+        status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=self.params["policy"],
+                                  values=[KeyValue(key=k, value=json.dumps(v) if isinstance(v, dict | list) else str(v))
+                                          for k, v in values.items()])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         return array
@@ -389,7 +385,7 @@ class ControlNode(Node):
             return
         values = {"inference_latency_ms": 1000 * self.loop.metrics.inference_latency_s[-1],
                   "image_to_action_ms": 1000 * self.publish_latency_s[-1],
-                  "actions": json.dumps(np.round(chunk.actions, 5).tolist())}
+                  "actions": np.round(chunk.actions, 5).tolist()}
         self._log("/vla_runtime/inference", "diagnostic_msgs/msg/DiagnosticArray",
                   self._status_array("inference", DiagnosticStatus.OK, "chunk", values))
         self.bag.flush()
