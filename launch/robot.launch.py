@@ -1,7 +1,7 @@
 """`ros2 launch vla_runtime robot.launch.py [policy:=ref_dit] [accel:=bac] [control_hz:=20.0] [budget_ms:=50.0]
 [use_sim:=true] [task:=door-open-v3] [log_bag:=/tmp/episode.mcap] ...`
 
-Starts the control node and, with use_sim, the Meta-World bridge. Argument defaults come from the package's
+Starts the control node and, with use_sim, the simulator bridge (Meta-World unless suite:= says otherwise). Argument defaults come from the package's
 configs/robot.yaml, the same file vla-robot reads, so both start the same nodes with the same parameters.
 """
 
@@ -26,8 +26,9 @@ def generate_launch_description() -> LaunchDescription:
     bridge = {name: argument(name) for name in BRIDGE_KEYS}
     bridge["step_hz"] = argument("control_hz")
     return LaunchDescription([
-        *(DeclareLaunchArgument(name, default_value=str(defaults[name]).lower() if isinstance(defaults[name], bool)
-                                else str(defaults[name])) for name in LAUNCH_ARGUMENTS),
+        *(DeclareLaunchArgument(name, description=description,
+                                default_value=str(defaults[name]).lower() if isinstance(defaults[name], bool)
+                                else str(defaults[name])) for name, description in LAUNCH_ARGUMENTS.items()),
         Node(package="vla_runtime", executable="sim_bridge", name="vla_sim_bridge", output="screen",
              parameters=[bridge, defaults["bridge"]], condition=IfCondition(LaunchConfiguration("use_sim"))),
         Node(package="vla_runtime", executable="control_node", name="vla_control", output="screen",

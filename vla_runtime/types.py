@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch stays out of the import of this module: simulators and ROS readers use it
+    from torch import nn
 
 
 @dataclass
@@ -14,12 +18,12 @@ class Observation:
     """What a policy sees at one instant.
 
     `privileged_state` is simulator-only ground truth (object and goal poses). The evaluation runner
-    fills it only for policies that declare `privileged = True` (the scripted experts); a learned
+    fills it only for policies whose spec says `privileged` (the scripted experts); a learned
     policy always gets None, so it cannot lean on state a real robot would not have.
     """
 
     images: dict[str, np.ndarray]  # camera name -> uint8 [H, W, 3]
-    state: np.ndarray  # float32 [S]: end-effector xyz + gripper opening
+    state: np.ndarray  # float32 [S]: proprioception (RobotSpec.state_dim)
     instruction: str
     timestamp: float  # seconds, monotonic (simulated time in the simulator)
     privileged_state: np.ndarray | None = None
@@ -47,46 +51,150 @@ class ActionChunk:
         return self.actions.shape[0]
 
 
+@dataclass(frozen=True)
+class RobotSpec:
+    """What a simulator suite (or a robot) gives and takes: the contract a policy must fit."""
+
+    action_dim: int
+    state_dim: int
+    cameras: tuple[str, ...]  # cameras it renders
+    image_size: tuple[int, int]  # (height, width) of every camera image
+    control_dt: float  # seconds per action
+    action_low: tuple[float, ...] = ()  # per-dimension limits (empty: none)
+    action_high: tuple[float, ...] = ()
+    hold_dims: tuple[int, ...] = ()  # kept at their last command when the robot is held (grippers)
+    state_names: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return (f"{self.action_dim}-D actions, {self.state_dim}-D state, cameras {list(self.cameras)} at "
+                f"{self.image_size[0]}x{self.image_size[1]}, {1 / self.control_dt:g} Hz")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a policy declares about itself; callers read this, never a policy's private attributes."""
+
+    action_dim: int
+    state_dim: int
+    cameras: tuple[str, ...] = ()  # cameras whose images it reads (empty: none, so rendering can be skipped)
+    image_size: tuple[int, int] | None = None  # (height, width) it needs from each camera; None: any
+    chunk_size: int = 1  # actions per predicted chunk
+    control_dt: float | None = None  # seconds between its actions; None: any rate
+    actions_per_chunk: int | None = None  # executed before asking again (receding horizon); None: all
+    privileged: bool = False  # reads simulator state (scripted experts only)
+
+    def describe(self) -> str:
+        size = f" at {self.image_size[0]}x{self.image_size[1]}" if self.image_size and self.cameras else ""
+        rate = f", {1 / self.control_dt:g} Hz" if self.control_dt else ""
+        return f"{self.action_dim}-D actions, {self.state_dim}-D state, cameras {list(self.cameras)}{size}{rate}"
+
+    def mismatches(self, robot: RobotSpec) -> list[str]:
+        """What keeps this policy from running on `robot` (empty when it fits)."""
+        problems = []
+        if self.action_dim != robot.action_dim:
+            problems.append(f"action dim {self.action_dim} vs {robot.action_dim}")
+        if self.state_dim != robot.state_dim:
+            problems.append(f"state dim {self.state_dim} vs {robot.state_dim}")
+        missing = [camera for camera in self.cameras if camera not in robot.cameras]
+        if missing:
+            problems.append(f"cameras {missing} are not rendered")
+        if self.cameras and self.image_size is not None and tuple(self.image_size) != tuple(robot.image_size):
+            problems.append(f"image size {self.image_size} vs {robot.image_size}")
+        if self.control_dt is not None and abs(self.control_dt - robot.control_dt) > 1e-9:
+            problems.append(f"control period {self.control_dt} s vs {robot.control_dt} s")
+        return problems
+
+    def check_fits(self, robot: RobotSpec, policy: str, robot_name: str) -> None:
+        problems = self.mismatches(robot)
+        if problems:
+            raise ValueError(f"Policy '{policy}' ({self.describe()}) does not fit {robot_name} "
+                             f"({robot.describe()}): {'; '.join(problems)}")
+
+
+@dataclass
+class LanguageModel:
+    """A decoder-only language model over the policy's prefix (Llama-style layers: `self_attn` with
+    q/k/v/o projections, `input_layernorm`, `post_attention_layernorm`, `mlp`)."""
+
+    module: nn.Module  # forward(inputs_embeds=, attention_mask=, ...) -> output with `last_hidden_state`
+    layers: nn.ModuleList  # decoder layers, in order; methods may shrink the list in place
+    rotary_emb: Callable[[Any, Any], tuple[Any, Any]]  # (hidden, position_ids) -> (cos, sin)
+    norm: nn.Module  # the final norm
+    config: Any  # its config; `num_hidden_layers` (and `layer_types`) follow the layer list
+    visual_token_span: Callable[[], tuple[int, int]]  # [start, end) of the visual tokens in the input
+
+
+@dataclass
+class HeadBlock:
+    """One block of an action head: branches whose outputs may be cached across denoising steps, in
+    execution order (an FFN branch is named "mlp"), and the module computing its modulation from the
+    conditioning (adaLN), if any."""
+
+    branches: dict[str, nn.Module]
+    modulation: nn.Module | None = None
+
+
+@dataclass
+class DenoisingHead:
+    """A diffusion / flow-matching action head."""
+
+    step: nn.Module  # one denoising step: forward(noisy_actions, t, cognition); step s runs at t = s / steps
+    steps: int
+    blocks: Sequence[HeadBlock]
+    # (t [N], cognition [N, D]) -> what every block's modulation reads; lets methods batch all steps
+    condition: Callable[[Any, Any], Any] | None = None
+
+
+@dataclass
+class ARDecoder:
+    """Autoregressive decoding of action tokens after the prefix."""
+
+    loop: nn.Module  # forward(prefix_embeds, mask) -> tokens [B, num_tokens] (greedy)
+    num_tokens: int
+    # (embeds, attention mask over cache + embeds, KV cache or None) -> (hidden [B, T, D], cache); the cache
+    # has `crop(n)` (transformers' DynamicCache)
+    forward: Callable[[Any, Any, Any], tuple[Any, Any]]
+    embed_tokens: Callable[[Any], Any]  # action tokens [B, T] -> LM input embeddings
+    logits: Callable[[Any], Any]  # hidden [..., D] -> action-token logits
+
+
 @dataclass
 class PolicyStructure:
-    """The hook points a policy exposes to acceleration modules.
+    """Everything acceleration methods may touch, declared by the policy: a method reads these and never a
+    policy's private attributes. A policy fills in what it has and leaves the rest None; a method that
+    needs a point the policy lacks fails with an error naming both (see `require`)."""
 
-    A policy fills in what it has and leaves the rest None; an accel module that needs a point the
-    policy lacks fails with an error naming both (see `require`).
-    """
-
-    vision_encoder: Any = None  # nn.Module mapping images to visual tokens
-    preprocess_images: Callable[[Any], Any] | None = None  # Observation -> the vision encoder's input
-    lm_layers: Sequence[Any] | None = None  # decoder layers of the language model, in order
-    visual_token_span: Callable[[], tuple[int, int]] | None = None  # [start, end) in the LM input
-    action_head_blocks: Sequence[Any] | None = None  # e.g. DiT blocks
-    denoising_loop: Any = None  # object running the diffusion / flow-matching steps
-    ar_decode_loop: Any = None  # object running autoregressive action-token decoding
+    vision_encoder: nn.Module | None = None  # images -> visual tokens
+    preprocess_images: Callable[[Observation], Any] | None = None  # Observation -> the vision encoder's input
+    language_model: LanguageModel | None = None
+    denoising_head: DenoisingHead | None = None
+    ar_decoder: ARDecoder | None = None
+    weights: nn.Module | None = None  # every weight of the policy: names calibration artifacts
+    checkpoint_dir: Path | None = None  # where its weights came from (None: random weights); artifacts go here
 
     def available(self) -> list[str]:
-        return [name for name, value in vars(self).items() if value is not None]
+        return [name for name in HOOK_POINTS if getattr(self, name) is not None]
 
     def require(self, point: str, who: str) -> Any:
         value = getattr(self, point, None)
         if value is None:
             raise ValueError(
                 f"{who} needs the hook point '{point}', which this policy does not declare "
-                f"(it declares: {self.available() or 'none'})"
+                f"(it declares: {', '.join(self.available()) or 'none'})"
             )
         return value
 
 
+HOOK_POINTS = ("vision_encoder", "preprocess_images", "language_model", "denoising_head", "ar_decoder")
+
+
 @runtime_checkable
 class Policy(Protocol):
-    """Anything that maps an observation to a chunk of actions.
+    """Anything that maps an observation to a chunk of actions, declaring what it is (`spec`) and what
+    acceleration methods may hook into (`structure`)."""
 
-    `camera_names`: cameras whose images the policy reads (empty: none, so rendering can be skipped).
-    `privileged`: True only for scripted experts that read simulator state.
-    """
-
+    spec: PolicySpec
     structure: PolicyStructure
-    camera_names: tuple[str, ...]
-    privileged: bool
 
     def reset(self) -> None: ...
 

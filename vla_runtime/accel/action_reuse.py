@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
+from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.types import ActionChunk, Observation, Policy
 
 
@@ -103,10 +104,14 @@ class ActionReuseGate:
         self.recent_first_actions = [*self.recent_first_actions[-1:], np.asarray(chunk.actions[0], dtype=np.float32)]
 
 
-def apply(policy: Policy, config: ActionReuseConfig | None = None) -> Handle:
+def apply(policy: Policy, config: ActionReuseConfig | None = None, artifact: dict | None = None) -> Handle:
     """The handle's `info["gate"]` goes to the control loop (`ControlLoop(reuse_gate=...)`)."""
     config = config or ActionReuseConfig()
     encoder = policy.structure.require("vision_encoder", "action_reuse")
     capture = _CaptureTokens()
     gate = ActionReuseGate(policy, config, capture)
     return Handle("action_reuse", [add_hook(encoder, "action_reuse", capture)], info={"gate": gate})
+
+
+METHOD = register_method(AccelMethod("action_reuse", ActionReuseConfig, apply,
+                                     requires=("vision_encoder", "preprocess_images"), order=60))

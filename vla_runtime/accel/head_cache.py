@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
-from vla_runtime.types import Observation, Policy
+from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.hooks import Handle, ModelHook, add_hook
+from vla_runtime.types import DenoisingHead, Observation, Policy
 
 
 @dataclass
@@ -37,7 +38,7 @@ class HeadCacheConfig:
     mode: str = "static"  # static | bac
     interval: int = 2  # static: update every `interval` steps (1 = no caching)
     updates: int = 4  # bac: update steps per branch, step 0 included
-    batch_conditioning: bool = True  # adaLN of all steps at step 0 (needs head.condition and block.adaln)
+    batch_conditioning: bool = True  # modulations of all steps at step 0 (needs the head's condition and modulations)
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "bac"):
@@ -50,20 +51,21 @@ class _StepCounter(ModelHook):
     """On the head: which denoising step is running (t = step / steps in the Euler loop); with
     `blocks`, also every block's adaLN output for every step, computed at step 0."""
 
-    def __init__(self, steps: int, blocks: list[nn.Module] | None = None):
-        self.steps = steps
+    def __init__(self, head: DenoisingHead, batched: bool = False):
+        self.head = head
+        self.steps = head.steps
         self.step = 0
-        self.blocks = blocks
+        self.batched = batched
         self.modulations: list[torch.Tensor] | None = None  # per block [steps, batch, 6 * dim]
 
     def pre_forward(self, module, noisy, t, cognition):
         self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
-        if self.blocks is not None and self.step == 0:
+        if self.batched and self.step == 0:
             batch = cognition.shape[0]
             # The same float times the Euler loop builds with torch.full(step / steps).
             times = torch.tensor([s / self.steps for s in range(self.steps)], device=cognition.device)
-            conditions = module.condition(times.repeat_interleave(batch), cognition.repeat(self.steps, 1))
-            self.modulations = [block.adaln(conditions).view(self.steps, batch, -1) for block in self.blocks]
+            conditions = self.head.condition(times.repeat_interleave(batch), cognition.repeat(self.steps, 1))
+            self.modulations = [block.modulation(conditions).view(self.steps, batch, -1) for block in self.head.blocks]
         return (noisy, t, cognition), {}
 
     def reset_state(self, module) -> None:
@@ -105,17 +107,11 @@ class _CachedBranch(ModelHook):
         self.cached = None
 
 
-def _branches(policy: Policy) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
-    head = policy.structure.require("denoising_loop", "head_cache")
-    blocks = policy.structure.require("action_head_blocks", "head_cache")
-    branches = []
-    for index, block in enumerate(blocks):
-        for kind in ("attn", "mlp"):
-            if not hasattr(block, kind):
-                raise ValueError(f"head_cache needs DiT blocks with `attn` and `mlp` branches; "
-                                 f"block {index} lacks {kind}")
-            branches.append((f"{index}.{kind}", getattr(block, kind)))
-    return head, branches
+def _branches(policy: Policy) -> tuple[DenoisingHead, list[tuple[str, nn.Module]]]:
+    """The head and its branches as ("<block>.<branch>", module), in execution order."""
+    head = policy.structure.require("denoising_head", "head_cache")
+    return head, [(f"{index}.{kind}", module) for index, block in enumerate(head.blocks)
+                  for kind, module in block.branches.items()]
 
 
 def calibrate(policy: Policy, observations: list[Observation]) -> dict:
@@ -123,8 +119,8 @@ def calibrate(policy: Policy, observations: list[Observation]) -> dict:
     if not observations:
         raise ValueError("head_cache calibration needs at least one observation")
     head, branches = _branches(policy)
-    steps = head.config.denoising_steps
-    counter = _StepCounter(steps)
+    steps = head.steps
+    counter = _StepCounter(head)
     outputs: dict[str, list[list[torch.Tensor]]] = {name: [] for name, _ in branches}
 
     class Recorder(ModelHook):
@@ -137,7 +133,7 @@ def calibrate(policy: Policy, observations: list[Observation]) -> dict:
             outputs[self.name][-1].append(output.detach().flatten(1).clone())
             return output
 
-    removers = [add_hook(head, "head_cache_counter", counter)]
+    removers = [add_hook(head.step, "head_cache_counter", counter)]
     removers += [add_hook(module, "head_cache_recorder", Recorder(name)) for name, module in branches]
     try:
         for obs in observations:
@@ -199,7 +195,7 @@ def bac_schedule(calibration: dict, updates: int) -> dict[str, set[int]]:
 
 def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = None) -> Handle:
     head, branches = _branches(policy)
-    steps = head.config.denoising_steps
+    steps = head.steps
     if config.mode == "static":
         schedule = {name: {s for s in range(steps) if s % config.interval == 0} for name, _ in branches}
     else:
@@ -209,17 +205,28 @@ def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = No
             raise ValueError(f"Calibrated for {calibration['steps']} denoising steps, the head runs {steps}")
         schedule = bac_schedule(calibration, config.updates)
     skips = any(len(schedule[name] | {0}) < steps for name, _ in branches)
-    blocks = list(policy.structure.action_head_blocks)
     batched = config.batch_conditioning and skips
-    if batched and not (hasattr(head, "condition") and all(hasattr(block, "adaln") for block in blocks)):
-        raise ValueError("head_cache batch_conditioning needs the head's `condition(t, cognition)` and an `adaln` "
-                         "module in every block; set batch_conditioning=false for this policy")
-    counter = _StepCounter(steps, blocks if batched else None)
+    if batched and (head.condition is None or any(block.modulation is None for block in head.blocks)):
+        raise ValueError("head_cache batch_conditioning needs the head's `condition` and a `modulation` module in "
+                         "every block; set batch_conditioning=false for this policy")
+    counter = _StepCounter(head, batched)
     hooks = {name: _CachedBranch(counter, schedule[name]) for name, _ in branches}
-    removers = [add_hook(head, "head_cache_counter", counter)]
+    removers = [add_hook(head.step, "head_cache_counter", counter)]
     removers += [add_hook(module, "head_cache", hooks[name]) for name, module in branches]
     if batched:
-        removers += [add_hook(block.adaln, "head_cache_adaln", _BatchedModulation(counter, index))
-                     for index, block in enumerate(blocks)]
+        removers += [add_hook(block.modulation, "head_cache_adaln", _BatchedModulation(counter, index))
+                     for index, block in enumerate(head.blocks)]
     return Handle("head_cache", removers, info={"schedule": {k: sorted(v) for k, v in schedule.items()},
                                                  "branches": hooks})
+
+
+def _stats(info: dict) -> dict:
+    branches = info["branches"].values()
+    computed, reused = sum(b.computed for b in branches), sum(b.reused for b in branches)
+    return {"branch_updates_share": computed / max(1, computed + reused)}
+
+
+METHOD = register_method(AccelMethod(
+    "head_cache", HeadCacheConfig, apply, requires=("denoising_head",), order=40,
+    calibrate=lambda policy, observations, config: calibrate(policy, observations),
+    needs_calibration=lambda config: config.mode == "bac", stats=_stats))

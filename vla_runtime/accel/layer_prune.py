@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from vla_runtime.accel.hooks import Handle
+from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.hooks import Handle
 from vla_runtime.types import Observation, Policy
 
 
@@ -25,16 +25,8 @@ class LayerPruneConfig:
     greedy: bool = False  # re-measure after every removal (k calibration passes instead of one)
 
 
-def _owner_of_layers(policy: Policy) -> tuple[nn.Module, nn.ModuleList]:
-    layers = policy.structure.require("lm_layers", "layer_prune")
-    lm = getattr(policy.model, "lm", None)
-    if lm is None or lm.layers is not layers:
-        raise ValueError("layer_prune needs lm_layers to be the `layers` list of the policy's model.lm")
-    return lm, layers
-
-
 def _measure(policy: Policy, observations: list[Observation]) -> list[float]:
-    _, layers = _owner_of_layers(policy)
+    layers = policy.structure.require("language_model", "layer_prune").layers
     sums = [0.0] * len(layers)
     counts = [0] * len(layers)
 
@@ -82,10 +74,11 @@ def calibrate(policy: Policy, observations: list[Observation], config: LayerPrun
 
 
 def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
-    lm, layers = _owner_of_layers(policy)
+    lm = policy.structure.require("language_model", "layer_prune")
+    layers, config = lm.layers, lm.config
     original = list(layers)
-    original_count = lm.config.num_hidden_layers
-    original_types = list(getattr(lm.config, "layer_types", None) or [])
+    original_count = config.num_hidden_layers
+    original_types = list(getattr(config, "layer_types", None) or [])
     original_idx = [layer.self_attn.layer_idx for layer in original]
     keep = [i for i in range(len(original)) if i not in set(indices)]
     if not keep:
@@ -96,18 +89,18 @@ def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
         layers.extend(original[i] for i in keep)
         for new_index, layer in enumerate(layers):
             layer.self_attn.layer_idx = new_index  # the KV cache is indexed by position in the list
-        lm.config.num_hidden_layers = len(keep)
+        config.num_hidden_layers = len(keep)
         if original_types:
-            lm.config.layer_types = [original_types[i] for i in keep]
+            config.layer_types = [original_types[i] for i in keep]
 
     def restore() -> None:
         del layers[:]
         layers.extend(original)
         for layer, index in zip(original, original_idx, strict=True):
             layer.self_attn.layer_idx = index
-        lm.config.num_hidden_layers = original_count
+        config.num_hidden_layers = original_count
         if original_types:
-            lm.config.layer_types = original_types
+            config.layer_types = original_types
 
     shrink()
     return Handle("layer_prune", [restore], info={"removed": sorted(indices), "kept": keep})
@@ -116,9 +109,15 @@ def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
 def apply(policy: Policy, config: LayerPruneConfig, calibration: dict) -> Handle:
     if calibration.get("method") != "layer_prune":
         raise ValueError(f"Not a layer_prune calibration artifact: method {calibration.get('method')!r}")
-    _, layers = _owner_of_layers(policy)
+    layers = policy.structure.require("language_model", "layer_prune").layers
     if len(calibration["similarity"]) != len(layers):
         raise ValueError(f"Calibration covers {len(calibration['similarity'])} layers, the model has {len(layers)}")
     if not 0 <= config.num_layers < len(layers):
         raise ValueError(f"num_layers must be in [0, {len(layers) - 1}], got {config.num_layers}")
     return _remove_layers(policy, list(calibration["order"][: config.num_layers]))
+
+
+METHOD = register_method(AccelMethod(
+    "layer_prune", LayerPruneConfig, apply, requires=("language_model",), order=10, calibrate=calibrate,
+    needs_calibration=lambda config: config.num_layers > 0,
+    stats=lambda info: {"removed_layers": info["removed"]}))

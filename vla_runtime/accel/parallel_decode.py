@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
-from vla_runtime.types import Policy
+from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.hooks import Handle, ModelHook, add_hook
+from vla_runtime.types import ARDecoder, Policy
 
 
 @dataclass
@@ -32,8 +34,9 @@ class ParallelDecodeConfig:
 
 
 class JacobiDecodeHook(ModelHook):
-    def __init__(self, config: ParallelDecodeConfig):
+    def __init__(self, config: ParallelDecodeConfig, decoder: ARDecoder):
         self.config = config
+        self.decoder = decoder
         self.passes: list[int] = []  # block passes per call, for benchmarks
         self.previous: torch.Tensor | None = None  # tokens of the last call in this episode
 
@@ -41,11 +44,10 @@ class JacobiDecodeHook(ModelHook):
         self.previous = None
 
     def new_forward(self, loop: nn.Module, call_next, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        model = loop.model
-        count = model.config.num_action_tokens
-        output = model.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
-        cache = output.cache
-        first = model.action_logits(output.last_hidden_state[:, -1]).argmax(-1)
+        decoder = self.decoder
+        count = decoder.num_tokens
+        hidden, cache = decoder.forward(prefix, mask, None)
+        first = decoder.logits(hidden[:, -1]).argmax(-1)
         guess = first[:, None].repeat(1, count)
         if self.config.init == "previous" and self.previous is not None and self.previous.shape == guess.shape:
             guess = torch.cat([first[:, None], self.previous[:, 1:]], dim=1)
@@ -57,11 +59,9 @@ class JacobiDecodeHook(ModelHook):
         passes = 0
         while passes < max_passes:
             passes += 1
-            embeds = model.lm.embed_tokens(guess[:, :-1] + model.first_bin_id)
-            hidden = model.lm(inputs_embeds=embeds, attention_mask=block_mask, cache=cache,
-                              use_cache=True).last_hidden_state
+            hidden, cache = decoder.forward(decoder.embed_tokens(guess[:, :-1]), block_mask, cache)
             cache.crop(-(count - 1))  # keep only the prefix for the next pass
-            updated = torch.cat([first[:, None], model.action_logits(hidden).argmax(-1)], dim=1)
+            updated = torch.cat([first[:, None], decoder.logits(hidden).argmax(-1)], dim=1)
             converged = torch.equal(updated, guess)
             guess = updated
             if converged:
@@ -71,7 +71,16 @@ class JacobiDecodeHook(ModelHook):
         return guess
 
 
-def apply(policy: Policy, config: ParallelDecodeConfig | None = None) -> Handle:
-    loop = policy.structure.require("ar_decode_loop", "parallel_decode")
-    hook = JacobiDecodeHook(config or ParallelDecodeConfig())
-    return Handle("parallel_decode", [add_hook(loop, "parallel_decode", hook)], info={"hook": hook})
+def apply(policy: Policy, config: ParallelDecodeConfig | None = None, artifact: dict | None = None) -> Handle:
+    decoder = policy.structure.require("ar_decoder", "parallel_decode")
+    hook = JacobiDecodeHook(config or ParallelDecodeConfig(), decoder)
+    return Handle("parallel_decode", [add_hook(decoder.loop, "parallel_decode", hook)], info={"hook": hook})
+
+
+def _stats(info: dict) -> dict:
+    passes = info["hook"].passes
+    return {"mean_passes": float(np.mean(passes)) if passes else None}
+
+
+METHOD = register_method(AccelMethod("parallel_decode", ParallelDecodeConfig, apply, requires=("ar_decoder",),
+                                     order=50, stats=_stats))

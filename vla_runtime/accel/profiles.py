@@ -11,63 +11,32 @@ A profile is `configs/profiles/<name>.yaml` (shipped as `vla_runtime.configs`):
 A spec (`accel=` on the command line) is a profile name, a method name (its defaults), or a list of
 those, merged left to right: `accel=[efficientvla,action_reuse]`.
 
-Methods are applied in a fixed order, each calibrated (when it needs data) on the policy as the methods
-before it left it; artifacts are json files in `calibration_dir`, named by method and by what was
-applied before it, and reused when present.
+Methods (the registered descriptors of `accel/method.py`) are applied in their declared order, each
+calibrated (when it needs data) on the policy as the methods before it left it; artifacts are json files
+in the calibration directory, named by method, weights and what was applied before it, and reused when
+present. `Accelerator` is the one place that applies profiles: eval workers, vla-bench, vla-replay and the
+ROS node all go through it, with calibration observations from whatever source suits them (a suite's
+expert episodes, logged frames).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
-from vla_runtime.accel import action_reuse, head_cache, layer_prune, parallel_decode, token_select, visual_kv_reuse
 from vla_runtime.accel.calibration import load_artifact, save_artifact
-from vla_runtime.accel.hooks import Handle
+from vla_runtime.accel.method import METHODS, AccelMethod, exclusion_reason, methods_in_order
+from vla_runtime.hooks import Handle
 from vla_runtime.types import Observation, Policy
-
-
-@dataclass(frozen=True)
-class Method:
-    config: type
-    apply: Callable[[Policy, Any, dict | None], Handle]
-    hook_points: tuple[str, ...]
-    calibrate: Callable[[Policy, list[Observation], Any], dict] | None = None
-    needs_calibration: Callable[[Any], bool] = lambda config: False
-    # A policy feature that rules the method out, with the reason.
-    excluded_by: tuple[str, str] | None = None
-
-
-# In application order.
-METHODS: dict[str, Method] = {
-    "layer_prune": Method(layer_prune.LayerPruneConfig, lambda p, c, a: layer_prune.apply(p, c, a), ("lm_layers",),
-                          calibrate=lambda p, obs, c: layer_prune.calibrate(p, obs, c),
-                          needs_calibration=lambda c: c.num_layers > 0),
-    "token_select": Method(token_select.TokenSelectConfig, lambda p, c, a: token_select.apply(p, c),
-                           ("lm_layers", "visual_token_span"),
-                           excluded_by=("ar_decode_loop", "its decode loop reads a KV cache of the full prefix")),
-    "visual_kv_reuse": Method(visual_kv_reuse.VisualKVReuseConfig, lambda p, c, a: visual_kv_reuse.apply(p, c),
-                              ("lm_layers", "visual_token_span"),
-                              excluded_by=("ar_decode_loop", "its decode loop reads a KV cache of the full prefix")),
-    "head_cache": Method(head_cache.HeadCacheConfig, lambda p, c, a: head_cache.apply(p, c, a),
-                         ("action_head_blocks", "denoising_loop"),
-                         calibrate=lambda p, obs, c: head_cache.calibrate(p, obs),
-                         needs_calibration=lambda c: c.mode == "bac"),
-    "parallel_decode": Method(parallel_decode.ParallelDecodeConfig, lambda p, c, a: parallel_decode.apply(p, c),
-                              ("ar_decode_loop",)),
-    "action_reuse": Method(action_reuse.ActionReuseConfig, lambda p, c, a: action_reuse.apply(p, c),
-                           ("vision_encoder", "preprocess_images")),
-}
-# Pairs that cannot go on one policy together (see `compatible_methods` for the reason given).
-EXCLUSIVE: list[tuple[str, str]] = [("token_select", "visual_kv_reuse")]
 
 
 @dataclass
@@ -86,9 +55,10 @@ def profile_names() -> list[str]:
 def _profile_file(name: str) -> Profile:
     path = resources.files("vla_runtime.configs") / "profiles" / f"{name}.yaml"
     settings = yaml.safe_load(path.read_text()) or {}
-    unknown = [m for m in settings.get("methods") or {} if m not in METHODS]
+    unknown = [m for m in settings.get("methods") or {} if m not in METHODS.names()]
     if unknown:
-        raise ValueError(f"Profile '{name}' ({path}) names unknown methods {unknown}; known: {', '.join(METHODS)}")
+        raise ValueError(f"Profile '{name}' ({path}) names unknown methods {unknown}; "
+                         f"known: {', '.join(METHODS.names())}")
     return Profile(name, dict(settings.get("methods") or {}), bool(settings.get("skip_incompatible", False)),
                    settings.get("description", ""))
 
@@ -108,11 +78,11 @@ def load_profile(spec: str | list[str] | tuple[str, ...] | Profile, options: dic
                 profile.skip_incompatible |= part.skip_incompatible
                 for method, settings in part.methods.items():
                     profile.methods[method] = {**profile.methods.get(method, {}), **(settings or {})}
-            elif name in METHODS:
+            elif name in METHODS.names():
                 profile.methods.setdefault(name, {})
             else:
                 raise ValueError(f"Unknown accel profile or method '{name}'. Profiles: {', '.join(profile_names())}; "
-                                 f"methods: {', '.join(METHODS)}")
+                                 f"methods: {', '.join(METHODS.names())}")
     for method, settings in (options or {}).items():
         if method not in profile.methods:
             raise ValueError(f"accel options for '{method}', which profile '{profile.name}' does not use "
@@ -130,46 +100,42 @@ def load_profiles(specs: str | list[str], with_baseline: bool = True) -> list[Pr
     return profiles
 
 
-def _config(method: str, settings: dict) -> Any:
-    config_cls = METHODS[method].config
-    try:
-        return config_cls(**settings)
-    except TypeError as exc:
-        raise ValueError(f"accel method {method}: {exc} (settings: {', '.join(config_cls.__dataclass_fields__)})") \
-            from exc
+def _why_not(method: AccelMethod, policy: Policy, chosen: list[AccelMethod], policy_name: str) -> str | None:
+    structure = policy.structure
+    missing = [point for point in method.requires if getattr(structure, point, None) is None]
+    if missing:
+        return (f"needs the hook point(s) {missing}, which {policy_name} does not declare "
+                f"(it declares: {', '.join(structure.available()) or 'none'})")
+    if method.excluded_by and getattr(structure, method.excluded_by[0], None) is not None:
+        return f"cannot run on {policy_name}: {method.excluded_by[1]}"
+    for other in chosen:
+        reason = exclusion_reason(method, other)
+        if reason:
+            return f"cannot be combined with {other.name}: {reason}"
+    return None
 
 
-def compatible_methods(policy: Policy, profile: Profile, policy_name: str = "this policy") -> list[str]:
+def compatible_methods(policy: Policy, profile: Profile, policy_name: str = "this policy") -> list[AccelMethod]:
     """The profile's methods in application order; raises (or, with skip_incompatible, drops) what
     cannot go on `policy` or together."""
-    chosen = []
-    for method in METHODS:
-        if method not in profile.methods:
+    chosen: list[AccelMethod] = []
+    for method in methods_in_order():
+        if method.name not in profile.methods:
             continue
-        spec = METHODS[method]
-        missing = [point for point in spec.hook_points if getattr(policy.structure, point, None) is None]
-        excluded = spec.excluded_by and getattr(policy.structure, spec.excluded_by[0], None) is not None
-        clash = [other for pair in EXCLUSIVE if method in pair for other in pair if other != method and other in chosen]
-        if not (missing or excluded or clash):
+        why = _why_not(method, policy, chosen, policy_name)
+        if why is None:
             chosen.append(method)
         elif not profile.skip_incompatible:
-            if missing:
-                why = (f"needs the hook point(s) {missing}, which {policy_name} does not declare "
-                       f"(it declares: {', '.join(policy.structure.available())})")
-            elif excluded:
-                why = f"cannot run on {policy_name}: {spec.excluded_by[1]}"
-            else:
-                why = f"cannot be combined with {clash[0]}: both replace the language model's forward pass"
-            raise ValueError(f"accel profile '{profile.name}': {method} {why}")
+            raise ValueError(f"accel profile '{profile.name}': {method.name} {why}")
     return chosen
 
 
 def weights_fingerprint(policy: Policy) -> str:
-    model = getattr(policy, "model", None)
-    if model is None:
+    weights = policy.structure.weights
+    if weights is None:
         return ""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -185,43 +151,85 @@ class ProfileHandle:
         gates = [h.info["gate"] for h in handles if "gate" in h.info]
         self.reuse_gate = gates[0] if gates else None
 
+    def stats(self) -> dict[str, dict]:
+        """What each method reports about the calls made since it was applied."""
+        return {h.method: METHODS.get(h.method).stats(h.info) for h in self.handles}
+
     def remove(self) -> None:
         for handle in reversed(self.handles):
             handle.remove()
 
 
-def apply_profile(policy: Policy, profile: Profile, calibration_dir: str | Path | None = None,
-                  observations: Callable[[], list[Observation]] | None = None,
-                  policy_name: str = "this policy") -> ProfileHandle:
-    """Apply every method of `profile` to `policy`. `observations()` is called (once, lazily) when a
-    method needs calibration data that `calibration_dir` does not already hold."""
-    methods = compatible_methods(policy, profile, policy_name)
-    handles: list[Handle] = []
-    applied: list[dict] = []
-    calibration_set: list[Observation] | None = None
-    try:
-        for method in methods:
-            spec, config = METHODS[method], _config(method, profile.methods[method])
-            artifact = None
-            if spec.needs_calibration(config):
-                # The weights and what was applied before change what this method measures: both name the artifact.
-                context = hashlib.sha256(json.dumps(
-                    [weights_fingerprint(policy), applied, asdict(config)], sort_keys=True).encode()).hexdigest()[:8]
-                path = Path(calibration_dir) / f"{method}-{context}.json" if calibration_dir else None
-                if path is not None and path.exists():
-                    artifact = load_artifact(path, method)
-                else:
-                    if observations is None:
-                        raise ValueError(f"accel method {method} needs calibration observations")
-                    if calibration_set is None:
-                        calibration_set = observations()
-                    artifact = {**spec.calibrate(policy, calibration_set, config), "applied_before": applied}
-                    if path is not None:
+def default_calibration_dir(policy: Policy) -> str | None:
+    """`<checkpoint>/calibration` when the policy has a checkpoint and that can be written, else None."""
+    checkpoint = policy.structure.checkpoint_dir
+    if checkpoint is None:
+        return None
+    default = Path(checkpoint) / "calibration"
+    return str(default) if os.access(default if default.exists() else checkpoint, os.W_OK) else None
+
+
+class Accelerator:
+    """Applies acceleration profiles to one policy, one at a time (applying a profile removes the last).
+
+    `observations()` gives the calibration set; it is called once, the first time a method needs data
+    that the calibration directory does not hold. The directory is `calibration_dir`, else
+    `<checkpoint>/calibration` when writable, else a temporary one for this process.
+    """
+
+    def __init__(self, policy: Policy, observations: Callable[[], list[Observation]] | None,
+                 calibration_dir: str | Path | None = None, policy_name: str = "this policy"):
+        self.policy = policy
+        self.policy_name = policy_name
+        self._observations = observations
+        self._calibration_set: list[Observation] | None = None
+        self.calibration_dir = Path(calibration_dir or default_calibration_dir(policy)
+                                    or tempfile.mkdtemp(prefix="vla-calibration-"))
+        self.active: ProfileHandle | None = None
+
+    def check(self, profile: Profile) -> None:
+        """Raises, naming both, when the profile does not fit the policy; nothing is applied."""
+        compatible_methods(self.policy, profile, self.policy_name)
+
+    def apply(self, profile: Profile) -> ProfileHandle:
+        self.remove()
+        self.active = self._apply(profile)
+        return self.active
+
+    def remove(self) -> None:
+        if self.active is not None:
+            self.active.remove()
+            self.active = None
+
+    def _calibration(self) -> list[Observation]:
+        if self._calibration_set is None:
+            if self._observations is None:
+                raise ValueError("this profile needs calibration observations, and no source was given")
+            self._calibration_set = self._observations()
+        return self._calibration_set
+
+    def _apply(self, profile: Profile) -> ProfileHandle:
+        policy = self.policy
+        handles: list[Handle] = []
+        applied: list[dict] = []
+        try:
+            for method in compatible_methods(policy, profile, self.policy_name):
+                config = method.make_config(profile.methods[method.name])
+                artifact = None
+                if method.needs_calibration(config):
+                    # The weights and what was applied before change what this method measures: both name it.
+                    context = hashlib.sha256(json.dumps([weights_fingerprint(policy), applied, asdict(config)],
+                                                        sort_keys=True).encode()).hexdigest()[:8]
+                    path = self.calibration_dir / f"{method.name}-{context}.json"
+                    if path.exists():
+                        artifact = load_artifact(path, method.name)
+                    else:
+                        artifact = {**method.calibrate(policy, self._calibration(), config), "applied_before": applied}
                         save_artifact(path, artifact)
-            handles.append(spec.apply(policy, config, artifact))
-            applied = [*applied, {method: asdict(config)}]
-    except BaseException:
-        for handle in reversed(handles):
-            handle.remove()
-        raise
-    return ProfileHandle(profile, handles)
+                handles.append(method.apply(policy, config, artifact))
+                applied = [*applied, {method.name: asdict(config)}]
+        except BaseException:
+            for handle in reversed(handles):
+                handle.remove()
+            raise
+        return ProfileHandle(profile, handles)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
-from vla_runtime.types import Policy
+from vla_runtime.accel.attention import visual_relevance
+from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.hooks import Handle, ModelHook, add_hook
+from vla_runtime.types import LanguageModel, Policy
 
 STRATEGIES = ("efficientvla", "dart", "attention_topk", "random")
 
@@ -44,27 +46,6 @@ class TokenSelectConfig:
             raise ValueError(f"Unknown token_select strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
         if self.keep < 1 or self.layer < 0:
             raise ValueError("token_select keep must be >= 1 and layer >= 0")
-
-
-def _relevance(layer, hidden: torch.Tensor, position_embeddings, span: tuple[int, int],
-               mask: torch.Tensor) -> torch.Tensor:
-    """[B, N_visual]: attention from the tokens after the image to each visual token, at `layer`."""
-    attention = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    shape = (*hidden.shape[:-1], -1, attention.head_dim)
-    queries = attention.q_proj(normed).view(shape).transpose(1, 2)
-    keys = attention.k_proj(normed).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
-    start, end = span
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-    scores = queries[:, :, end:] @ keys.transpose(-1, -2) * attention.scaling  # [B, H, Q_after, K_all]
-    causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=hidden.device).tril(diagonal=end)
-    scores = scores.masked_fill(~(causal & mask[:, None, None, :].bool()), float("-inf"))
-    weights = scores.softmax(-1)
-    query_mask = mask[:, None, end:, None].float()  # padded instruction tokens do not vote
-    votes = (weights * query_mask).sum(dim=(1, 2)) / (query_mask.sum(dim=(1, 2)) * weights.shape[1]).clamp_min(1)
-    return votes[:, start:end]
 
 
 def _farthest_points(features: torch.Tensor, chosen: list[int], count: int) -> list[int]:
@@ -90,7 +71,7 @@ def select_visual_tokens(config: TokenSelectConfig, layer, hidden: torch.Tensor,
     keep = min(config.keep, end - start)
     chosen_rows = []
     if config.strategy in ("attention_topk", "efficientvla"):
-        relevance = _relevance(layer, hidden, position_embeddings, span, mask)
+        relevance = visual_relevance(layer, hidden, position_embeddings, span, mask)
     for row in range(hidden.shape[0]):
         if config.strategy == "random":
             chosen = torch.randperm(end - start, generator=generator)[:keep].tolist()
@@ -111,9 +92,9 @@ def select_visual_tokens(config: TokenSelectConfig, layer, hidden: torch.Tensor,
 
 
 class TokenSelectHook(ModelHook):
-    def __init__(self, config: TokenSelectConfig, span_fn):
+    def __init__(self, config: TokenSelectConfig, lm: LanguageModel):
         self.config = config
-        self.span_fn = span_fn
+        self.lm = lm
         self.generator = torch.Generator().manual_seed(config.seed)
         self.kept_tokens: list[int] = []
 
@@ -122,7 +103,7 @@ class TokenSelectHook(ModelHook):
 
     def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
-        start, end = self.span_fn()
+        start, end = self.lm.visual_token_span()
         if self.config.keep >= end - start:
             return call_next(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
@@ -135,11 +116,11 @@ class TokenSelectHook(ModelHook):
             self.kept_tokens.append(chosen.shape[1])
             return chosen + start
 
-        hidden = run_with_selection(lm, inputs_embeds, attention_mask, self.config.layer, (start, end), selector)
+        hidden = run_with_selection(self.lm, inputs_embeds, attention_mask, self.config.layer, (start, end), selector)
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=None)
 
 
-def run_with_selection(lm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, at_layer: int,
+def run_with_selection(lm: LanguageModel, embeds: torch.Tensor, attention_mask: torch.Tensor | None, at_layer: int,
                        span: tuple[int, int], selector) -> torch.Tensor:
     """The Llama forward, with the visual tokens of `span` narrowed to `selector(...)` (absolute
     indices, [B, K]) at the input of layer `at_layer`. Returns the final normed hidden states."""
@@ -165,16 +146,20 @@ def run_with_selection(lm, embeds: torch.Tensor, attention_mask: torch.Tensor | 
     return lm.norm(hidden)
 
 
-def apply(policy: Policy, config: TokenSelectConfig) -> Handle:
-    layers = policy.structure.require("lm_layers", "token_select")
-    span_fn = policy.structure.require("visual_token_span", "token_select")
-    lm = getattr(policy.model, "lm", None)
-    if lm is None or lm.layers is not layers:
-        raise ValueError("token_select needs lm_layers to be the `layers` list of the policy's model.lm")
-    if policy.structure.ar_decode_loop is not None:
-        raise ValueError("token_select cannot run on a policy with an autoregressive decode loop: its decode loop "
-                         "reads a KV cache of the full prefix")
-    if config.layer >= len(layers):
-        raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(layers)} layers")
-    hook = TokenSelectHook(config, span_fn)
-    return Handle("token_select", [add_hook(lm, "token_select", hook)], info={"hook": hook})
+def apply(policy: Policy, config: TokenSelectConfig, artifact: dict | None = None) -> Handle:
+    lm = policy.structure.require("language_model", "token_select")
+    if config.layer >= len(lm.layers):
+        raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(lm.layers)} layers")
+    hook = TokenSelectHook(config, lm)
+    return Handle("token_select", [add_hook(lm.module, "token_select", hook)], info={"hook": hook})
+
+
+def _stats(info: dict) -> dict:
+    kept = info["hook"].kept_tokens
+    return {"kept_visual_tokens": int(np.mean(kept)) if kept else None}
+
+
+METHOD = register_method(AccelMethod(
+    "token_select", TokenSelectConfig, apply, requires=("language_model",), order=20, stats=_stats,
+    excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix"),
+    exclusive_with={"visual_kv_reuse": "both replace the language model's forward pass"}))

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from vla_runtime.accel.hooks import Handle, ModelHook, add_hook
-from vla_runtime.accel.token_select import _relevance
-from vla_runtime.types import Policy
+from vla_runtime.accel.attention import visual_relevance
+from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.hooks import Handle, ModelHook, add_hook
+from vla_runtime.types import LanguageModel, Policy
 
 
 @dataclass
@@ -40,9 +42,9 @@ class VisualKVReuseConfig:
 
 
 class VisualKVReuseHook(ModelHook):
-    def __init__(self, config: VisualKVReuseConfig, span_fn):
+    def __init__(self, config: VisualKVReuseConfig, lm: LanguageModel):
         self.config = config
-        self.span_fn = span_fn
+        self.lm = lm
         self.reused_tokens: list[int] = []  # static visual tokens per call, for benchmarks
         self.reset_state(None)
 
@@ -68,25 +70,26 @@ class VisualKVReuseHook(ModelHook):
                     inputs_embeds=None, use_cache=None, **kwargs):
         if use_cache or cache is not None or inputs_embeds is None or position_ids is not None:
             raise ValueError("visual_kv_reuse serves the cache-free prefix pass of a policy (the DiT variant)")
-        span = self.span_fn()
+        span = self.lm.visual_token_span()
         batch, length = inputs_embeds.shape[:2]
         mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(batch, length, dtype=torch.long)
         static = self._static_tokens(inputs_embeds, span)
         if static is None:
-            output = self._full_pass(lm, call_next, inputs_embeds, mask, span)
+            output = self._full_pass(call_next, inputs_embeds, mask, span)
             self.frames_since_full = 0
             self.reused_tokens.append(0)
         else:
-            hidden = self._partial_pass(lm, inputs_embeds, mask, span, static)
+            hidden = self._partial_pass(inputs_embeds, mask, span, static)
             output = BaseModelOutputWithPast(last_hidden_state=hidden, cache=None)
             self.frames_since_full += 1
             self.reused_tokens.append(int(static.sum()))
         self.previous_embeds = inputs_embeds.detach()
         return output
 
-    def _full_pass(self, lm, call_next, embeds, mask, span):
+    def _full_pass(self, call_next, embeds, mask, span):
         """The original forward (bit-identical output), recording every layer's keys / values and the
         instruction's attention to the visual tokens."""
+        lm = self.lm
         keys, values, handles = [None] * len(lm.layers), [None] * len(lm.layers), []
 
         def store(target, index):
@@ -96,7 +99,7 @@ class VisualKVReuseHook(ModelHook):
 
         def relevance(layer, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            scores = _relevance(layer, hidden, kwargs["position_embeddings"], span, mask)
+            scores = visual_relevance(layer, hidden, kwargs["position_embeddings"], span, mask)
             share = max(1, round(self.config.relevant_share * scores.shape[1])) if self.config.relevant_share else 0
             relevant = torch.zeros_like(scores, dtype=torch.bool)
             if share:
@@ -116,7 +119,8 @@ class VisualKVReuseHook(ModelHook):
         self.keys, self.values = keys, values
         return output
 
-    def _partial_pass(self, lm, embeds, mask, span, static):
+    def _partial_pass(self, embeds, mask, span, static):
+        lm = self.lm
         start, end = span
         batch, length = embeds.shape[:2]
         recompute = torch.ones(length, dtype=torch.bool, device=embeds.device)
@@ -147,15 +151,17 @@ class VisualKVReuseHook(ModelHook):
         return lm.norm(hidden)
 
 
-def apply(policy: Policy, config: VisualKVReuseConfig | None = None) -> Handle:
-    config = config or VisualKVReuseConfig()
-    layers = policy.structure.require("lm_layers", "visual_kv_reuse")
-    span_fn = policy.structure.require("visual_token_span", "visual_kv_reuse")
-    if policy.structure.ar_decode_loop is not None:
-        raise ValueError("visual_kv_reuse cannot run on a policy with an autoregressive decode loop: its decode "
-                         "loop reads a KV cache of the full prefix")
-    lm = getattr(policy.model, "lm", None)
-    if lm is None or lm.layers is not layers:
-        raise ValueError("visual_kv_reuse needs lm_layers to be the `layers` list of the policy's model.lm")
-    hook = VisualKVReuseHook(config, span_fn)
-    return Handle("visual_kv_reuse", [add_hook(lm, "visual_kv_reuse", hook)], info={"hook": hook})
+def apply(policy: Policy, config: VisualKVReuseConfig | None = None, artifact: dict | None = None) -> Handle:
+    lm = policy.structure.require("language_model", "visual_kv_reuse")
+    hook = VisualKVReuseHook(config or VisualKVReuseConfig(), lm)
+    return Handle("visual_kv_reuse", [add_hook(lm.module, "visual_kv_reuse", hook)], info={"hook": hook})
+
+
+def _stats(info: dict) -> dict:
+    reused = info["hook"].reused_tokens
+    return {"mean_reused_visual_tokens": float(np.mean(reused)) if reused else None}
+
+
+METHOD = register_method(AccelMethod(
+    "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), order=30, stats=_stats,
+    excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix")))  # and token_select: see there

@@ -8,9 +8,7 @@ the same noise seed.
 
 from __future__ import annotations
 
-import functools
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,24 +19,24 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from vla_runtime.accel.hooks import ModelHook, add_hook
-from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile, compatible_methods, load_profiles
+from vla_runtime.accel.profiles import Accelerator, Profile, load_profiles
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     as_dict,
     command_line,
     friendly_errors,
-    policy_spec,
+    policy_factory,
     positive_int,
-    sim_config,
+    suite,
     task_list,
     write_json,
 )
 from vla_runtime.cli.eval import realtime_options, worker_accel
-from vla_runtime.policies import make_policy
+from vla_runtime.hooks import ModelHook, add_hook
 from vla_runtime.sim.metrics import summarize, wilson_interval
-from vla_runtime.sim.observations import MEASUREMENT_SEEDS, expert_observations, expert_sequences
-from vla_runtime.sim.runner import default_calibration_dir, evaluate
+from vla_runtime.sim.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
+from vla_runtime.sim.runner import evaluate
+from vla_runtime.sim.suite import Suite
 from vla_runtime.types import Observation, Policy
 
 
@@ -56,41 +54,27 @@ class _Timer(ModelHook):
             self.elapsed_s += time.perf_counter() - started
 
 
-def _method_summary(handle) -> dict:
-    summary = {}
-    for method, info in ((h.method, h.info) for h in handle.handles):
-        if method == "layer_prune":
-            summary[method] = {"removed_layers": info["removed"]}
-        elif method == "head_cache":
-            branches = info["branches"].values()
-            computed, reused = sum(b.computed for b in branches), sum(b.reused for b in branches)
-            summary[method] = {"branch_updates_share": computed / max(1, computed + reused)}
-        elif method == "parallel_decode":
-            passes = info["hook"].passes
-            summary[method] = {"mean_passes": float(np.mean(passes)) if passes else None}
-        elif method == "visual_kv_reuse":
-            reused = info["hook"].reused_tokens
-            summary[method] = {"mean_reused_visual_tokens": float(np.mean(reused)) if reused else None}
-        elif method == "token_select":
-            kept = info["hook"].kept_tokens
-            summary[method] = {"kept_visual_tokens": int(np.mean(kept)) if kept else None}
-        else:
-            summary[method] = {}
-    return summary
+def action_head(policy: Policy):
+    """The module whose time counts as the action head's: the denoising step or the AR decode loop."""
+    structure = policy.structure
+    if structure.denoising_head is not None:
+        return structure.denoising_head.step
+    return structure.ar_decoder.loop if structure.ar_decoder is not None else None
 
 
-def measure(policy: Policy, profiles: list[Profile], sequences: list[list[Observation]], rounds: int,
-            apply) -> dict[str, dict]:
+def measure(accelerator: Accelerator, profiles: list[Profile], sequences: list[list[Observation]],
+            rounds: int) -> dict[str, dict]:
     """Per profile: latency and head-time samples (interleaved rounds), FLOPs of one inference, actions.
     The policy is reset at the start of each sequence only, so methods that carry state from frame to
     frame (visual_kv_reuse) are measured as a control loop would run them."""
-    head = policy.structure.denoising_loop or policy.structure.ar_decode_loop
+    policy = accelerator.policy
+    head = action_head(policy)
     timer = _Timer()
     remove_timer = add_hook(head, "bench_timer", timer) if head is not None else (lambda: None)
     runs = {p.name: {"latency_s": [], "head_s": []} for p in profiles}
     try:
         for profile in tqdm(profiles, desc="actions and FLOPs", unit="profile"):
-            handle = apply(profile)
+            handle = accelerator.apply(profile)
             try:
                 actions = []
                 for sequence in sequences:
@@ -101,14 +85,14 @@ def measure(policy: Policy, profiles: list[Profile], sequences: list[list[Observ
                     for obs in sequences[0]:
                         policy.predict_chunk(obs)
                 runs[profile.name].update(actions=np.stack(actions), flops=flops.get_total_flops(),
-                                          methods=_method_summary(handle))
+                                          methods=handle.stats())
             finally:
-                handle.remove()
+                accelerator.remove()
         bar = tqdm(total=rounds * len(profiles), desc="latency (interleaved)", unit="profile-round")
         for round_index in range(rounds):
             start = round_index % len(profiles)
             for profile in profiles[start:] + profiles[:start]:
-                handle = apply(profile)
+                accelerator.apply(profile)
                 try:
                     for sequence in sequences:
                         policy.reset()
@@ -119,7 +103,7 @@ def measure(policy: Policy, profiles: list[Profile], sequences: list[list[Observ
                             runs[profile.name]["latency_s"].append(time.perf_counter() - started)
                             runs[profile.name]["head_s"].append(timer.elapsed_s)
                 finally:
-                    handle.remove()
+                    accelerator.remove()
                 bar.update()
         bar.close()
     finally:
@@ -149,16 +133,15 @@ def summarize_runs(runs: dict[str, dict], has_head: bool) -> dict[str, dict]:
     return table
 
 
-def success_runs(cfg: DictConfig, policy_name: str, policy_options: dict, profiles: list[Profile],
-                 tasks: list[str], calibration_dir: str | None) -> dict[str, dict]:
-    sim = sim_config(cfg)
+def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, profiles: list[Profile],
+                 tasks: list[str], calibration_dir: str) -> dict[str, dict]:
     out: dict[str, dict] = {p.name: {} for p in profiles}
     for profile in profiles:
         accel = worker_accel(profile, cfg, policy_name, tasks, calibration_dir)
         for mode in cfg.success_modes:
             runtime = OmegaConf.merge(cfg.runtime, {"mode": mode})
             print(f"success: {profile.name}, {mode}")
-            episodes = evaluate(functools.partial(make_policy, policy_name, **policy_options), sim, tasks,
+            episodes = evaluate(factory, sim, tasks,
                                 positive_int(cfg, "episodes_per_task"), workers=positive_int(cfg, "workers"),
                                 realtime=realtime_options(runtime), accel=accel)
             summary = summarize(episodes, tasks)
@@ -236,31 +219,25 @@ def plot(bench: dict, path: Path) -> None:
 
 def run(cfg: DictConfig, command: str | None = None) -> dict:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
-    sim = sim_config(cfg)
-    tasks = task_list(cfg)
-    policy_name, policy_options = policy_spec(cfg)
+    sim = suite(cfg)
+    tasks = task_list(cfg, sim)
+    policy_name, factory = policy_factory(cfg, sim)
     profiles = load_profiles(cfg.accel if isinstance(cfg.accel, str) else as_dict(cfg.accel))
     output_dir = Path(cfg.output_dir)
-    policy = make_policy(policy_name, **policy_options)
-    # Random-weight policies have no checkpoint to keep artifacts next to: keep them for this run only.
-    calibration_dir = cfg.calibration_dir or default_calibration_dir(policy)
-    if calibration_dir is None:
-        calibration_dir = tempfile.mkdtemp(prefix="vla-bench-calibration-")
-    calibration_set = functools.cache(functools.partial(
-        expert_observations, tasks, positive_int(cfg, "calibration_per_task"), sim))
-
-    def apply(profile: Profile) -> ProfileHandle:
-        return apply_profile(policy, profile, calibration_dir, calibration_set, policy_name=policy_name)
-
+    policy = factory()
+    sim.check_policy(policy, policy_name)
+    accelerator = Accelerator(policy, calibration_source(sim, tasks, positive_int(cfg, "calibration_per_task")),
+                              cfg.calibration_dir, policy_name)
     for profile in profiles:  # every incompatibility is reported before anything is calibrated or measured
-        compatible_methods(policy, profile, policy_name)
-    sequences = expert_sequences(tasks, positive_int(cfg, "measurement_per_task"), sim,
+        accelerator.check(profile)
+    sequences = expert_sequences(sim, tasks, positive_int(cfg, "measurement_per_task"),
                                  seed_offset=MEASUREMENT_SEEDS, frames=positive_int(cfg, "frames_per_sequence"))
-    has_head = (policy.structure.denoising_loop or policy.structure.ar_decode_loop) is not None
-    runs = measure(policy, profiles, sequences, positive_int(cfg, "rounds"), apply)
-    table = summarize_runs(runs, has_head)
+    runs = measure(accelerator, profiles, sequences, positive_int(cfg, "rounds"))
+    table = summarize_runs(runs, action_head(policy) is not None)
     if cfg.with_success:
-        for name, success in success_runs(cfg, policy_name, policy_options, profiles, tasks, calibration_dir).items():
+        # The workers find the artifacts calibrated above in the same directory.
+        calibration_dir = str(accelerator.calibration_dir)
+        for name, success in success_runs(cfg, sim, factory, policy_name, profiles, tasks, calibration_dir).items():
             table[name]["success"] = success
     bench = {"command": command, "policy": policy_name, "tasks": tasks,
              "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",

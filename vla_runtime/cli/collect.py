@@ -15,11 +15,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import friendly_errors, positive_int, sim_config, task_list
+from vla_runtime.cli.common import friendly_errors, positive_int, suite, task_list
 from vla_runtime.data.episodes import EpisodeStore
-from vla_runtime.policies.scripted import MetaWorldExpert
-from vla_runtime.sim.metaworld_suite import MetaWorldConfig, MetaWorldEnv
 from vla_runtime.sim.runner import WorkerPool, run_episode
+from vla_runtime.sim.suite import Env, Suite
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +32,20 @@ class CollectJob:
 class CollectWorker:
     """Rolls out the expert from one seed and writes the episode if it succeeded."""
 
-    def __init__(self, sim: MetaWorldConfig, root: str):
+    def __init__(self, sim: Suite, root: str):
         self.sim = sim
         self.store = EpisodeStore(root)
-        self.expert = MetaWorldExpert()
-        self.envs: dict[str, MetaWorldEnv] = {}
+        self.expert = sim.expert()
+        self.envs: dict[str, Env] = {}
 
     def run(self, job: CollectJob) -> tuple[CollectJob, bool]:
         if job.task not in self.envs:
-            self.envs[job.task] = MetaWorldEnv(job.task, self.sim, render=True)
+            self.envs[job.task] = self.sim.make_env(job.task, render=True)
         env = self.envs[job.task]
         result = run_episode(env, self.expert, job.seed, keep_trajectory=True)
         if result.success:
-            self.store.write(result.trajectory.to_episode(job.task, env.instruction, job.seed, True))
+            self.store.write(result.trajectory.to_episode(job.task, self.sim.task_id(job.task), env.instruction,
+                                                          job.seed, True))
         return job, result.success
 
     def close(self) -> None:
@@ -53,17 +53,10 @@ class CollectWorker:
             env.close()
 
 
-def sim_settings(sim: MetaWorldConfig) -> dict:
-    """What decides how the stored images look; a resumed collection must match it."""
-    return {"sim": "metaworld", "cameras": list(sim.cameras), "image_size": sim.image_size,
-            "rotate_180": list(sim.rotate_180), "goal_marker_radius": sim.goal_marker_radius,
-            "max_steps": {**sim.max_steps, "default": sim.default_max_steps}}
-
-
-def collect(sim: MetaWorldConfig, tasks: list[str], episodes_per_task: int, output_dir: str | Path,
+def collect(sim: Suite, tasks: list[str], episodes_per_task: int, output_dir: str | Path,
             max_attempts_per_task: int, workers: int = 1, progress: bool = True) -> dict[str, int]:
     """Returns the number of episodes per task now in the dataset."""
-    store = EpisodeStore(output_dir, sim_settings(sim), create=True)
+    store = EpisodeStore(output_dir, sim.settings(), create=True)
     removed = store.remove_partial_episodes()
     if removed:
         log.warning("Removed %d partial episode(s) left by an interrupted run: %s", len(removed), removed)
@@ -111,7 +104,8 @@ def collect(sim: MetaWorldConfig, tasks: list[str], episodes_per_task: int, outp
 def main(cfg: DictConfig) -> None:
     episodes_per_task = positive_int(cfg, "episodes_per_task")
     max_attempts = cfg.max_attempts_per_task or 3 * episodes_per_task
-    kept = collect(sim_config(cfg), task_list(cfg), episodes_per_task, cfg.output_dir, max_attempts,
+    sim = suite(cfg)
+    kept = collect(sim, task_list(cfg, sim), episodes_per_task, cfg.output_dir, max_attempts,
                    workers=positive_int(cfg, "workers"))
     per_task = ", ".join(f"{task} {n}" for task, n in kept.items())
     print(f"{sum(kept.values())} episodes in {cfg.output_dir}: {per_task}")

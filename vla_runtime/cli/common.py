@@ -11,7 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vla_runtime.sim.metaworld_suite import MetaWorldConfig, resolve_tasks
+from vla_runtime.sim.suite import Suite
+from vla_runtime.types import Policy
 
 
 class UsageError(Exception):
@@ -22,15 +23,18 @@ def as_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def sim_config(cfg: DictConfig) -> MetaWorldConfig:
-    if cfg.sim.name != "metaworld":
-        raise UsageError(f"Unknown simulator '{cfg.sim.name}'. Available: metaworld")
-    return MetaWorldConfig.from_mapping(as_dict(cfg.sim))
+def suite(cfg: DictConfig) -> Suite:
+    """The simulator suite of the `sim` config group (`sim.name`, its options); `default_tasks` is the CLI's."""
+    from vla_runtime.sim import make_suite
+
+    options = as_dict(cfg.sim)
+    options.pop("default_tasks", None)
+    return make_suite(options.pop("name"), **options)
 
 
-def task_list(cfg: DictConfig) -> list[str]:
+def task_list(cfg: DictConfig, sim: Suite) -> list[str]:
     tasks = OmegaConf.to_container(cfg.tasks) if OmegaConf.is_list(cfg.tasks) else cfg.tasks
-    return resolve_tasks(tasks)
+    return sim.resolve_tasks(tasks)
 
 
 def policy_spec(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -42,6 +46,14 @@ def policy_spec(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     if name not in policy_names():
         raise UsageError(f"Unknown policy '{name}'. Registered policies: {', '.join(policy_names())}")
     return name, options
+
+
+def policy_factory(cfg: DictConfig, sim: Suite | None) -> tuple[str, Callable[[], Policy]]:
+    """(policy name, a picklable zero-argument factory) from the `policy` group, for the suite `sim`."""
+    from vla_runtime.policies import make_policy
+
+    name, options = policy_spec(cfg)
+    return name, functools.partial(make_policy, name, suite=sim, **options)
 
 
 def positive_int(cfg: DictConfig, key: str) -> int:

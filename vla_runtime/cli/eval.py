@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import hydra
@@ -15,15 +14,15 @@ from vla_runtime.cli.common import (
     as_dict,
     command_line,
     friendly_errors,
-    policy_spec,
+    policy_factory,
     positive_int,
-    sim_config,
+    suite,
     task_list,
     write_json,
 )
-from vla_runtime.policies import make_policy
 from vla_runtime.sim.metrics import markdown_summary, summarize
 from vla_runtime.sim.runner import evaluate
+from vla_runtime.sim.suite import Suite
 
 
 def realtime_options(runtime: DictConfig) -> dict | None:
@@ -56,14 +55,13 @@ def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict |
     return worker_accel(load_profile(spec, as_dict(cfg.accel_options)), cfg, policy_name, tasks, cfg.calibration_dir)
 
 
-def episode_dataset(cfg: DictConfig, output_dir: Path) -> str | None:
+def episode_dataset(cfg: DictConfig, sim: Suite, output_dir: Path) -> str | None:
     """`save_episodes=true`: output_dir/episodes, an episode dataset vla-replay reads."""
     if not cfg.save_episodes:
         return None
-    from vla_runtime.cli.collect import sim_settings
     from vla_runtime.data.episodes import EpisodeStore
 
-    store = EpisodeStore(output_dir / "episodes", sim_settings(sim_config(cfg)), create=True)
+    store = EpisodeStore(output_dir / "episodes", sim.settings(), create=True)
     if len(store):
         raise UsageError(f"{store.root} already holds {len(store)} episodes; use another output_dir")
     return str(store.root)
@@ -78,15 +76,15 @@ def describe_runtime(runtime: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, command: str | None = None) -> dict:
-    sim = sim_config(cfg)
-    tasks = task_list(cfg)
+    sim = suite(cfg)
+    tasks = task_list(cfg, sim)
     episodes_per_task = positive_int(cfg, "episodes_per_task")
-    policy_name, policy_options = policy_spec(cfg)
+    policy_name, factory = policy_factory(cfg, sim)
     output_dir = Path(cfg.output_dir)
     realtime = realtime_options(cfg.runtime)
     accel = accel_options(cfg, policy_name, tasks)
     episodes = evaluate(
-        functools.partial(make_policy, policy_name, **policy_options),
+        factory,
         sim,
         tasks,
         episodes_per_task,
@@ -95,7 +93,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         video_dir=str(output_dir / "videos") if cfg.video else None,
         realtime=realtime,
         accel=accel,
-        episodes_dir=episode_dataset(cfg, output_dir),
+        episodes_dir=episode_dataset(cfg, sim, output_dir),
     )
     results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": cfg.runtime.mode,
                "runtime": as_dict(cfg.runtime),

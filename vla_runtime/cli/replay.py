@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import math
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,25 +24,24 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from vla_runtime.accel.profiles import Profile, apply_profile, compatible_methods, load_profile, load_profiles
+from vla_runtime.accel.profiles import Accelerator, Profile, default_calibration_dir, load_profile, load_profiles
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     UsageError,
     as_dict,
     command_line,
     friendly_errors,
-    policy_spec,
+    policy_factory,
     positive_int,
+    suite,
     write_json,
 )
-from vla_runtime.control.governor import BudgetGovernor
-from vla_runtime.control.governor import Profile as GovernorProfile
+from vla_runtime.control.executor import SyncExecutor
+from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.loop import percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.data.episodes import Episode
 from vla_runtime.data.sources import LeRobotKeys, SourceError, TopicMap, logged_episodes
-from vla_runtime.policies import make_policy
-from vla_runtime.sim.runner import default_calibration_dir
 from vla_runtime.types import Observation, Policy
 
 matplotlib.use("Agg")
@@ -69,30 +67,18 @@ def episode_observation(episode: Episode, step: int) -> Observation:
 
 
 def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: ReuseGate) -> ProfileReplay:
-    policy.reset()
-    gate.reset()
-    replay = ProfileReplay(np.zeros_like(episode.action, dtype=np.float32))
-    last_chunk = None
-    for step in range(0, episode.length, query_every):
-        obs = episode_observation(episode, step)
-        reuse = False
-        if last_chunk is not None and not isinstance(gate, NeverReuse):
-            started = time.perf_counter()
-            reuse = gate.should_reuse(obs, last_chunk)
-            replay.gate_s.append(time.perf_counter() - started)
-        if reuse:
-            replay.reuses += 1  # the loop re-queues the last chunk from this tick on
-        else:
-            started = time.perf_counter()
-            last_chunk = policy.predict_chunk(obs)
-            replay.latency_s.append(time.perf_counter() - started)
-            gate.on_inference(obs, last_chunk)
-        count = min(query_every, episode.length - step)
-        if last_chunk.horizon < count:
-            raise ValueError(f"The policy predicts {last_chunk.horizon} actions per chunk, fewer than "
+    """The synchronous protocol over the logged frames: a chunk every `query_every` steps (or the last
+    one again, when the gate says so), its first `query_every` actions standing for the next steps."""
+    executor = SyncExecutor(policy, query_every, gate)
+    executor.reset()
+    predicted = np.zeros_like(episode.action, dtype=np.float32)
+    for step in range(episode.length):
+        obs = episode_observation(episode, step) if executor.needs_observation else None
+        predicted[step] = executor.act(obs)
+        if executor.last_chunk.horizon < query_every:
+            raise ValueError(f"The policy predicts {executor.last_chunk.horizon} actions per chunk, fewer than "
                              f"query_every={query_every}")
-        replay.predicted[step: step + count] = last_chunk.actions[:count]
-    return replay
+    return ProfileReplay(predicted, executor.latency_s, executor.reuses, executor.gate_s)
 
 
 def calibration_frames(episode: Episode, count: int) -> list[Observation]:
@@ -101,30 +87,28 @@ def calibration_frames(episode: Episode, count: int) -> list[Observation]:
 
 
 class Replayer:
-    """Holds the policy; replays each episode under the reference pass and every profile in turn."""
+    """Replays each episode under the reference pass and every profile in turn. Methods that calibrate
+    see frames of the first episode."""
 
     def __init__(self, policy: Policy, policy_name: str, profiles: list[Profile], calibration_dir: str,
                  calibration_count: int, query_every: int):
         self.policy = policy
-        self.policy_name = policy_name
         self.profiles = profiles
-        self.calibration_dir = calibration_dir
-        self.calibration_count = calibration_count
         self.query_every = query_every
-        self._calibration_set: list[Observation] | None = None
+        self._first_episode: Episode | None = None
+        self.accelerator = Accelerator(policy, lambda: calibration_frames(self._first_episode, calibration_count),
+                                       calibration_dir, policy_name)
 
     def run(self, episode: Episode) -> dict[str, ProfileReplay]:
-        if self._calibration_set is None:  # methods that calibrate see frames of the first episode
-            self._calibration_set = calibration_frames(episode, self.calibration_count)
+        self._first_episode = self._first_episode or episode
         replays = {REFERENCE: replay_episode(self.policy, episode, self.query_every, NeverReuse())}
         for profile in self.profiles:
-            handle = apply_profile(self.policy, profile, self.calibration_dir, lambda: self._calibration_set,
-                                   policy_name=self.policy_name)
+            handle = self.accelerator.apply(profile)
             try:
                 replays[profile.name] = replay_episode(self.policy, episode, self.query_every,
                                                        handle.reuse_gate or NeverReuse())
             finally:
-                handle.remove()
+                self.accelerator.remove()
         return replays
 
 
@@ -183,7 +167,7 @@ def aggregate(episodes: list[dict], profile_names: list[str]) -> dict[str, dict]
 def governor_decisions(table: dict, episodes: list[dict], budget_ms: float) -> dict:
     """Replays the measured latencies through the budget governor: the profile it starts with, each switch,
     and where it ends. Fidelity: lower action deviation from `none` is more faithful."""
-    profiles = [GovernorProfile(name, row["latency_ms_p95"], -row["action_mse_vs_none"]) for name, row in table.items()
+    profiles = [Candidate(name, row["latency_ms_p95"], -row["action_mse_vs_none"]) for name, row in table.items()
                 if row["latency_ms_p95"] is not None]
     governor = BudgetGovernor(profiles, budget_ms)
     initial = governor.current.name
@@ -289,7 +273,8 @@ def write_report(output_dir: Path, report: dict, episodes: list[dict], names: li
 # ---- command ------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, command: str | None = None) -> dict:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
-    policy_name, policy_options = policy_spec(cfg)
+    sim = suite(cfg)
+    policy_name, factory = policy_factory(cfg, sim)
     specs = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
     options = as_dict(cfg.accel_options)
     profiles = load_profiles(specs, with_baseline=False)
@@ -298,19 +283,19 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         raise UsageError(f"accel_options for {unused}, which none of the profiles {[p.name for p in profiles]} uses")
     # Each option goes to the profiles that use its method.
     profiles = [load_profile(p, {m: s for m, s in options.items() if m in p.methods}) for p in profiles]
-    policy = make_policy(policy_name, **policy_options)
-    for profile in profiles:  # every incompatibility is reported before any replay
-        compatible_methods(policy, profile, policy_name)
-    query_every = cfg.query_every or getattr(policy, "actions_per_chunk", None) or 1
+    policy = factory()
+    query_every = cfg.query_every or policy.spec.actions_per_chunk or 1
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     calibration_dir = cfg.calibration_dir or default_calibration_dir(policy) or tempfile.mkdtemp(
         prefix="calibration-", dir=output_dir)
     replayer = Replayer(policy, policy_name, profiles, calibration_dir, positive_int(cfg, "calibration_frames"),
                         query_every)
-    topics = TopicMap(**as_dict(cfg.topics))
+    for profile in profiles:  # every incompatibility is reported before any replay
+        replayer.accelerator.check(profile)
+    topics = TopicMap(**{**as_dict(cfg.topics), "action_dim": cfg.topics.action_dim or policy.spec.action_dim})
     source = logged_episodes(cfg.source, cfg.source_type, topics, LeRobotKeys(**as_dict(cfg.lerobot)),
-                             cfg.instruction)
+                             cfg.instruction, task_of=sim.task_for_instruction)
     names = [p.name for p in profiles]
     report = {"command": command, "source": str(cfg.source), "policy": policy_name, "accel": names,
               "profile_methods": {p.name: p.methods for p in profiles}, "query_every": query_every,

@@ -10,16 +10,21 @@ from omegaconf import DictConfig
 
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import as_dict, friendly_errors, positive_int
+from vla_runtime.data.episodes import EpisodeStore
 from vla_runtime.data.torch_dataset import ActionChunkDataset
 from vla_runtime.policies.ref_vla.training import train as train_model
-from vla_runtime.sim.metaworld_suite import INSTRUCTIONS
+from vla_runtime.sim import make_suite
 
 
 def train(cfg: DictConfig) -> Path:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
     model_options = as_dict(cfg.model)
+    # The suite the demonstrations come from: its instructions (all tasks, so a model trained on a subset
+    # still tokenizes the others) and its control rate.
+    sim = make_suite(EpisodeStore(cfg.dataset).meta["sim"].get("sim", "metaworld"))
+    model_options.setdefault("control_dt", sim.spec.control_dt)
     dataset = ActionChunkDataset(cfg.dataset, chunk_size=model_options.get("chunk_size", 8))
-    return train_model(cfg, dataset, INSTRUCTIONS.values(), model_options)
+    return train_model(cfg, dataset, [sim.instruction(task) for task in sim.tasks()], model_options)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

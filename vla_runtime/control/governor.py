@@ -10,7 +10,9 @@ import numpy as np
 
 
 @dataclass
-class Profile:
+class Candidate:
+    """An acceleration profile as the governor sees it."""
+
     name: str
     latency_ms_p95: float  # measured offline (vla-bench)
     fidelity: float  # higher is better: success rate, or 1 - normalised action error
@@ -32,7 +34,7 @@ class BudgetGovernor:
     it steps up to a more faithful one that fits (by its measured latency where known).
     """
 
-    def __init__(self, profiles: list[Profile], budget_ms: float, hysteresis: float = 0.1, window: int = 20):
+    def __init__(self, profiles: list[Candidate], budget_ms: float, hysteresis: float = 0.1, window: int = 20):
         if not profiles:
             raise ValueError("The governor needs at least one profile")
         if budget_ms <= 0:
@@ -47,11 +49,11 @@ class BudgetGovernor:
         self._recent: deque[float] = deque(maxlen=window)
         self._calls = 0
 
-    def _best_fitting(self, limit_ms: float) -> Profile:
+    def _best_fitting(self, limit_ms: float) -> Candidate:
         fitting = [p for p in self.profiles if self.expected_ms[p.name] <= limit_ms]
         return fitting[0] if fitting else min(self.profiles, key=lambda p: self.expected_ms[p.name])
 
-    def observe(self, latency_ms: float) -> Profile:
+    def observe(self, latency_ms: float) -> Candidate:
         """Record one call's latency under the current profile; returns the profile for the next call."""
         self._calls += 1
         self._recent.append(latency_ms)

@@ -74,13 +74,37 @@ class LatencyModel:
         return float(self._rng.choice(self.samples_s))
 
 
+class _ThrottledWarning:
+    """A failing policy fails on every call (10 a second and more): the first failure is logged at once,
+    then at most one line per `interval_s` saying how many were not."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._last_s = -float("inf")
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_s < self.interval_s:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._last_s = self._suppressed, 0, now
+        log.warning("policy call failed: %s%s", message,
+                    f" ({suppressed} more failures in the last {self.interval_s:g} s)" if suppressed else "")
+
+
+_warn_policy_failure = _ThrottledWarning()
+
+
 def _call_policy(policy: Policy, obs: Observation) -> tuple[ActionChunk | None, float, str | None]:
     started = time.perf_counter()
     try:
         chunk, error = policy.predict_chunk(obs), None
     except Exception as exc:  # the loop counts it and holds the robot; it must not die of it
         chunk, error = None, f"{type(exc).__name__}: {exc}"
-        log.warning("policy call failed: %s", error)
+        _warn_policy_failure(error)
     return chunk, time.perf_counter() - started, error
 
 

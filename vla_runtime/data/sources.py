@@ -12,15 +12,15 @@ Anything unreadable raises `SourceError` naming the file (and topic); episodes a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from vla_runtime.data.episodes import Episode, EpisodeStore
+from vla_runtime.data.messages import MessageRejected, action_from_msg, image_from_msg, state_from_joint_state
 from vla_runtime.data.rosbag import BagError, bag_topic_names, read_bag
-from vla_runtime.ros.messages import MessageRejected, action_from_msg, image_from_msg, state_from_joint_state
 
 SOURCE_TYPES = ("auto", "dataset", "rosbag", "lerobot")
 
@@ -36,7 +36,7 @@ class TopicMap:
     joint_names: list[str] = field(default_factory=list)
     action: str = "/vla/action"
     action_type: str = "joint_trajectory"
-    action_dim: int = 4
+    action_dim: int | None = None  # None: what the replayed policy outputs (its spec)
     instruction: str = "/instruction"
 
     def roles(self) -> dict[str, str]:
@@ -64,9 +64,11 @@ def detect_source_type(path: Path) -> str:
 
 
 def logged_episodes(source: str | Path, source_type: str = "auto", topics: TopicMap | None = None,
-                    lerobot_keys: LeRobotKeys | None = None, instruction: str | None = None) -> Iterator[Episode]:
+                    lerobot_keys: LeRobotKeys | None = None, instruction: str | None = None,
+                    task_of: Callable[[str], str | None] | None = None) -> Iterator[Episode]:
     """Episodes of `source`, one at a time. `instruction` replaces (or, for bags without an instruction
-    topic, supplies) the language instruction."""
+    topic, supplies) the language instruction. `task_of(instruction)` names the task of a bag's episode
+    (a suite's `task_for_instruction`); without it, or when it knows none, the bag's name does."""
     path = Path(source)
     if not path.exists():
         raise SourceError(f"Replay source not found: {path}")
@@ -79,7 +81,7 @@ def logged_episodes(source: str | Path, source_type: str = "auto", topics: Topic
         bags = _bags(path)
         if not bags:
             raise SourceError(f"{path}: no ROS 2 bags (.mcap, .db3, rosbag2 directories) here")
-        episodes = (_bag_episode(bag, topics or TopicMap(), index) for index, bag in enumerate(bags))
+        episodes = (_bag_episode(bag, topics or TopicMap(), index, task_of) for index, bag in enumerate(bags))
     else:
         episodes = _lerobot_episodes(path, lerobot_keys or LeRobotKeys())
     for episode in episodes:
@@ -116,7 +118,7 @@ def _bags(path: Path) -> list[Path]:
     return sorted([*path.glob("*.mcap"), *path.glob("*.db3"), *(p.parent for p in path.glob("*/metadata.yaml"))])
 
 
-def _bag_episode(bag: Path, topics: TopicMap, index: int) -> Episode:
+def _bag_episode(bag: Path, topics: TopicMap, index: int, task_of: Callable[[str], str | None] | None) -> Episode:
     wanted = [*topics.images.values(), topics.joint_state, topics.action, topics.instruction]
     images: dict[str, list[np.ndarray]] = {camera: [] for camera in topics.images}
     states, actions, stamps = [], [], []
@@ -164,19 +166,10 @@ def _bag_episode(bag: Path, topics: TopicMap, index: int) -> Episode:
     if not actions:
         raise SourceError(f"{bag}: no action on '{topics.action}' came after an image and a joint state")
     start = stamps[0]
-    return Episode(task=_task_name(instruction, bag), task_id=-1, instruction=instruction, seed=index,
+    return Episode(task=(task_of and task_of(instruction)) or bag.stem, task_id=-1, instruction=instruction, seed=index,
                    success=False, images={camera: np.stack(frames) for camera, frames in images.items()},
                    state=np.stack(states), action=np.stack(actions).astype(np.float32),
                    timestamp=np.asarray(stamps) - start)
-
-
-def _task_name(instruction: str, bag: Path) -> str:
-    from vla_runtime.sim.metaworld_suite import task_for_instruction
-
-    try:
-        return task_for_instruction(instruction)
-    except ValueError:
-        return bag.stem
 
 
 def _lerobot_episodes(path: Path, keys: LeRobotKeys) -> Iterator[Episode]:

@@ -1,40 +1,45 @@
-"""Name -> policy factory. Policy modules register themselves; `make_policy` imports them lazily."""
+"""Name -> policy factory. A policy family is a module that registers its factories when imported and
+is found through the `vla_runtime.policies` entry point group (see `vla_runtime.plugins`)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from vla_runtime.plugins import Registry
 from vla_runtime.types import Policy
 
-_FACTORIES: dict[str, Callable[..., Policy]] = {}
-# Modules that register policies; imported on first lookup so `import vla_runtime` stays light.
-_POLICY_MODULES = ("vla_runtime.policies.scripted", "vla_runtime.policies.ref_vla.policy")
+
+@dataclass(frozen=True)
+class PolicyFactory:
+    build: Callable[..., Policy]
+    # The factory takes the simulator suite as its first argument (a suite's expert, a random policy or
+    # random weights shaped for the suite's robot); the others are built from their own checkpoints.
+    needs_suite: bool = False
 
 
-def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:
-    def decorator(factory: Callable[..., Policy]) -> Callable[..., Policy]:
-        if name in _FACTORIES:
-            raise ValueError(f"Policy '{name}' is registered twice")
-        _FACTORIES[name] = factory
-        return factory
+POLICIES: Registry[PolicyFactory] = Registry("policy", "vla_runtime.policies")
+
+
+def register_policy(name: str, needs_suite: bool = False) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:
+    def decorator(build: Callable[..., Policy]) -> Callable[..., Policy]:
+        POLICIES.register(name)(PolicyFactory(build, needs_suite))
+        return build
 
     return decorator
 
 
-def _load_modules() -> None:
-    for module in _POLICY_MODULES:
-        importlib.import_module(module)
-
-
 def policy_names() -> list[str]:
-    _load_modules()
-    return sorted(_FACTORIES)
+    return POLICIES.names()
 
 
-def make_policy(name: str, **options: Any) -> Policy:
-    _load_modules()
-    if name not in _FACTORIES:
-        raise ValueError(f"Unknown policy '{name}'. Registered policies: {', '.join(sorted(_FACTORIES))}")
-    return _FACTORIES[name](**options)
+def make_policy(name: str, suite: Any = None, **options: Any) -> Policy:
+    """Builds the policy registered as `name`. `suite`: the simulator suite it will run in, for the
+    policies that are built from one (required by those, ignored by the others)."""
+    factory = POLICIES.get(name)
+    if not factory.needs_suite:
+        return factory.build(**options)
+    if suite is None:
+        raise ValueError(f"Policy '{name}' is built from a simulator suite; none was given")
+    return factory.build(suite, **options)

@@ -6,9 +6,23 @@ to the parameters of each node; importing it needs no ROS.
 
 from __future__ import annotations
 
-CONTROL_KEYS = ("policy", "checkpoint", "accel", "control_hz", "budget_ms", "action_type", "log_bag")
-BRIDGE_KEYS = ("task", "max_steps", "action_type")
-LAUNCH_ARGUMENTS = (*CONTROL_KEYS, "use_sim", "task", "max_steps")
+CONTROL_KEYS = ("policy", "checkpoint", "suite", "accel", "control_hz", "budget_ms", "action_type", "log_bag")
+BRIDGE_KEYS = ("suite", "task", "max_steps", "action_type")
+# Every launch argument of launch/robot.launch.py, with what `ros2 launch ... --show-args` says about it.
+LAUNCH_ARGUMENTS = {
+    "policy": "registered policy of the control node (ref_dit, ref_ar, ...)",
+    "checkpoint": "checkpoint directory of that policy ('': the shipped one)",
+    "suite": "simulator suite of the bridge; also the control node's source of calibration frames",
+    "accel": "acceleration profile(s), '+'-joined: none, bac, efficientvla, flashvla+bac, ...",
+    "control_hz": "control ticks per second; the bridge steps the simulator at the same rate",
+    "budget_ms": "latency budget per policy call in ms (0: none); with control.accel_ladder the governor "
+                 "switches profiles to meet it",
+    "action_type": "action message: joint_trajectory, twist or float32_array (control node and bridge)",
+    "log_bag": "MCAP file the control node logs observations, actions, latency and faults to ('': none)",
+    "use_sim": "start the simulator bridge (false: a real robot publishes the sensor topics)",
+    "task": "task of the bridge's suite",
+    "max_steps": "bridge: steps before an episode is cut off",
+}
 
 
 def robot_defaults() -> dict:

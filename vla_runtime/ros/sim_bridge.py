@@ -1,11 +1,13 @@
-"""The simulator bridge: a Meta-World task on ROS 2 topics, stepped on the wall clock.
+"""The simulator bridge: a task of any registered suite (default Meta-World) on ROS 2 topics, stepped
+on the wall clock.
 
-Every step it applies the newest action command (zero motion, gripper held, when none arrived within
-`command_timeout_s`), publishes the joint state, and every `camera_hz` the camera images. Episode status
-(json on `episode_topic`, latched) says task, seed, step, success and done. When an episode ends it starts
-the next (`auto_reset`) or waits for ~/reset. `step_hz` below the simulator's 80 Hz runs it slower than
-real time, for machines that cannot render and infer that fast. With `start_on_command` the first
-episode waits (republishing its first frame) until the first action command arrives.
+Every step it applies the newest action command (when none arrived within `command_timeout_s`: zero,
+except the suite's held dimensions such as a gripper, which keep their last value), publishes the joint
+state, and every `camera_hz` the camera images. Episode status (json on `episode_topic`, latched) says
+task, seed, step, success and done. When an episode ends it starts the next (`auto_reset`) or waits for
+~/reset. `step_hz` below the suite's own rate (Meta-World: 80 Hz) runs it slower than real time, for
+machines that cannot render and infer that fast. With `start_on_command` the first episode waits
+(republishing its first frame) until the first action command arrives.
 """
 
 from __future__ import annotations
@@ -22,18 +24,11 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from vla_runtime.data.messages import MessageRejected, action_from_msg
+from vla_runtime.ros import parameters
 from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, spin_node
-from vla_runtime.ros.messages import (
-    MessageRejected,
-    action_from_msg,
-    action_message_class,
-    image_to_msg,
-    state_to_joint_state,
-)
-from vla_runtime.sim.metaworld_suite import CONTROL_DT, MetaWorldConfig, MetaWorldEnv, resolve_task
-
-STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper"]
-ACTION_DIM = 4
+from vla_runtime.ros.messages import action_message_class, image_to_msg, state_to_joint_state
+from vla_runtime.sim.suite import Env, configured_suite
 
 
 class SimBridgeNode(Node):
@@ -42,21 +37,16 @@ class SimBridgeNode(Node):
         # First: destroy_node() may run on a node whose construction failed half-way.
         self._closing = threading.Event()
         self._sim_thread: threading.Thread | None = None
-        defaults = {
-            "task": "drawer-close-v3", "first_episode": 0, "camera_names": ["corner4"], "image_size": 128,
-            "step_hz": 0.0, "camera_hz": 20.0, "max_steps": 200, "auto_reset": True, "start_on_command": True,
-            "command_timeout_s": 0.5,
-            "joint_state_topic": "/joint_states", "instruction_topic": "/instruction",
-            "action_topic": "/vla/action", "action_type": "joint_trajectory", "episode_topic": "/sim/episode",
-        }
-        p = {name: self.declare_parameter(name, default).value for name, default in defaults.items()}
-        self.params = p
+        self.params = p = parameters.declare(self, parameters.BRIDGE)
         action_class = action_message_class(p["action_type"])
-        self.config = MetaWorldConfig(cameras=tuple(p["camera_names"]), image_size=p["image_size"],
-                                      default_max_steps=p["max_steps"])
-        self.task = resolve_task(p["task"])
-        self.seeds = self.config.seeds("eval")  # never a seed a policy was trained on
-        self.step_hz = p["step_hz"] or 1.0 / CONTROL_DT
+        overrides = {"cameras": p["camera_names"]} if p["camera_names"] else {}
+        if p["image_size"]:
+            overrides["image_size"] = p["image_size"]
+        self.suite, _ = configured_suite(p["suite"], **overrides)
+        self.spec = self.suite.spec
+        self.task = self.suite.resolve_task(p["task"])
+        self.seeds = self.suite.seeds("eval")  # never a seed a policy was trained on
+        self.step_hz = p["step_hz"] or 1.0 / self.spec.control_dt
         if p["camera_hz"] <= 0 or p["camera_hz"] > self.step_hz:
             raise ValueError(f"camera_hz must be in (0, step_hz={self.step_hz:g}], got {p['camera_hz']}")
         self.steps_per_frame = max(1, round(self.step_hz / p["camera_hz"]))
@@ -75,7 +65,7 @@ class SimBridgeNode(Node):
 
         self.image_publishers = {camera: self.create_publisher(Image, f"/camera/{camera}/image_raw",
                                                                qos_profile_sensor_data)
-                                 for camera in self.config.cameras}
+                                 for camera in self.spec.cameras}
         self.state_publisher = self.create_publisher(JointState, p["joint_state_topic"], qos_profile_sensor_data)
         self.instruction_publisher = self.create_publisher(String, p["instruction_topic"], LATCHED)
         self.episode_publisher = self.create_publisher(String, p["episode_topic"], LATCHED)
@@ -90,13 +80,13 @@ class SimBridgeNode(Node):
         started.wait()
         if isinstance(ready[0], Exception):
             raise ready[0]
-        self.get_logger().info(f"{self.task}: {self.step_hz:g} steps/s ({self.step_hz * CONTROL_DT:.2f}x "
-                               f"real time), cameras {list(self.config.cameras)} at "
-                               f"{self.step_hz / self.steps_per_frame:g} Hz")
+        self.get_logger().info(f"{self.suite.name} {self.task}: {self.step_hz:g} steps/s "
+                               f"({self.step_hz * self.spec.control_dt:.2f}x real time), cameras "
+                               f"{list(self.spec.cameras)} at {self.step_hz / self.steps_per_frame:g} Hz")
 
     def _on_action(self, msg) -> None:
         try:
-            action = action_from_msg(self.params["action_type"], msg, ACTION_DIM)
+            action = action_from_msg(self.params["action_type"], msg, self.spec.action_dim)
         except MessageRejected as error:
             self.rejected_commands += 1
             self.get_logger().warning(f"ignored action command: {error}", throttle_duration_sec=1.0)
@@ -111,11 +101,13 @@ class SimBridgeNode(Node):
                 time.monotonic() - self.command_received_s <= self.params["command_timeout_s"]
             if fresh:
                 return self.command
-            hold = np.zeros(ACTION_DIM)
-            hold[3] = self.command[3] if self.command is not None else 0.0
+            hold = np.zeros(self.spec.action_dim)
+            if self.command is not None:
+                held = list(self.spec.hold_dims)
+                hold[held] = self.command[held]
             return hold
 
-    def _reset(self, env: MetaWorldEnv, episode: int) -> None:
+    def _reset(self, env: Env, episode: int) -> None:
         self.episode = episode
         obs = env.reset(self.seeds.seed(episode), render=True)
         with self._lock:
@@ -132,7 +124,7 @@ class SimBridgeNode(Node):
 
     def _simulate(self, ready: list, started: threading.Event) -> None:
         try:
-            env = MetaWorldEnv(self.task, self.config, render=True)
+            env = self.suite.make_env(self.task, render=True, max_steps=self.params['max_steps'] or None)
             self._reset(env, self.episode)
             ready.append(env)
         except Exception as exc:  # reported by the constructor, in the caller's thread
@@ -154,7 +146,7 @@ class SimBridgeNode(Node):
                         raise
                     return  # a signal shut ROS down between our check and a publish
 
-    def _tick(self, env: MetaWorldEnv, tick: int) -> None:
+    def _tick(self, env: Env, tick: int) -> None:
         if self._reset_requested.is_set():
             self._reset_requested.clear()
             self._reset(env, self.episode + 1)
@@ -165,7 +157,7 @@ class SimBridgeNode(Node):
         elif not self.done:
             self._step(env)
 
-    def _step(self, env: MetaWorldEnv) -> None:
+    def _step(self, env: Env) -> None:
         render = (env.steps + 1) % self.steps_per_frame == 0
         obs, _, success, truncated, _ = env.step(self._current_command(), render=render)
         self.success = self.success or success
@@ -185,9 +177,10 @@ class SimBridgeNode(Node):
         if images:
             for camera, image in obs.images.items():
                 self.image_publishers[camera].publish(image_to_msg(image, stamp, camera))
-        self.state_publisher.publish(state_to_joint_state(obs.state, STATE_NAMES, stamp))
+        names = self.spec.state_names or [f"state_{i}" for i in range(len(obs.state))]
+        self.state_publisher.publish(state_to_joint_state(obs.state, list(names), stamp))
 
-    def _publish_status(self, env: MetaWorldEnv) -> None:
+    def _publish_status(self, env: Env) -> None:
         self.status = {"task": env.task, "episode": self.episode, "seed": self.seeds.seed(self.episode),
                        "step": env.steps, "success": bool(self.success), "done": bool(self.done),
                        "instruction": env.instruction, "commands_received": self.commands_received,

@@ -1,18 +1,11 @@
-"""Simulators (Meta-World is the embedded default) and the evaluation runner."""
+"""Simulator suites behind one interface (`suite.py`; Meta-World is the built-in one), the episode
+runner and success statistics."""
 
 from vla_runtime.sim.rendering import configure_headless_gl
 
-# Before anything imports MuJoCo's GL backends.
+# Before any suite imports MuJoCo's GL backends.
 configure_headless_gl()
 
-from vla_runtime.sim.metaworld_suite import (  # noqa: E402
-    INSTRUCTIONS,
-    MT10,
-    MT50,
-    MetaWorldConfig,
-    MetaWorldEnv,
-    resolve_task,
-    resolve_tasks,
-)
+from vla_runtime.sim.suite import Env, SeedRange, Suite, make_suite, register_suite, suite_names  # noqa: E402
 
-__all__ = ["INSTRUCTIONS", "MT10", "MT50", "MetaWorldConfig", "MetaWorldEnv", "resolve_task", "resolve_tasks"]
+__all__ = ["Env", "SeedRange", "Suite", "make_suite", "register_suite", "suite_names"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -15,13 +13,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from vla_runtime.accel.profiles import Profile, ProfileHandle, apply_profile
+from vla_runtime.accel.profiles import Accelerator
+from vla_runtime.control.executor import SyncExecutor, policy_view
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
 from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
+from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.episodes import Episode, EpisodeStore
-from vla_runtime.sim.metaworld_suite import MT50, MetaWorldConfig, MetaWorldEnv
-from vla_runtime.sim.observations import expert_observations
+from vla_runtime.sim.observations import calibration_source
+from vla_runtime.sim.suite import Env, Suite
 from vla_runtime.types import Observation, Policy
 
 
@@ -41,8 +41,8 @@ class Trajectory:
         self.actions.append(np.asarray(action, dtype=np.float32))
         self.timestamps.append(obs.timestamp)
 
-    def to_episode(self, task: str, instruction: str, seed: int, success: bool) -> Episode:
-        return Episode(task=task, task_id=MT50.index(task), instruction=instruction, seed=seed, success=success,
+    def to_episode(self, task: str, task_id: int, instruction: str, seed: int, success: bool) -> Episode:
+        return Episode(task=task, task_id=task_id, instruction=instruction, seed=seed, success=success,
                        images={camera: np.stack(frames) for camera, frames in self.images.items()},
                        state=np.stack(self.states), action=np.stack(self.actions),
                        timestamp=np.asarray(self.timestamps))
@@ -65,19 +65,8 @@ class EpisodeResult:
         return len(self.inference_latency_s)
 
 
-def check_policy_fits_sim(policy: Policy, config: MetaWorldConfig) -> None:
-    missing = [cam for cam in policy.camera_names if cam not in config.cameras]
-    if missing:
-        raise ValueError(f"The policy reads cameras {missing}, which the simulator does not render "
-                         f"(configured cameras: {list(config.cameras)})")
-
-
-def policy_view(policy: Policy, obs: Observation) -> Observation:
-    return obs if policy.privileged else obs.without_privileged_state()
-
-
 def run_episode(
-    env: MetaWorldEnv,
+    env: Env,
     policy: Policy,
     seed: int,
     actions_per_chunk: int | None = None,
@@ -87,33 +76,26 @@ def run_episode(
     `actions_per_chunk` actions of each chunk (all of them when None), then asks again."""
     # Render only the frames somebody looks at: the policy's, at each query, or every frame for a trajectory.
     render_each_step = keep_trajectory and env.render_enabled
-    render_for_policy = bool(policy.camera_names) and env.render_enabled
+    render_for_policy = bool(policy.spec.cameras) and env.render_enabled
     obs = env.reset(seed, render=render_each_step or render_for_policy)
-    policy.reset()
-    action_queue: deque[np.ndarray] = deque()
-    inference_latency_s: list[float] = []
+    executor = SyncExecutor(policy, actions_per_chunk)
+    executor.reset()
     trajectory = Trajectory() if keep_trajectory else None
-    success = False
     while True:
-        if not action_queue:
-            started = time.perf_counter()
-            chunk = policy.predict_chunk(policy_view(policy, obs))
-            inference_latency_s.append(time.perf_counter() - started)
-            action_queue.extend(chunk.actions[:actions_per_chunk])
-        action = action_queue.popleft()
+        action = executor.act(obs)
         if trajectory is not None:
             trajectory.append(obs, action)
-        render = render_each_step or (render_for_policy and not action_queue)
+        render = render_each_step or (render_for_policy and executor.needs_observation)
         obs, _, success, truncated, _ = env.step(action, render=render)
         if success or truncated:
             break
-    return EpisodeResult(env.task, seed, success, env.steps, inference_latency_s, trajectory)
+    return EpisodeResult(env.task, seed, success, env.steps, executor.latency_s, trajectory)
 
 
 class SimRobot:
-    """A Meta-World env seen as a robot by the control loop: one env step per control tick."""
+    """A simulator env seen as a robot by the control loop: one env step per control tick."""
 
-    def __init__(self, env: MetaWorldEnv, policy: Policy):
+    def __init__(self, env: Env, policy: Policy):
         self.env = env
         self.policy = policy
         self.success = False
@@ -123,7 +105,7 @@ class SimRobot:
         return 0.0  # the simulator always has the state of this very tick
 
     def observe(self) -> Observation:
-        return policy_view(self.policy, self.env.observe(render=bool(self.policy.camera_names)))
+        return policy_view(self.policy, self.env.observe(render=bool(self.policy.spec.cameras)))
 
     def send(self, command: np.ndarray) -> None:
         _, _, success, truncated, _ = self.env.step(command, render=False)
@@ -131,7 +113,7 @@ class SimRobot:
         self.done = success or truncated
 
 
-def run_episode_realtime(env: MetaWorldEnv, policy: Policy, seed: int, runtime: RuntimeConfig,
+def run_episode_realtime(env: Env, policy: Policy, seed: int, runtime: RuntimeConfig,
                          latency_model: LatencyModel, reuse_gate: ReuseGate | None = None) -> EpisodeResult:
     """Latency in the loop: the simulator advances one step per control tick, in simulated time, and
     keeps executing queued actions while a chunk is being computed (`latency_model` says how long)."""
@@ -159,25 +141,6 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
             writer.append_data(frame)
 
 
-def default_calibration_dir(policy: Policy) -> str | None:
-    """`<checkpoint>/calibration` when the policy has a checkpoint and that can be written, else None."""
-    checkpoint = getattr(policy, "checkpoint_dir", None)
-    if checkpoint is None:
-        return None
-    default = Path(checkpoint) / "calibration"
-    return str(default) if os.access(default if default.exists() else checkpoint, os.W_OK) else None
-
-
-def accelerate(policy: Policy, sim_config: MetaWorldConfig, profile: Profile, calibration_dir: str | None,
-               calibration_tasks: list[str], calibration_per_task: int, policy_name: str) -> ProfileHandle:
-    """Apply an acceleration profile; calibration observations come from expert episodes on training seeds.
-    Artifacts go to `calibration_dir` (default: see `default_calibration_dir`; with none, each process
-    calibrates for itself)."""
-    return apply_profile(policy, profile, calibration_dir or default_calibration_dir(policy),
-                         lambda: expert_observations(calibration_tasks, calibration_per_task, sim_config),
-                         policy_name=policy_name)
-
-
 @dataclass(frozen=True)
 class EvalJob:
     task: str
@@ -191,35 +154,50 @@ class EpisodeWorker:
     `realtime`: None for the synchronous protocol, else {"loop": RuntimeConfig options,
     "latency_model": LatencyModel options, "reuse_gate": name} for latency in the loop.
     `accel`: None, or {"profile": a `Profile`, "calibration_dir", "calibration_tasks", "calibration_per_task",
-    "policy_name"}: the acceleration profile applied to the policy (its reuse gate, if any, replaces the named one).
+    "policy_name"}: the acceleration profile applied to the policy, calibrated (when a method needs it) on
+    the suite's expert observations (its reuse gate, if any, replaces the named one).
     `episodes_dir`: an existing episode dataset (EpisodeStore) each episode is written to (sync only).
     """
 
-    def __init__(self, policy_factory: Any, sim_config: MetaWorldConfig, actions_per_chunk: int | None,
+    def __init__(self, policy_factory: Any, suite: Suite, actions_per_chunk: int | None,
                  video_dir: str | None, realtime: dict | None = None, accel: dict | None = None,
                  episodes_dir: str | None = None):
         self.policy: Policy = policy_factory()
-        check_policy_fits_sim(self.policy, sim_config)
-        self.accel = accelerate(self.policy, sim_config, **accel) if accel else None
-        self.sim_config = sim_config
+        self.suite = suite
+        suite.check_policy(self.policy, accel["policy_name"] if accel else "this policy")
+        self.accel = self._accelerate(accel) if accel else None
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
-        self.actions_per_chunk = actions_per_chunk or getattr(self.policy, "actions_per_chunk", None)
+        self.actions_per_chunk = actions_per_chunk or self.policy.spec.actions_per_chunk
         self.video_dir = Path(video_dir) if video_dir else None
         self.episode_store = EpisodeStore(episodes_dir) if episodes_dir else None
         self.realtime = None
         if realtime is not None:
             if video_dir or episodes_dir:
                 raise ValueError("video=true and save_episodes=true are only available with runtime.mode=sync")
-            loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"]})
+            loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"],
+                                    "safety": self._safety(realtime["loop"].get("safety") or {})})
             profile_gate = self.accel.reuse_gate if self.accel else None
             gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
             self.realtime = (loop, LatencyModel(**realtime["latency_model"]), gate)
-        self.envs: dict[str, MetaWorldEnv] = {}
+        self.envs: dict[str, Env] = {}
 
-    def env(self, task: str) -> MetaWorldEnv:
+    def _accelerate(self, accel: dict):
+        source = calibration_source(self.suite, accel["calibration_tasks"], accel["calibration_per_task"])
+        accelerator = Accelerator(self.policy, source, accel["calibration_dir"], accel["policy_name"])
+        return accelerator.apply(accel["profile"])
+
+    def _safety(self, options: dict) -> SafetyConfig:
+        """The runtime's safety settings, with the suite's action limits and held dimensions by default."""
+        spec = self.suite.spec
+        defaults = {"hold_dims": list(spec.hold_dims)}
+        if spec.action_low:
+            defaults.update(action_low=list(spec.action_low), action_high=list(spec.action_high))
+        return SafetyConfig(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
+
+    def env(self, task: str) -> Env:
         if task not in self.envs:
-            render = bool(self.policy.camera_names) or self.keeps_frames
-            self.envs[task] = MetaWorldEnv(task, self.sim_config, render=render)
+            render = bool(self.policy.spec.cameras) or self.keeps_frames
+            self.envs[task] = self.suite.make_env(task, render=render)
         return self.envs[task]
 
     @property
@@ -238,9 +216,10 @@ class EpisodeWorker:
             error = f"{type(exc).__name__}: {exc}"
             return EpisodeResult(job.task, job.seed, False, env.steps, [], error=error)
         if self.episode_store is not None:
-            self.episode_store.write(result.trajectory.to_episode(job.task, env.instruction, job.seed, result.success))
+            self.episode_store.write(result.trajectory.to_episode(job.task, self.suite.task_id(job.task),
+                                                                  env.instruction, job.seed, result.success))
         if self.video_dir is not None:
-            camera = self.sim_config.cameras[0]
+            camera = self.suite.spec.cameras[0]
             path = self.video_dir / job.task / f"episode{job.episode_index:03d}_seed{job.seed}.mp4"
             write_video(path, result.trajectory.images[camera])
             result.video_path = str(path)
@@ -308,7 +287,7 @@ class WorkerPool:
 
 def evaluate(
     policy_factory: Any,
-    sim_config: MetaWorldConfig,
+    suite: Suite,
     tasks: list[str],
     episodes_per_task: int,
     workers: int = 1,
@@ -324,10 +303,10 @@ def evaluate(
 
     `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
     """
-    seeds = sim_config.seeds("eval")
+    seeds = suite.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     results: list[EpisodeResult] = []
-    worker_args = (policy_factory, sim_config, actions_per_chunk, video_dir, realtime, accel, episodes_dir)
+    worker_args = (policy_factory, suite, actions_per_chunk, video_dir, realtime, accel, episodes_dir)
     with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
             tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
         for result in pool.imap_unordered(jobs):

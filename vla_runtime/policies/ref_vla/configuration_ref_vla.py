@@ -21,6 +21,7 @@ class RefVLAConfig:
     action_dim: int = 4
     chunk_size: int = 8
     actions_per_chunk: int = 4  # executed before asking again (receding horizon)
+    control_dt: float = 0.0125  # seconds between actions of the data it was trained on (Meta-World: 80 Hz)
     # Conv stem: each stage halves the image; the ViT then cuts the feature map into patches.
     stem_channels: tuple[int, ...] = (32, 64, 128)
     vit_patch_size: int = 2

@@ -168,15 +168,12 @@ class ARDecodeLoop(nn.Module):
 
     def forward(self, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.model
-        output = model.lm(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
-        cache = output.cache
-        tokens = [model.action_logits(output.last_hidden_state[:, -1]).argmax(-1)]
+        hidden, cache = model.lm_step(prefix, mask, None)
+        tokens = [model.action_logits(hidden[:, -1]).argmax(-1)]
         for _ in range(model.config.num_action_tokens - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            embeds = model.lm.embed_tokens(tokens[-1][:, None] + model.first_bin_id)
-            output = model.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
-            cache = output.cache
-            tokens.append(model.action_logits(output.last_hidden_state[:, -1]).argmax(-1))
+            hidden, cache = model.lm_step(model.embed_action_tokens(tokens[-1][:, None]), mask, cache)
+            tokens.append(model.action_logits(hidden[:, -1]).argmax(-1))
         return torch.stack(tokens, dim=1)
 
 
@@ -222,6 +219,14 @@ class RefVLA(nn.Module):
         return embeds, mask
 
     # --- actions <-> tokens (AR) ----------------------------------------------------------------
+    def lm_step(self, embeds: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+        """The LM over `embeds` after what `cache` holds (None: nothing) -> (hidden states, the grown cache)."""
+        output = self.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
+        return output.last_hidden_state, output.cache
+
+    def embed_action_tokens(self, bins: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed_tokens(bins + self.first_bin_id)
+
     def actions_to_bins(self, actions: torch.Tensor) -> torch.Tensor:
         bins = self.config.action_bins
         return ((actions.clamp(-1, 1) + 1) / 2 * bins).long().clamp(0, bins - 1)

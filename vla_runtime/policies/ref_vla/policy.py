@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from vla_runtime.accel.hooks import reset_hooks
+from vla_runtime.hooks import reset_hooks
 from vla_runtime.policies.ref_vla.checkpoint import load_model
 from vla_runtime.policies.ref_vla.configuration_ref_vla import LARGE_RANDOM_WEIGHTS, RefVLAConfig
 from vla_runtime.policies.ref_vla.modeling_ref_vla import RefVLA
@@ -20,8 +20,16 @@ from vla_runtime.policies.ref_vla.processing_ref_vla import (
     train_instruction_tokenizer,
 )
 from vla_runtime.policies.registry import register_policy
-from vla_runtime.sim.metaworld_suite import CONTROL_DT, INSTRUCTIONS
-from vla_runtime.types import ActionChunk, Observation, PolicyStructure
+from vla_runtime.types import (
+    ActionChunk,
+    ARDecoder,
+    DenoisingHead,
+    HeadBlock,
+    LanguageModel,
+    Observation,
+    PolicySpec,
+    PolicyStructure,
+)
 
 
 def shipped_checkpoint(name: str) -> Path:
@@ -30,30 +38,35 @@ def shipped_checkpoint(name: str) -> Path:
 
 
 class RefVLAPolicy:
-    privileged = False
-
     def __init__(self, model: RefVLA, normalizer: Normalizer, tokenizer: Tokenizer, noise_seed: int = 0,
                  num_threads: int | None = None, checkpoint_dir: Path | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
-        self.checkpoint_dir = checkpoint_dir  # None: random weights
-        self.config = model.config
+        self.config = config = model.config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
         self.noise_seed = noise_seed
-        self.camera_names = (self.config.camera,)
-        self.actions_per_chunk = self.config.actions_per_chunk
         self.generator = torch.Generator().manual_seed(noise_seed)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=(config.camera,),
+                               image_size=(config.image_size, config.image_size), chunk_size=config.chunk_size,
+                               control_dt=config.control_dt, actions_per_chunk=config.actions_per_chunk)
+        lm = model.lm
         self.structure = PolicyStructure(
             vision_encoder=model.vision,
             preprocess_images=self.image_tensor,
-            lm_layers=model.lm.layers,
-            visual_token_span=lambda: model.visual_token_span,
-            action_head_blocks=model.dit.blocks if self.config.head == "dit" else None,
-            denoising_loop=model.dit if self.config.head == "dit" else None,
-            ar_decode_loop=model.decode_loop if self.config.head == "ar" else None,
+            language_model=LanguageModel(module=lm, layers=lm.layers, rotary_emb=lm.rotary_emb, norm=lm.norm,
+                                         config=lm.config, visual_token_span=lambda: model.visual_token_span),
+            denoising_head=DenoisingHead(
+                step=model.dit, steps=config.denoising_steps, condition=model.dit.condition,
+                blocks=[HeadBlock({"attn": block.attn, "mlp": block.mlp}, block.adaln) for block in model.dit.blocks],
+            ) if config.head == "dit" else None,
+            ar_decoder=ARDecoder(loop=model.decode_loop, num_tokens=config.num_action_tokens, forward=model.lm_step,
+                                 embed_tokens=model.embed_action_tokens, logits=model.action_logits)
+            if config.head == "ar" else None,
+            weights=model,
+            checkpoint_dir=checkpoint_dir,  # None: random weights
         )
 
     @classmethod
@@ -87,7 +100,7 @@ class RefVLAPolicy:
         text_ids, text_mask = self._text(obs.instruction)
         actions = self.model.predict(images, text_ids, text_mask, state, self.generator)
         actions = self.normalizer.unnormalize_action(actions)[0].numpy()
-        return ActionChunk(actions, t0=obs.timestamp, dt=CONTROL_DT)
+        return ActionChunk(actions, t0=obs.timestamp, dt=self.config.control_dt)
 
 
 def _trained(name: str, checkpoint: str | None, options: dict) -> RefVLAPolicy:
@@ -113,15 +126,21 @@ def identity_stats(config: RefVLAConfig) -> dict:
             "action": {"min": [-1.0] * config.action_dim, "max": [1.0] * config.action_dim}}
 
 
-def random_init_policy(seed: int = 0, policy_options: dict | None = None, **config_options) -> RefVLAPolicy:
+def random_init_policy(instructions: list[str], seed: int = 0, policy_options: dict | None = None,
+                       **config_options) -> RefVLAPolicy:
     """An untrained reference VLA (random weights): for speed measurements only."""
     torch.manual_seed(seed)
-    tokenizer = train_instruction_tokenizer(list(INSTRUCTIONS.values()))
+    tokenizer = train_instruction_tokenizer(instructions)
     config = RefVLAConfig(text_vocab_size=tokenizer.get_vocab_size(), **config_options)
     return RefVLAPolicy(RefVLA(config), Normalizer(identity_stats(config)), tokenizer, **(policy_options or {}))
 
 
-@register_policy("ref_dit_large")
-def ref_dit_large(seed: int = 0, **options) -> RefVLAPolicy:
-    """SmolVLA-scale architecture with RANDOM WEIGHTS: for speed benchmarks only, its actions mean nothing."""
-    return random_init_policy(seed, options, head="dit", **LARGE_RANDOM_WEIGHTS)
+@register_policy("ref_dit_large", needs_suite=True)
+def ref_dit_large(suite, seed: int = 0, **options) -> RefVLAPolicy:
+    """SmolVLA-scale architecture with RANDOM WEIGHTS: for speed benchmarks only, its actions mean nothing.
+    Built for the suite's robot (cameras, image size, dims, rate) and instruction vocabulary."""
+    spec = suite.spec
+    shape = dict(camera=spec.cameras[0], image_size=spec.image_size[0], state_dim=spec.state_dim,
+                 action_dim=spec.action_dim, control_dt=spec.control_dt)
+    return random_init_policy([suite.instruction(task) for task in suite.tasks()], seed, options, head="dit",
+                              **shape, **LARGE_RANDOM_WEIGHTS)

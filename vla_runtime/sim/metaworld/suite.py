@@ -1,4 +1,4 @@
-"""Meta-World v3 tasks as a gymnasium-style environment that returns `Observation`s.
+"""Meta-World v3 as a suite: its 50 tasks as environments that return `Observation`s.
 
 What a policy sees: RGB images from fixed cameras, the end-effector position + gripper opening, and
 a natural-language instruction. Object and goal poses stay in `privileged_state`, which the runner
@@ -8,13 +8,14 @@ hands only to scripted experts.
 from __future__ import annotations
 
 import atexit
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import mujoco
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS, MT10_V3
 
-from vla_runtime.types import Observation
+from vla_runtime.sim.suite import SeedRange, Suite, register_suite
+from vla_runtime.types import Observation, RobotSpec
 
 MT50 = tuple(ALL_V3_ENVIRONMENTS)
 MT10 = tuple(MT10_V3)
@@ -86,39 +87,6 @@ def resolve_task(name: str) -> str:
     return canonical
 
 
-def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
-    """A task-set name ('mt10', 'mt50'), one task, or a list of tasks -> canonical task names."""
-    if isinstance(tasks, str):
-        if tasks.lower() in TASK_SETS:
-            return list(TASK_SETS[tasks.lower()])
-        tasks = [tasks]
-    resolved = [resolve_task(str(t)) for t in tasks]
-    if not resolved:
-        raise ValueError("Empty task list: name at least one task, or a task set (mt10, mt50)")
-    return resolved
-
-
-def task_for_instruction(instruction: str) -> str:
-    for task, text in INSTRUCTIONS.items():
-        if text == instruction:
-            return task
-    raise ValueError(f"No Meta-World task has the instruction '{instruction}'")
-
-
-@dataclass
-class SeedRange:
-    start: int
-    count: int
-
-    def seed(self, index: int) -> int:
-        if not 0 <= index < self.count:
-            raise IndexError(f"Seed index {index} outside range of {self.count} seeds from {self.start}")
-        return self.start + index
-
-    def overlaps(self, other: SeedRange) -> bool:
-        return self.start < other.start + other.count and other.start < self.start + self.count
-
-
 @dataclass
 class MetaWorldConfig:
     cameras: tuple[str, ...] = ("corner4",)
@@ -145,33 +113,19 @@ class MetaWorldConfig:
             raise ValueError(f"Train seeds {self.train_seeds} and eval seeds {self.eval_seeds} overlap")
         self.max_steps = {resolve_task(task): int(steps) for task, steps in self.max_steps.items()}
 
-    @classmethod
-    def from_mapping(cls, options: dict) -> MetaWorldConfig:
-        """From the hydra `sim` group; `name` and `default_tasks` belong to the CLI, not the env."""
-        options = {k: v for k, v in options.items() if k not in ("name", "default_tasks")}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"Unknown Meta-World option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**options)
-
     def max_steps_for(self, task: str) -> int:
         return int(self.max_steps.get(task, self.default_max_steps))
-
-    def seeds(self, split: str) -> SeedRange:
-        if split not in ("train", "eval"):
-            raise ValueError(f"Unknown seed split '{split}': use 'train' or 'eval'")
-        return self.train_seeds if split == "train" else self.eval_seeds
 
 
 class MetaWorldEnv:
     """One Meta-World task. `reset(seed)` gives the same initial state for the same seed."""
 
-    def __init__(self, task: str, config: MetaWorldConfig | None = None, render: bool = True):
+    def __init__(self, task: str, config: MetaWorldConfig | None = None, render: bool = True,
+                 max_steps: int | None = None):
         self.task = resolve_task(task)
         self.config = config or MetaWorldConfig()
         self.instruction = INSTRUCTIONS[self.task]
-        self.max_steps = self.config.max_steps_for(self.task)
+        self.max_steps = max_steps or self.config.max_steps_for(self.task)
         self.render_enabled = render
 
         env = ALL_V3_ENVIRONMENTS[self.task]()
@@ -277,3 +231,50 @@ class MetaWorldEnv:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@register_suite("metaworld")
+class MetaWorldSuite(Suite):
+    """Options: the fields of `MetaWorldConfig` (configs/sim/metaworld.yaml)."""
+
+    name = "metaworld"
+    task_sets = TASK_SETS
+
+    def __init__(self, **options):
+        known = {f.name for f in fields(MetaWorldConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"Unknown Meta-World option(s) {unknown}; known options: {sorted(known)}")
+        self.config = MetaWorldConfig(**options)
+        self.train_seeds, self.eval_seeds = self.config.train_seeds, self.config.eval_seeds
+        size = self.config.image_size
+        self.spec = RobotSpec(action_dim=ACTION_DIM, state_dim=STATE_DIM, cameras=self.config.cameras,
+                              image_size=(size, size), control_dt=CONTROL_DT, action_low=(-1.0,) * ACTION_DIM,
+                              action_high=(1.0,) * ACTION_DIM, hold_dims=(3,),
+                              state_names=("hand_x", "hand_y", "hand_z", "gripper"))
+
+    def tasks(self) -> tuple[str, ...]:
+        return MT50
+
+    def resolve_task(self, name: str) -> str:
+        return resolve_task(name)
+
+    def instruction(self, task: str) -> str:
+        return INSTRUCTIONS[resolve_task(task)]
+
+    def make_env(self, task: str, render: bool = True, max_steps: int | None = None) -> MetaWorldEnv:
+        return MetaWorldEnv(task, self.config, render=render, max_steps=max_steps)
+
+    def expert(self):
+        from vla_runtime.sim.metaworld.expert import MetaWorldExpert
+
+        return MetaWorldExpert()
+
+    def settings(self) -> dict:
+        config = self.config
+        return {"sim": "metaworld", "cameras": list(config.cameras), "image_size": config.image_size,
+                "rotate_180": list(config.rotate_180), "goal_marker_radius": config.goal_marker_radius,
+                "max_steps": {**config.max_steps, "default": config.default_max_steps}}
+
+    def __repr__(self) -> str:
+        return f"MetaWorldSuite({asdict(self.config)})"

@@ -1,0 +1,66 @@
+"""What an acceleration method is, to profiles and benchmarks: one descriptor per method module.
+
+A method is one module that defines a config dataclass and `apply(policy, config, artifact) -> Handle`,
+written against the hook points of `PolicyStructure` only, and registers its descriptor:
+
+    METHOD = register_method(AccelMethod("my_method", MyConfig, apply, requires=("language_model",), order=25))
+
+Modules are found through the `vla_runtime.accel_methods` entry point group (`vla_runtime.plugins`), so a
+method from another package is one module plus one entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vla_runtime.hooks import Handle
+from vla_runtime.plugins import Registry
+from vla_runtime.types import Observation, Policy
+
+
+def _never(config: Any) -> bool:
+    return False
+
+
+def _no_stats(info: dict) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class AccelMethod:
+    name: str
+    config: type  # a dataclass; its fields are the method's settings in profiles
+    apply: Callable[[Policy, Any, dict | None], Handle]  # (policy, config, calibration artifact or None)
+    requires: tuple[str, ...]  # PolicyStructure hook points it needs
+    order: int  # methods of a profile are applied in ascending order
+    calibrate: Callable[[Policy, list[Observation], Any], dict] | None = None  # -> a json-able artifact
+    needs_calibration: Callable[[Any], bool] = _never  # whether `config` needs an artifact
+    # A hook point whose presence rules the method out, with the reason.
+    excluded_by: tuple[str, str] | None = None
+    # Methods it cannot share a policy with -> why (checked both ways).
+    exclusive_with: dict[str, str] = field(default_factory=dict)
+    stats: Callable[[dict], dict] = _no_stats  # Handle.info after a run -> what benchmarks report
+
+    def make_config(self, settings: dict) -> Any:
+        try:
+            return self.config(**settings)
+        except TypeError as exc:
+            raise ValueError(f"accel method {self.name}: {exc} (settings: "
+                             f"{', '.join(self.config.__dataclass_fields__)})") from exc
+
+
+METHODS: Registry[AccelMethod] = Registry("acceleration method", "vla_runtime.accel_methods")
+
+
+def register_method(method: AccelMethod) -> AccelMethod:
+    return METHODS.register(method.name)(method)
+
+
+def methods_in_order() -> list[AccelMethod]:
+    return sorted((method for _, method in METHODS.items()), key=lambda method: method.order)
+
+
+def exclusion_reason(first: AccelMethod, second: AccelMethod) -> str | None:
+    return first.exclusive_with.get(second.name) or second.exclusive_with.get(first.name)

@@ -1,0 +1,43 @@
+"""The control node's acceleration: one profile at a time on its policy, or, with a latency budget and a
+ladder of profiles, the budget governor's choice among them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vla_runtime.accel.profiles import Accelerator, ProfileHandle, load_profiles
+from vla_runtime.control.governor import BudgetGovernor, Candidate
+from vla_runtime.control.reuse import NeverReuse, ReuseGate
+from vla_runtime.types import Observation, Policy
+
+
+class ProfileManager:
+    def __init__(self, policy: Policy, policy_name: str, accel: str, ladder: list[str], budget_ms: float,
+                 calibration: Callable[[], list[Observation]]):
+        if ladder and budget_ms <= 0:
+            raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
+        self.accelerator = Accelerator(policy, calibration, policy_name=policy_name)
+        # No latency priors: every profile "fits" until measured, so the governor starts with the most
+        # faithful (the first) and steps down the ladder only while measured p95 exceeds the budget.
+        self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(ladder)],
+                                       budget_ms) if ladder else None
+        self.active = ""
+        self.set(ladder[0] if ladder else accel)
+
+    @property
+    def handle(self) -> ProfileHandle | None:
+        return self.accelerator.active
+
+    def set(self, spec: str) -> None:
+        """Replace the active profile ("a+b" composes). Called between policy calls only."""
+        (profile,) = load_profiles(spec.replace(" ", ""), with_baseline=False)
+        self.accelerator.remove()
+        if profile.methods:
+            self.accelerator.apply(profile)
+        self.active = spec
+
+    def reuse_gate(self) -> ReuseGate:
+        handle = self.handle
+        gate = handle.reuse_gate if handle is not None and handle.reuse_gate else NeverReuse()
+        gate.reset()
+        return gate
