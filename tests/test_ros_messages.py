@@ -17,16 +17,17 @@ pytest.importorskip("rclpy", reason="needs the [ros] extra")
 from builtin_interfaces.msg import Time  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 
-from vla_runtime.ros import node_parameters, robot_defaults  # noqa: E402
-from vla_runtime.ros.messages import (  # noqa: E402
+from vla_runtime.control import inference  # noqa: E402
+from vla_runtime.data.messages import (  # noqa: E402
     MessageRejected,
     action_from_msg,
-    action_to_msg,
     check_stamp,
+    fit_image,
     image_from_msg,
-    image_to_msg,
     state_from_joint_state,
 )
+from vla_runtime.ros import LAUNCH_ARGUMENTS, node_parameters, robot_defaults  # noqa: E402
+from vla_runtime.ros.messages import action_to_msg, image_to_msg  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,30 @@ def test_malformed_images_are_rejected_with_the_reason(changes, reason, words):
     with pytest.raises(MessageRejected, match=words) as error:
         image_from_msg(msg)
     assert error.value.reason == reason
+
+
+def test_a_frame_at_the_wrong_resolution_is_rejected_or_resized():
+    frame = np.zeros((256, 256, 3), np.uint8)
+    frame[:128] = 200
+    with pytest.raises(MessageRejected, match="256x256, the policy needs 128x128") as rejected:
+        fit_image(frame, (128, 128), resize=False)
+    assert rejected.value.reason == "resolution"
+    resized = fit_image(frame, (128, 128), resize=True)
+    assert resized.shape == (128, 128, 3) and resized.dtype == np.uint8
+    assert resized[:60].min() == 200 and resized[68:].max() == 0
+    assert fit_image(resized, (128, 128), resize=False) is resized
+
+
+def test_a_failing_policy_is_logged_once_per_interval(caplog):
+    warn = inference._ThrottledWarning(interval_s=3600)
+    with caplog.at_level("WARNING", logger=inference.log.name):
+        for _ in range(50):
+            warn("ValueError: bad image")
+    assert len(caplog.records) == 1 and "bad image" in caplog.records[0].getMessage()
+    warn._last_s -= 3600  # the interval has passed: one line, with the count of what was not logged
+    with caplog.at_level("WARNING", logger=inference.log.name):
+        warn("ValueError: bad image")
+    assert len(caplog.records) == 2 and "49 more failures" in caplog.records[1].getMessage()
 
 
 def test_joint_state_validation():
@@ -125,6 +150,8 @@ def test_launch_file_starts_both_nodes_with_the_parameters_vla_robot_uses(monkey
     description = module.generate_launch_description()
     actions = description.args[0]
     arguments = {a.args[0]: a.kwargs["default_value"] for a in actions if "default_value" in a.kwargs}
+    descriptions = {a.args[0]: a.kwargs["description"] for a in actions if "default_value" in a.kwargs}
+    assert set(descriptions) == set(LAUNCH_ARGUMENTS) and all(len(text) > 10 for text in descriptions.values())
     nodes = {a.kwargs["executable"]: a.kwargs for a in actions if "executable" in a.kwargs}
     defaults = robot_defaults()
     assert arguments["policy"] == defaults["policy"] and arguments["use_sim"] == "true"

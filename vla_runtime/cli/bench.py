@@ -143,7 +143,7 @@ def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, profile
             print(f"success: {profile.name}, {mode}")
             episodes = evaluate(factory, sim, tasks,
                                 positive_int(cfg, "episodes_per_task"), workers=positive_int(cfg, "workers"),
-                                realtime=realtime_options(runtime), accel=accel)
+                                realtime=realtime_options(runtime), accel=accel, policy_name=policy_name)
             summary = summarize(episodes, tasks)
             successes = sum(task["successes"] for task in summary["per_task"].values())
             out[profile.name][mode] = {
@@ -231,7 +231,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     for profile in profiles:  # every incompatibility is reported before anything is calibrated or measured
         accelerator.check(profile)
     sequences = expert_sequences(sim, tasks, positive_int(cfg, "measurement_per_task"),
-                                 seed_offset=MEASUREMENT_SEEDS, frames=positive_int(cfg, "frames_per_sequence"))
+                                 seeds_from=MEASUREMENT_SEEDS, frames=positive_int(cfg, "frames_per_sequence"))
     runs = measure(accelerator, profiles, sequences, positive_int(cfg, "rounds"))
     table = summarize_runs(runs, action_head(policy) is not None)
     if cfg.with_success:

@@ -94,6 +94,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         realtime=realtime,
         accel=accel,
         episodes_dir=episode_dataset(cfg, sim, output_dir),
+        policy_name=policy_name,
     )
     results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": cfg.runtime.mode,
                "runtime": as_dict(cfg.runtime),

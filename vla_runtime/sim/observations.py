@@ -12,22 +12,24 @@ from vla_runtime.control.executor import SyncExecutor
 from vla_runtime.sim.suite import Suite
 from vla_runtime.types import Observation
 
-# Offsets into the training seed range: calibration and measurement sets never share a state.
-CALIBRATION_SEEDS = 90_000
-MEASUREMENT_SEEDS = 95_000
+# Where in the training seed range the sets start (a share of it; Meta-World: seeds 90000 and 95000), far
+# from the seeds demonstrations are collected from first: calibration and measurement never share a state.
+CALIBRATION_SEEDS = 0.90
+MEASUREMENT_SEEDS = 0.95
 
 
-def expert_sequences(suite: Suite, tasks: list[str], per_task: int, seed_offset: int = CALIBRATION_SEEDS,
+def expert_sequences(suite: Suite, tasks: list[str], per_task: int, seeds_from: float = CALIBRATION_SEEDS,
                      steps_apart: int = 12, frames: int = 1, frame_stride: int = 4) -> list[list[Observation]]:
     """`per_task` sequences per task of `frames` observations `frame_stride` expert steps apart (4: one
     executed chunk, what a policy sees between two calls). Sequence i starts after i * `steps_apart`
     expert steps of its own episode, so the set covers reaching, grasping and moving. No privileged state."""
+    first_seed = int(seeds_from * suite.train_seeds.count)
     expert = SyncExecutor(suite.expert())
     sequences = []
     for task in tqdm(tasks, desc="expert observations", unit="task", leave=False):
         with suite.make_env(task, render=True) as env:
             for index in range(per_task):
-                obs = env.reset(suite.train_seeds.seed(seed_offset + index), render=False)
+                obs = env.reset(suite.train_seeds.seed(first_seed + index), render=False)
                 expert.reset()
                 sequence, steps, finished = [], 0, False
                 for frame in range(frames):
@@ -41,10 +43,10 @@ def expert_sequences(suite: Suite, tasks: list[str], per_task: int, seed_offset:
     return sequences
 
 
-def expert_observations(suite: Suite, tasks: list[str], per_task: int, seed_offset: int = CALIBRATION_SEEDS,
+def expert_observations(suite: Suite, tasks: list[str], per_task: int, seeds_from: float = CALIBRATION_SEEDS,
                         steps_apart: int = 12) -> list[Observation]:
     """One observation per sequence of `expert_sequences`: a calibration set."""
-    return [sequence[0] for sequence in expert_sequences(suite, tasks, per_task, seed_offset, steps_apart)]
+    return [sequence[0] for sequence in expert_sequences(suite, tasks, per_task, seeds_from, steps_apart)]
 
 
 def calibration_source(suite: Suite, tasks: list[str], per_task: int) -> Callable[[], list[Observation]]:

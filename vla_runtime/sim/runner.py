@@ -157,14 +157,15 @@ class EpisodeWorker:
     "policy_name"}: the acceleration profile applied to the policy, calibrated (when a method needs it) on
     the suite's expert observations (its reuse gate, if any, replaces the named one).
     `episodes_dir`: an existing episode dataset (EpisodeStore) each episode is written to (sync only).
+    `policy_name`: what errors call the policy (a policy that does not fit the suite).
     """
 
     def __init__(self, policy_factory: Any, suite: Suite, actions_per_chunk: int | None,
                  video_dir: str | None, realtime: dict | None = None, accel: dict | None = None,
-                 episodes_dir: str | None = None):
+                 episodes_dir: str | None = None, policy_name: str = "this policy"):
         self.policy: Policy = policy_factory()
         self.suite = suite
-        suite.check_policy(self.policy, accel["policy_name"] if accel else "this policy")
+        suite.check_policy(self.policy, accel["policy_name"] if accel else policy_name)
         self.accel = self._accelerate(accel) if accel else None
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
         self.actions_per_chunk = actions_per_chunk or self.policy.spec.actions_per_chunk
@@ -297,16 +298,19 @@ def evaluate(
     realtime: dict | None = None,
     accel: dict | None = None,
     episodes_dir: str | None = None,
+    policy_name: str = "this policy",
 ) -> list[EpisodeResult]:
     """Episodes on the eval seeds: episode i of every task starts from eval seed i. `episodes_dir`: an
     episode dataset (already created) that keeps every episode's frames, states and actions.
+    `policy_name`: what errors call the policy.
 
     `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
     """
     seeds = suite.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     results: list[EpisodeResult] = []
-    worker_args = (policy_factory, suite, actions_per_chunk, video_dir, realtime, accel, episodes_dir)
+    worker_args = (policy_factory, suite, actions_per_chunk, video_dir, realtime, accel, episodes_dir,
+                   policy_name)
     with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
             tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
         for result in pool.imap_unordered(jobs):
