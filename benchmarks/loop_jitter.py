@@ -20,12 +20,11 @@ import numpy as np
 
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker, ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, MonotonicClock, RuntimeConfig, SimulatedClock
-from vla_runtime.types import ActionChunk, Observation, PolicyStructure
+from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
 
 
 class NoOpPolicy:
-    camera_names = ()
-    privileged = False
+    spec = PolicySpec(action_dim=4, state_dim=4, chunk_size=8)
     structure = PolicyStructure()
 
     def reset(self) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from vla_runtime.policies import make_policy
 from vla_runtime.policies.ref_vla.policy import random_init_policy
-from vla_runtime.sim import MetaWorldConfig, MetaWorldEnv
+from vla_runtime.sim import make_suite
 
 
 def main() -> None:
@@ -36,13 +36,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/ref_latency")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    policies = {name: make_policy(name) for name in args.policies}
+    suite = make_suite("metaworld")  # ref_dit_large is shaped for the suite's robot
+    policies = {name: make_policy(name, suite=suite) for name in args.policies}
+    instructions = [suite.instruction(task) for task in suite.tasks()]
     for name in args.untrained:
         config_file = resources.files("vla_runtime.configs") / "model" / f"{name}.yaml"
         model_config = OmegaConf.to_container(OmegaConf.load(str(config_file)))
-        policies[f"{name}_untrained"] = random_init_policy(0, **model_config)
-    with MetaWorldEnv("drawer-open", MetaWorldConfig()) as env:
-        obs = env.reset(MetaWorldConfig().seeds("eval").seed(0)).without_privileged_state()
+        policies[f"{name}_untrained"] = random_init_policy(instructions, 0, **model_config)
+    for name, policy in policies.items():
+        suite.check_policy(policy, name)
+    with suite.make_env("drawer-open") as env:
+        obs = env.reset(suite.seeds("eval").seed(0)).without_privileged_state()
     for policy in policies.values():
         for _ in range(3):
             policy.predict_chunk(obs)
@@ -56,7 +60,7 @@ def main() -> None:
     for name, policy in policies.items():
         config = policy.config
         rows[name] = {
-            "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "parameters": sum(p.numel() for p in policy.structure.weights.parameters()),
             "latency_ms_p50": float(np.percentile(latency_ms[name], 50)),
             "latency_ms_p95": float(np.percentile(latency_ms[name], 95)),
             "head": config.head, "lm_layers": config.lm_layers, "lm_hidden": config.lm_hidden,

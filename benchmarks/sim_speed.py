@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vla_runtime.sim import MT10, MetaWorldConfig, MetaWorldEnv
+from vla_runtime.sim.metaworld import MT10, MetaWorldConfig, MetaWorldEnv
 
 
 def measure(task: str, image_size: int, steps: int, camera: str) -> dict[str, float]:

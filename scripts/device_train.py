@@ -32,9 +32,12 @@ def pack(source: Path, bundle: Path) -> None:
     from tqdm.auto import tqdm
 
     from vla_runtime.data.episodes import EpisodeStore
-    from vla_runtime.sim.metaworld_suite import INSTRUCTIONS
+    from vla_runtime.sim import make_suite
 
     store = EpisodeStore(source)
+    # As vla-train: the instructions of every task of the dataset's suite, and its control rate.
+    suite = make_suite(store.meta["sim"].get("sim", "metaworld"))
+    instructions = {task: suite.instruction(task) for task in suite.tasks()}
     (bundle / "video").mkdir(parents=True, exist_ok=True)
     episodes, arrays = [], {}
     for episode in tqdm(store, total=len(store), desc="pack", unit="episode"):
@@ -49,7 +52,8 @@ def pack(source: Path, bundle: Path) -> None:
             arrays[f"{episode.name}/{key}"] = getattr(episode, key)
     np.savez_compressed(bundle / "arrays.npz", **arrays)
     (bundle / "meta.json").write_text(json.dumps(
-        {"source": str(source), "video_crf": VIDEO_CRF, "instructions": INSTRUCTIONS, "episodes": episodes},
+        {"source": str(source), "video_crf": VIDEO_CRF, "instructions": instructions,
+         "control_dt": suite.spec.control_dt, "episodes": episodes},
         indent=1) + "\n")
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
     print(f"{len(episodes)} episodes -> {bundle} ({size_mb:.1f} MB)")
@@ -118,6 +122,8 @@ def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> N
     started = time.monotonic()
     episodes, meta = unpack(bundle)
     print(f"decoded {len(episodes)} episodes in {time.monotonic() - started:.0f} s", flush=True)
+    if "control_dt" in meta:  # bundles packed before it was recorded: the model's default (Meta-World's)
+        model_options.setdefault("control_dt", meta["control_dt"])
     dataset = ActionChunkDataset(episodes, chunk_size=model_options.get("chunk_size", 8))
     train(cfg, dataset, meta["instructions"].values(), model_options)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -4,8 +4,9 @@ import torch
 
 from vla_runtime.accel import layer_prune, parallel_decode
 from vla_runtime.accel.calibration import load_artifact, save_artifact
-from vla_runtime.accel.hooks import HookRegistry, ModelHook, add_hook
+from vla_runtime.hooks import HookRegistry, ModelHook, add_hook
 from vla_runtime.policies.ref_vla.policy import random_init_policy
+from vla_runtime.sim.metaworld import INSTRUCTIONS
 from vla_runtime.types import Observation
 
 TINY = dict(image_size=64, stem_channels=(16, 32), vit_hidden=32, vit_layers=1, vit_heads=2, lm_hidden=32,
@@ -29,9 +30,9 @@ def actions(policy, obs_list):
 
 
 def untrained(head, seed=0):
-    policy = random_init_policy(seed, head=head, chunk_size=4, **TINY)
+    policy = random_init_policy(list(INSTRUCTIONS.values()), seed, head=head, chunk_size=4, **TINY)
     with torch.no_grad():  # adaLN-Zero starts the DiT at exactly zero output: wake it so actions depend on the LM
-        for parameter in policy.model.parameters():
+        for parameter in policy.structure.weights.parameters():
             if not parameter.any():
                 parameter.normal_(0, 0.2)
     return policy
@@ -78,10 +79,12 @@ def test_layer_prune_zero_layers_is_the_baseline_and_remove_restores(policy, tmp
 
     handle = layer_prune.apply(policy, layer_prune.LayerPruneConfig(num_layers=2), artifact)
     assert len(policy.model.lm.layers) == 2 and handle.info["removed"] == sorted(artifact["order"][:2])
+    assert policy.structure.language_model.layers is policy.model.lm.layers
+    assert policy.structure.language_model.config.num_hidden_layers == 2
     pruned = actions(policy, obs)
     assert pruned.shape == baseline.shape and not np.array_equal(pruned, baseline)
     handle.remove()
-    assert len(policy.model.lm.layers) == 4
+    assert len(policy.model.lm.layers) == 4 and policy.structure.language_model.config.num_hidden_layers == 4
     assert np.array_equal(actions(policy, obs), baseline)
 
 
@@ -108,14 +111,13 @@ def test_jacobi_decoding_equals_greedy_and_removes_cleanly():
     passes = handle.info["hook"].passes
     handle.remove()
     assert np.array_equal(jacobi, greedy)
-    assert len(passes) == 3 and all(1 <= p <= policy.config.num_action_tokens - 1 for p in passes)
+    assert policy.structure.ar_decoder.num_tokens == policy.config.num_action_tokens
+    assert len(passes) == 3 and all(1 <= p <= policy.structure.ar_decoder.num_tokens - 1 for p in passes)
     assert np.array_equal(actions(policy, obs), greedy)
 
 
 def test_jacobi_decoding_equals_greedy_on_the_trained_ref_ar():
     from vla_runtime.policies import make_policy
-    from vla_runtime.sim import INSTRUCTIONS
-
     policy = make_policy("ref_ar")
     rng = np.random.default_rng(1)
     obs = [Observation({"corner4": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)},
@@ -140,7 +142,8 @@ def test_jacobi_decoding_equals_greedy_on_the_trained_ref_ar():
 
 def test_parallel_decode_needs_an_ar_policy():
     policy = untrained("dit")
-    with pytest.raises(ValueError, match="parallel_decode needs the hook point 'ar_decode_loop'"):
+    with pytest.raises(ValueError, match="parallel_decode needs the hook point 'ar_decoder'.*it declares: "
+                                         "vision_encoder, preprocess_images, language_model, denoising_head"):
         parallel_decode.apply(policy)
 
 
@@ -215,7 +218,7 @@ def test_token_select_forward_without_dropping_matches_the_lm():
     with torch.no_grad():
         prefix, mask = model.embed_prefix(images, ids, text_mask, torch.zeros(1, 4))
         reference = model.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state
-        everything = run_with_selection(model.lm, prefix, mask, 2, (0, 64),
+        everything = run_with_selection(policy.structure.language_model, prefix, mask, 2, (0, 64),
                                         lambda layer, hidden, rotary, m: torch.arange(64)[None])
     assert torch.allclose(everything, reference, atol=1e-5)
 
@@ -245,9 +248,10 @@ def test_token_select_selection_is_k_distinct_visual_tokens():
     from vla_runtime.accel.token_select import TokenSelectConfig, select_visual_tokens
 
     policy = untrained("dit")
-    layer = policy.model.lm.layers[1]
+    lm = policy.structure.language_model
+    layer = lm.layers[1]
     hidden = torch.randn(2, 82, 32)
-    rotary = policy.model.lm.rotary_emb(hidden, torch.arange(82)[None].expand(2, -1))
+    rotary = lm.rotary_emb(hidden, torch.arange(82)[None].expand(2, -1))
     mask = torch.ones(2, 82, dtype=torch.long)
     for strategy in ("efficientvla", "dart", "attention_topk", "random"):
         chosen = select_visual_tokens(TokenSelectConfig(keep=10, strategy=strategy), layer, hidden, rotary, (0, 64),

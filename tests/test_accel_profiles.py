@@ -8,8 +8,13 @@ from hydra import compose, initialize_config_module
 from test_accel import actions, observations, untrained
 
 from vla_runtime.accel import action_reuse
-from vla_runtime.accel.profiles import Profile, apply_profile, compatible_methods, load_profile, profile_names
+from vla_runtime.accel.method import METHODS, methods_in_order
+from vla_runtime.accel.profiles import Accelerator, Profile, compatible_methods, load_profile, profile_names
 from vla_runtime.types import ActionChunk
+
+
+def method_names(policy, profile, policy_name="this policy"):
+    return [method.name for method in compatible_methods(policy, profile, policy_name)]
 
 
 def chunk(first_action):
@@ -52,6 +57,16 @@ def test_action_reuse_is_bounded_and_needs_a_similar_frame_and_stable_actions():
     handle.remove()
 
 
+def test_every_method_is_a_registered_descriptor_in_application_order():
+    assert [m.name for m in methods_in_order()] == ["layer_prune", "token_select", "visual_kv_reuse", "head_cache",
+                                                    "parallel_decode", "action_reuse"]
+    assert METHODS.get("parallel_decode").requires == ("ar_decoder",)
+    assert METHODS.get("head_cache").requires == ("denoising_head",)
+    assert METHODS.get("token_select").excluded_by[0] == "ar_decoder"
+    with pytest.raises(ValueError, match="Unknown acceleration method 'turbo'"):
+        METHODS.get("turbo")
+
+
 def test_profiles_compose_and_name_what_is_incompatible():
     assert {"none", "efficientvla", "flashvla", "bac", "pdvla", "vlacache", "full"} <= set(profile_names())
     composed = load_profile(["efficientvla", "action_reuse"], {"token_select": {"keep": 24}})
@@ -62,17 +77,22 @@ def test_profiles_compose_and_name_what_is_incompatible():
     with pytest.raises(ValueError, match="accel options for 'parallel_decode', which profile 'bac' does not use"):
         load_profile("bac", {"parallel_decode": {"max_passes": 2}})
     dit, ar = untrained("dit"), untrained("ar")
-    with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs the hook point.*ar_decode_loop"
+    with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs the hook point.*ar_decoder"
                                          ".*which ref_dit does not declare"):
         compatible_methods(dit, load_profile("pdvla"), "ref_dit")
     with pytest.raises(ValueError, match="accel profile 'efficientvla': token_select cannot run on ref_ar: its decode "
                                          "loop reads a KV cache"):
         compatible_methods(ar, load_profile("efficientvla"), "ref_ar")
+    accelerator = Accelerator(dit, None, policy_name="ref_dit")
     with pytest.raises(ValueError, match="accel method head_cache: .*intervall.*settings: mode, interval"):
-        apply_profile(dit, load_profile("bac", {"head_cache": {"intervall": 3}}))
-    assert compatible_methods(ar, load_profile("full")) == ["layer_prune", "parallel_decode", "action_reuse"]
-    assert compatible_methods(dit, load_profile("full")) == ["layer_prune", "token_select", "head_cache",
-                                                             "action_reuse"]
+        accelerator.apply(load_profile("bac", {"head_cache": {"intervall": 3}}))
+    assert accelerator.active is None
+    with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs the hook point.*ar_decoder"):
+        accelerator.check(load_profile("pdvla"))
+    accelerator.check(load_profile("bac"))  # fits: nothing raised, nothing applied
+    assert accelerator.active is None
+    assert method_names(ar, load_profile("full")) == ["layer_prune", "parallel_decode", "action_reuse"]
+    assert method_names(dit, load_profile("full")) == ["layer_prune", "token_select", "head_cache", "action_reuse"]
 
 
 @pytest.mark.parametrize("head", ["dit", "ar"])
@@ -88,18 +108,51 @@ def test_full_profile_calibrates_once_and_remove_restores_the_baseline(head, tmp
 
     profile = Profile("test", {**load_profile("full").methods, "layer_prune": {"num_layers": 1},
                                "token_select": {"layer": 1, "keep": 8}}, skip_incompatible=True)
-    handle = apply_profile(policy, profile, tmp_path, calibration_observations)
+    accelerator = Accelerator(policy, calibration_observations, tmp_path, policy_name=f"ref_{head}")
+    handle = accelerator.apply(profile)
+    assert accelerator.active is handle
+    expected = (["layer_prune", "token_select", "head_cache", "action_reuse"] if head == "dit"
+                else ["layer_prune", "parallel_decode", "action_reuse"])
+    assert [h.method for h in handle.handles] == expected
+    assert handle.reuse_gate is not None  # action_reuse: the gate goes to the control loop
     accelerated = actions(policy, obs)
-    handle.remove()
+    stats = handle.stats()
+    assert list(stats) == expected
+    assert stats["layer_prune"]["removed_layers"] and len(stats["layer_prune"]["removed_layers"]) == 1
+    if head == "dit":
+        assert stats["token_select"]["kept_visual_tokens"] == 8
+        assert 0 < stats["head_cache"]["branch_updates_share"] <= 1
+    else:
+        assert stats["parallel_decode"]["mean_passes"] >= 1
+    accelerator.remove()
+    assert accelerator.active is None
     assert np.array_equal(actions(policy, obs), baseline)
     assert not np.array_equal(accelerated, baseline)
     artifacts = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
     assert artifacts == (["head_cache", "layer_prune"] if head == "dit" else ["layer_prune"])
     assert json.loads(next(tmp_path.glob("layer_prune-*.json")).read_text())["method"] == "layer_prune"
-    handle = apply_profile(policy, profile, tmp_path, calibration_observations)  # artifacts found: no new data
+    # A second accelerator on the same directory: artifacts found, no new data.
+    again = Accelerator(policy, calibration_observations, tmp_path, policy_name=f"ref_{head}")
+    again.apply(profile)
     assert np.array_equal(actions(policy, obs), accelerated)
-    handle.remove()
+    again.apply(load_profile("none"))  # applying a profile removes the last one
+    assert np.array_equal(actions(policy, obs), baseline)
+    again.remove()
     assert calls == [1]
+
+
+def test_calibration_dir_defaults_to_the_checkpoint_else_a_temporary_one(tmp_path):
+    from vla_runtime.accel.profiles import default_calibration_dir
+
+    policy = untrained("dit")
+    assert policy.structure.checkpoint_dir is None and default_calibration_dir(policy) is None
+    accelerator = Accelerator(policy, None)
+    assert accelerator.calibration_dir.is_dir() and accelerator.calibration_dir != tmp_path
+    policy.structure.checkpoint_dir = tmp_path
+    assert default_calibration_dir(policy) == str(tmp_path / "calibration")
+    assert Accelerator(policy, None).calibration_dir == tmp_path / "calibration"
+    with pytest.raises(ValueError, match="needs calibration observations, and no source was given"):
+        Accelerator(policy, None, tmp_path / "empty").apply(load_profile("bac"))
 
 
 def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
@@ -148,7 +201,7 @@ def test_visual_kv_reuse_on_an_unchanged_frame_matches_a_full_pass_and_threshold
     policy.generator.manual_seed(policy.noise_seed)
     reused = policy.predict_chunk(obs).actions  # same frame: static tokens' cached K/V are exactly theirs
     hook = handle.info["hook"]
-    visual = policy.model.visual_token_span[1]
+    visual = policy.structure.language_model.visual_token_span()[1]
     assert hook.reused_tokens == [0, visual - round(0.25 * visual)]
     np.testing.assert_allclose(reused, baseline, atol=1e-4)
     handle.remove()
@@ -156,3 +209,5 @@ def test_visual_kv_reuse_on_an_unchanged_frame_matches_a_full_pass_and_threshold
     assert np.array_equal(policy.predict_chunk(obs).actions, baseline)
     with pytest.raises(ValueError, match="visual_kv_reuse cannot be combined with token_select"):
         compatible_methods(policy, load_profile(["token_select", "visual_kv_reuse"]))
+    with pytest.raises(ValueError, match="visual_kv_reuse cannot run on ref_ar: its decode loop reads a KV cache"):
+        compatible_methods(untrained("ar"), load_profile("vlacache"), "ref_ar")

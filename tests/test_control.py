@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from vla_runtime.control.action_queue import ActionQueue
-from vla_runtime.control.governor import BudgetGovernor, Profile
+from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker, ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
 from vla_runtime.control.safety import SafetyConfig, SafetyLayer
-from vla_runtime.types import ActionChunk, Observation, PolicyStructure
+from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
 
 HZ = 80.0
 
@@ -17,10 +17,8 @@ class ChunkPolicy:
     """Test double: chunks of `horizon` actions whose value encodes the call number; can be told to
     sleep (real latency), raise, or return NaN on chosen calls."""
 
-    camera_names = ()
-    privileged = False
-
     def __init__(self, horizon=8, sleep_s=0.0, raise_on=(), nan_on=()):
+        self.spec = PolicySpec(action_dim=4, state_dim=4, chunk_size=horizon, control_dt=1 / HZ)
         self.structure = PolicyStructure()
         self.horizon, self.sleep_s, self.raise_on, self.nan_on = horizon, sleep_s, set(raise_on), set(nan_on)
         self.calls = 0
@@ -178,7 +176,7 @@ def test_safety_clips_and_rate_limits():
 
 
 def synthetic_profiles():
-    return [Profile("none", 120.0, 0.90), Profile("efficientvla", 60.0, 0.88), Profile("full", 30.0, 0.80)]
+    return [Candidate("none", 120.0, 0.90), Candidate("efficientvla", 60.0, 0.88), Candidate("full", 30.0, 0.80)]
 
 
 def test_governor_picks_the_least_lossy_profile_that_fits():
@@ -205,7 +203,7 @@ def test_governor_switches_with_hysteresis():
 
 
 def test_governor_switches_up_when_a_better_profile_fits():
-    profiles = [Profile("none", 150.0, 0.9), Profile("full", 30.0, 0.8)]
+    profiles = [Candidate("none", 150.0, 0.9), Candidate("full", 30.0, 0.8)]
     governor = BudgetGovernor(profiles, budget_ms=100, window=5)
     assert governor.current.name == "full"
     governor.expected_ms["none"] = 80.0  # e.g. measured faster on this machine than on the bench
@@ -221,3 +219,25 @@ def test_latency_models():
         LatencyModel("recorded")
     with pytest.raises(ValueError, match="Unknown latency model 'gaussian'"):
         LatencyModel("gaussian")
+
+
+def test_sync_executor_queues_actions_per_chunk_and_hides_privileged_state():
+    from vla_runtime.control.executor import SyncExecutor, policy_view
+
+    policy = ChunkPolicy(horizon=8)
+    seen = []
+    predict = policy.predict_chunk
+    policy.predict_chunk = lambda obs: seen.append(obs) or predict(obs)
+    executor = SyncExecutor(policy, actions_per_chunk=3)
+    executor.reset()
+    obs = Observation({}, np.zeros(4, np.float32), "test", 0.0, privileged_state=np.ones(7))
+    assert executor.needs_observation
+    commands = [executor.act(obs)[0] for _ in range(7)]
+    assert commands == pytest.approx([0.01] * 3 + [0.02] * 3 + [0.03])  # 3 actions of each chunk, then ask again
+    assert policy.calls == 3 and len(executor.latency_s) == 3 and not executor.needs_observation
+    assert all(o.privileged_state is None for o in seen)  # a learned policy never sees simulator state
+    executor.reset()
+    assert executor.needs_observation and executor.last_chunk is None
+    expert = ChunkPolicy()
+    expert.spec = PolicySpec(action_dim=4, state_dim=4, privileged=True)
+    assert policy_view(expert, obs) is obs and policy_view(policy, obs).privileged_state is None

@@ -14,7 +14,6 @@ from vla_runtime.cli.collect import collect
 from vla_runtime.data import ActionChunkDataset, Episode, EpisodeStore, make_dataloader
 from vla_runtime.data import episodes as episodes_module
 from vla_runtime.policies import make_policy
-from vla_runtime.sim import MetaWorldEnv
 from vla_runtime.sim.runner import run_episode
 
 
@@ -27,9 +26,11 @@ def test_collect_then_read_is_exact(tmp_path, small_sim):
     assert kept == {"drawer-close-v3": 1}
     (episode,) = list(EpisodeStore(tmp_path / "ds"))
     # Replaying the same train seed must reproduce every stored array bit for bit.
-    with MetaWorldEnv("drawer-close", small_sim) as env:
-        replay = run_episode(env, make_policy("expert"), episode.seed, keep_trajectory=True).trajectory
+    with small_sim.make_env("drawer-close") as env:
+        replay = run_episode(env, make_policy("expert", suite=small_sim), episode.seed, keep_trajectory=True).trajectory
     assert episode.seed == small_sim.seeds("train").seed(0)
+    assert episode.task_id == small_sim.task_id("drawer-close-v3")
+    assert EpisodeStore(tmp_path / "ds").meta["sim"] == small_sim.settings()  # what made the images
     assert episode.success and episode.instruction == "close the drawer" and episode.task == "drawer-close-v3"
     assert np.array_equal(episode.images["corner4"], np.stack(replay.images["corner4"]))
     assert np.array_equal(episode.state, np.stack(replay.states))

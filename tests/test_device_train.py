@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vla_runtime.data import Episode, EpisodeStore
-from vla_runtime.sim import INSTRUCTIONS
+from vla_runtime.sim.metaworld import INSTRUCTIONS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_train.py"
 
@@ -33,7 +33,7 @@ def test_bundle_round_trip_keeps_arrays_and_nearly_the_pixels(tmp_path, device_t
     store.write(written)
     device_train.pack(tmp_path / "data", tmp_path / "bundle")
     (episode,), meta = device_train.unpack(tmp_path / "bundle")
-    assert meta["instructions"]["reach-v3"] == INSTRUCTIONS["reach-v3"]
+    assert meta["instructions"] == INSTRUCTIONS and meta["control_dt"] == 0.0125  # the suite's, as vla-train
     assert (episode.task, episode.seed, episode.instruction) == ("reach-v3", 7, written.instruction)
     for key in ("state", "action", "timestamp"):
         np.testing.assert_array_equal(getattr(episode, key), getattr(written, key))

@@ -59,7 +59,12 @@ def test_wilson_interval(successes, trials, expected):
     [
         ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee'. Valid task names: assembly-v3"),
         ("policy=random sim.cameras=[wrist]", "Camera 'wrist' does not exist"),
-        ("sim.cameras=[corner2]", "The policy reads cameras ['corner4'], which the simulator does not render"),
+        ("sim.cameras=[corner2]", "Policy 'ref_dit' (4-D actions, 4-D state, cameras ['corner4'] at 128x128, 80 Hz) "
+                                  "does not fit suite 'metaworld' (4-D actions, 4-D state, cameras ['corner2'] at "
+                                  "128x128, 80 Hz): cameras ['corner4'] are not rendered"),
+        ("sim.image_size=64", "Policy 'ref_dit' (4-D actions, 4-D state, cameras ['corner4'] at 128x128, 80 Hz) "
+                              "does not fit suite 'metaworld'"),
+        ("+sim.imagesize=64", "Unknown Meta-World option(s) ['imagesize']"),
         ("episodes_per_task=0", "episodes_per_task must be a positive integer"),
         ("runtime.mode=fast", "runtime.mode must be 'sync' or 'realtime', got 'fast'"),
         ("runtime.mode=realtime runtime.latency_model=recorded", "needs runtime.recorded_latencies"),

@@ -12,7 +12,8 @@ from vla_runtime.policies import make_policy
 from vla_runtime.policies.ref_vla.checkpoint import CheckpointError, load_model, save_model
 from vla_runtime.policies.ref_vla.policy import RefVLAPolicy, random_init_policy
 from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize, train_instruction_tokenizer
-from vla_runtime.sim import INSTRUCTIONS
+from vla_runtime.sim import make_suite
+from vla_runtime.sim.metaworld import INSTRUCTIONS
 from vla_runtime.types import Observation
 
 TINY = dict(image_size=64, stem_channels=(16, 32), vit_hidden=32, vit_layers=1, vit_heads=2, lm_hidden=32,
@@ -26,7 +27,7 @@ def tokenizer():
 
 
 def tiny_policy(tokenizer, head, **overrides):
-    return random_init_policy(0, head=head, **{**TINY, **overrides})
+    return random_init_policy(list(INSTRUCTIONS.values()), 0, head=head, **{**TINY, **overrides})
 
 
 def observation(size=64, seed=0):
@@ -54,9 +55,18 @@ def test_forward_shapes_and_loss(tokenizer, head):
     chunk = policy.predict_chunk(observation())
     assert chunk.actions.shape == (3, 4) and np.all(np.abs(chunk.actions) <= 1) and chunk.t0 == 0.5
     structure = policy.structure
-    assert len(structure.lm_layers) == 2 and structure.visual_token_span() == (0, 64)
-    assert (structure.denoising_loop is not None) == (head == "dit")
-    assert (structure.ar_decode_loop is not None) == (head == "ar")
+    lm = structure.language_model
+    assert len(lm.layers) == 2 and lm.layers is model.lm.layers and lm.visual_token_span() == (0, 64)
+    assert (structure.denoising_head is not None) == (head == "dit")
+    assert (structure.ar_decoder is not None) == (head == "ar")
+    if head == "dit":
+        assert structure.denoising_head.steps == 3 and len(structure.denoising_head.blocks) == 2
+        assert all(set(block.branches) == {"attn", "mlp"} for block in structure.denoising_head.blocks)
+    else:
+        assert structure.ar_decoder.num_tokens == model.config.num_action_tokens
+    assert structure.weights is model and structure.checkpoint_dir is None  # random weights
+    assert policy.spec.chunk_size == 3 and policy.spec.cameras == ("corner4",) and policy.spec.image_size == (64, 64)
+    assert not policy.spec.privileged
 
 
 def test_ar_greedy_decode_with_cache_matches_full_recompute(tokenizer):
@@ -85,26 +95,33 @@ def test_action_bins_round_trip(tokenizer):
 
 
 def test_shipped_ref_dit_loads_and_acts_on_a_meta_world_frame():
-    from vla_runtime.sim import MetaWorldEnv
-
-    policy = make_policy("ref_dit")
-    with MetaWorldEnv("drawer-close") as env:
-        obs = env.reset(env.config.seeds("eval").seed(0)).without_privileged_state()
+    suite = make_suite("metaworld")
+    policy = make_policy("ref_dit", suite=suite)  # built from its checkpoint: the suite is not needed, nor refused
+    suite.check_policy(policy, "ref_dit")
+    with suite.make_env("drawer-close") as env:
+        obs = env.reset(suite.seeds("eval").seed(0)).without_privileged_state()
     policy.reset()
     first = policy.predict_chunk(obs).actions
     policy.reset()
     assert first.shape == (8, 4) and np.all(np.abs(first) <= 1.0)
     assert np.array_equal(first, policy.predict_chunk(obs).actions)  # same noise seed, same actions
-    assert policy.actions_per_chunk == 4 and policy.camera_names == ("corner4",)
+    assert policy.spec.actions_per_chunk == 4 and policy.spec.cameras == ("corner4",)
+    assert policy.structure.checkpoint_dir is not None and (policy.structure.checkpoint_dir / "config.json").exists()
+    with pytest.raises(ValueError, match="Policy 'ref_dit' .* does not fit suite 'metaworld' .*image size"):
+        make_suite("metaworld", image_size=64).check_policy(policy, "ref_dit")
 
 
 def test_large_config_is_smolvla_scale():
-    policy = make_policy("ref_dit_large")
+    suite = make_suite("metaworld")
+    policy = make_policy("ref_dit_large", suite=suite)
+    suite.check_policy(policy, "ref_dit_large")  # shaped for the suite's robot
     config = policy.config
     parameters = sum(p.numel() for p in policy.model.parameters())
     assert 400e6 <= parameters <= 500e6, parameters
     assert config.lm_layers == 16 and config.lm_hidden >= 960 and config.num_visual_tokens >= 64
     assert policy.predict_chunk(observation(128)).actions.shape == (config.chunk_size, 4)
+    with pytest.raises(ValueError, match="Policy 'ref_dit_large' is built from a simulator suite; none was given"):
+        make_policy("ref_dit_large")
 
 
 @pytest.mark.parametrize("head", ["dit", "ar"])

@@ -16,7 +16,7 @@ from vla_runtime.cli.common import UsageError
 from vla_runtime.cli.replay import run
 from vla_runtime.data.episodes import EpisodeStore
 from vla_runtime.data.rosbag import McapBagWriter
-from vla_runtime.sim.metaworld_suite import MetaWorldConfig
+from vla_runtime.sim import make_suite
 
 ACTION_TOPIC, IMAGE_TOPIC, STATE_TOPIC = "/vla/action", "/camera/corner4/image_raw", "/joint_states"
 
@@ -25,7 +25,7 @@ ACTION_TOPIC, IMAGE_TOPIC, STATE_TOPIC = "/vla/action", "/camera/corner4/image_r
 def dataset(tmp_path_factory) -> Path:
     """One expert episode at ref_dit's camera and image size."""
     root = tmp_path_factory.mktemp("replay") / "demos"
-    collect(MetaWorldConfig(image_size=128, default_max_steps=150), ["drawer-close-v3"], 1, root,
+    collect(make_suite("metaworld", image_size=128, default_max_steps=150), ["drawer-close-v3"], 1, root,
             max_attempts_per_task=3, workers=1, progress=False)
     return root
 

@@ -32,10 +32,10 @@ from std_srvs.srv import Trigger  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from vla_runtime.cli.robot import start_bridge  # noqa: E402
+from vla_runtime.data.messages import stamp_ns  # noqa: E402
 from vla_runtime.data.rosbag import BagError, read_bag  # noqa: E402
 from vla_runtime.ros.common import LATCHED, speed_up_thread_switching  # noqa: E402
 from vla_runtime.ros.control_node import ControlNode  # noqa: E402
-from vla_runtime.data.messages import stamp_ns  # noqa: E402
 from vla_runtime.ros.messages import image_to_msg  # noqa: E402
 
 CONTROL_HZ = 20.0

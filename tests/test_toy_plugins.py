@@ -134,3 +134,28 @@ def test_a_toy_method_is_one_registration_and_profiles_compose_it(toy_on_path):
             accelerator.apply(load_profile("parallel_decode"))
     finally:
         METHODS.unregister("toy_scale")
+
+
+def _imports(folder: str) -> dict[str, set[str]]:
+    """module path -> the vla_runtime modules it imports (anywhere in the file, lazily or not)."""
+    import ast
+
+    found = {}
+    for path in (PACKAGE / folder).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[str(path.relative_to(PACKAGE))] = {name for name in names if name.startswith("vla_runtime")}
+    return found
+
+
+@pytest.mark.parametrize("folder, forbidden", [("policies", ("vla_runtime.accel",)),
+                                               ("control", ("vla_runtime.sim", "vla_runtime.ros")),
+                                               ("sim", ("vla_runtime.ros", "vla_runtime.cli"))])
+def test_package_dependencies_point_one_way(folder, forbidden):
+    wrong = {module: sorted(name for name in names if name.startswith(forbidden))
+             for module, names in _imports(folder).items()}
+    assert {module: names for module, names in wrong.items() if names} == {}
