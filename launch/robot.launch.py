@@ -1,8 +1,9 @@
 """`ros2 launch vla_runtime robot.launch.py [policy:=ref_dit] [accel:=bac] [control_hz:=20.0] [budget_ms:=50.0]
 [use_sim:=true] [task:=door-open-v3] [log_bag:=/tmp/episode.mcap] ...`
 
-Starts the control node and, with use_sim, the simulator bridge (Meta-World unless suite:= says otherwise). Argument defaults come from the package's
-configs/robot.yaml, the same file vla-robot reads, so both start the same nodes with the same parameters.
+Starts the control node and, with use_sim, the simulator bridge (Meta-World unless suite:= says otherwise).
+Argument defaults come from the package's configs/robot.yaml, the same file vla-robot reads, so both start the
+same nodes with the same parameters; `--show-args` prints what each argument is.
 """
 
 from launch import LaunchDescription
