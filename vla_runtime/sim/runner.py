@@ -165,7 +165,7 @@ class EpisodeWorker:
                  episodes_dir: str | None = None, policy_name: str = "this policy"):
         self.policy: Policy = policy_factory()
         self.suite = suite
-        suite.check_policy(self.policy, accel["policy_name"] if accel else policy_name)
+        suite.check_policy(self.policy, policy_name)
         self.accel = self._accelerate(accel) if accel else None
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
         self.actions_per_chunk = actions_per_chunk or self.policy.spec.actions_per_chunk
