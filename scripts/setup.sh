@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up vla_runtime on a fresh Debian machine: rendering libraries (apt, only those missing), a venv
-# in .venv, torch, then the project. `--dev` installs it editable with the test tools and the ROS 2 extra.
-#   bash scripts/setup.sh          # users: the project as a package
-#   bash scripts/setup.sh --ros    # users: plus ROS 2 (rclpy wheels, MCAP): vla-robot, the control node
-#   bash scripts/setup.sh --dev    # developers and CI: editable, plus pytest, ruff and the ROS 2 extra
+# in .venv, torch, then the project. `--dev` installs it editable with the test tools and every extra.
+#   bash scripts/setup.sh           # users: the project as a package
+#   bash scripts/setup.sh --ros     # users: plus ROS 2 (rclpy wheels, MCAP): vla-robot, the control node
+#   bash scripts/setup.sh --libero  # users: plus the LIBERO simulator and its assets (~650 MB): sim=libero
+#   bash scripts/setup.sh --dev     # developers and CI: editable, plus pytest, ruff, ROS 2 and LIBERO
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +27,9 @@ fi
 # keeps it.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 case "${1:-}" in
-    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros]" ;;
+    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero]" ;;
     --ros) .venv/bin/python -m pip install -q ".[ros]" ;;
+    --libero) .venv/bin/python -m pip install -q ".[libero]" ;;
     "") .venv/bin/python -m pip install -q . ;;
-    *) echo "usage: bash scripts/setup.sh [--dev | --ros]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero]" >&2; exit 2 ;;
 esac

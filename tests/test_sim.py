@@ -55,8 +55,8 @@ def test_missing_camera_is_a_clear_error():
 
 
 def test_unknown_suite_and_option_are_clear_errors():
-    with pytest.raises(ValueError, match="Unknown simulator suite 'libero'.*metaworld"):
-        make_suite("libero")
+    with pytest.raises(ValueError, match="Unknown simulator suite 'gazebo'.*libero, metaworld"):
+        make_suite("gazebo")
     with pytest.raises(ValueError, match=r"Unknown Meta-World option\(s\) \['imagesize'\].*image_size"):
         make_suite("metaworld", imagesize=64)
 

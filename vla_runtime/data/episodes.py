@@ -2,8 +2,9 @@
 
 Layout of a dataset directory:
     dataset.json                  format version + the simulator settings the images were made with
-    episodes/<task>__seed<N>.zarr one complete episode: arrays images/<camera>, state, action,
-                                  timestamp; attrs task, task_id, instruction, seed, success, length
+    episodes/<task>__seed<N>.zarr one complete episode: arrays images/<camera>, state, action, timestamp;
+                                  attrs task, task_id, instruction, seed, success, length (a '/' in
+                                  the task name is '--' in the file name)
     rejected.txt                  "<task> <seed>" per line: expert rollouts that failed (not kept)
 
 An episode is written under episodes/.tmp-* and renamed into place only when complete (a rename is
@@ -61,7 +62,8 @@ class Episode:
 
 
 def episode_name(task: str, seed: int) -> str:
-    return f"{task}__seed{seed}"
+    # A task name may hold a "/" (LIBERO's <set>/<task>); the file name must not. The task itself is an attr.
+    return f"{task.replace('/', '--')}__seed{seed}"
 
 
 class EpisodeStore:

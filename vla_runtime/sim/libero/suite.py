@@ -20,6 +20,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 
@@ -147,6 +148,7 @@ class LiberoEnv:
                 raise ValueError(f"Camera '{camera}' does not exist in LIBERO task {self.task}; "
                                  f"available cameras: {', '.join(known_cameras)}")
         self._goal = self._env.env.parsed_problem["goal_state"]
+        self._fixture_poses = _fixture_xml_poses(self._env.env)
         self._boxes: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # body name -> (id, center, half) in its frame
         self._raw: dict[str, np.ndarray] = {}
         self._steps = 0
@@ -188,17 +190,21 @@ class LiberoEnv:
         # depend on the one before it (and on which worker ran it).
         for robot in self._env.robots:
             robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        # LIBERO places objects that start on a fixture (a bowl on the stove) at the fixture's placement plus
+        # the world position of its site, which is right only while the fixture is still at its XML pose (as
+        # after a hard reset, which would rebuild the model: ~6 s). So: back to the XML poses first.
+        model = self._env.sim.model._model
+        for body, (position, quat) in self._fixture_poses.items():
+            model.body_pos[body], model.body_quat[body] = position, quat
+        # The samplers draw from numpy's global generator: seeded, so fixtures land the same way every time.
+        outer = np.random.get_state()
+        np.random.seed(seed % 2**32)
+        try:
+            self._raw = self._env.reset()
+        finally:
+            np.random.set_state(outer)
         if 0 <= seed < NUM_INIT_STATES:
-            self._env.reset()
             self._raw = self._env.set_init_state(self.init_states[seed])
-        else:
-            # robosuite's and LIBERO's placement samplers draw from numpy's global generator.
-            outer = np.random.get_state()
-            np.random.seed(seed % 2**32)
-            try:
-                self._raw = self._env.reset()
-            finally:
-                np.random.set_state(outer)
         for _ in range(self.config.settle_steps):
             self._raw, *_ = self._env.step(NO_OP)
         self._steps = 0
@@ -257,6 +263,17 @@ class LiberoEnv:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _fixture_xml_poses(env) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Body id -> (position, quaternion) of each fixture's root body as the scene's XML declares it."""
+    root = ElementTree.fromstring(env.model.get_xml())
+    poses = {}
+    for name, fixture in env.fixtures_dict.items():
+        body = root.find(f".//body[@name='{fixture.root_body}']")
+        poses[env.obj_body_id[name]] = (np.array(body.get("pos", "0 0 0").split(), dtype=float),
+                                        np.array(body.get("quat", "1 0 0 0").split(), dtype=float))
+    return poses
 
 
 def _body_frame_box(model, data, body: int) -> tuple[np.ndarray, np.ndarray]:
