@@ -41,13 +41,13 @@ def pack(source: Path, bundle: Path) -> None:
     (bundle / "video").mkdir(parents=True, exist_ok=True)
     episodes, arrays = [], {}
     for episode in tqdm(store, total=len(store), desc="pack", unit="episode"):
-        (camera, frames), = episode.images.items()  # the reference VLAs see one camera
-        iio.imwrite(bundle / "video" / f"{episode.name}.mp4", frames, extension=".mp4", codec="libx264",
-                    fps=80, pixelformat="yuv444p", macro_block_size=1,
-                    output_params=["-crf", str(VIDEO_CRF), "-preset", "slow"])
+        for camera, frames in episode.images.items():
+            iio.imwrite(bundle / "video" / f"{episode.name}.{camera}.mp4", frames, extension=".mp4",
+                        codec="libx264", fps=round(1 / suite.spec.control_dt), pixelformat="yuv444p",
+                        macro_block_size=1, output_params=["-crf", str(VIDEO_CRF), "-preset", "slow"])
         episodes.append({"name": episode.name, "task": episode.task, "task_id": episode.task_id,
                          "instruction": episode.instruction, "seed": episode.seed,
-                         "success": episode.success, "camera": camera, "length": episode.length})
+                         "success": episode.success, "cameras": sorted(episode.images), "length": episode.length})
         for key in ("state", "action", "timestamp"):
             arrays[f"{episode.name}/{key}"] = getattr(episode, key)
     np.savez_compressed(bundle / "arrays.npz", **arrays)
@@ -84,11 +84,13 @@ def unpack(bundle: Path) -> tuple[list, dict]:
     arrays = np.load(bundle / "arrays.npz")
     episodes = []
     for info in meta["episodes"]:
-        frames = read_video(bundle / "video" / f"{info['name']}.mp4")
-        if len(frames) != info["length"]:
-            raise ValueError(f"{info['name']}.mp4 decoded to {len(frames)} frames, expected {info['length']}")
+        images = {camera: read_video(bundle / "video" / f"{info['name']}.{camera}.mp4") for camera in info["cameras"]}
+        for camera, frames in images.items():
+            if len(frames) != info["length"]:
+                raise ValueError(f"{info['name']}.{camera}.mp4 decoded to {len(frames)} frames, "
+                                 f"expected {info['length']}")
         episodes.append(Episode(info["task"], info["task_id"], info["instruction"], info["seed"], info["success"],
-                                {info["camera"]: frames},
+                                images,
                                 *(arrays[f"{info['name']}/{key}"] for key in ("state", "action", "timestamp"))))
     return episodes, meta
 

@@ -211,7 +211,7 @@ def test_token_select_forward_without_dropping_matches_the_lm():
     policy = untrained("dit")
     model = policy.model.eval()
     obs = observations(1)[0]
-    images = torch.from_numpy(obs.images["corner4"]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    images = policy.image_tensor(obs)
     from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize
 
     ids, text_mask = tokenize(policy.tokenizer, [obs.instruction], policy.config.max_text_tokens)

@@ -10,6 +10,7 @@ from vla_runtime.cli import train as train_cli
 from vla_runtime.data import EpisodeStore
 from vla_runtime.policies import make_policy
 from vla_runtime.policies.ref_vla.checkpoint import CheckpointError, load_model, save_model
+from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
 from vla_runtime.policies.ref_vla.policy import RefVLAPolicy, random_init_policy
 from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize, train_instruction_tokenizer
 from vla_runtime.sim import make_suite
@@ -38,7 +39,7 @@ def observation(size=64, seed=0):
 
 def batch(config, tokenizer, size=2):
     ids, mask = tokenize(tokenizer, ["open the drawer", "press the button from the top"][:size], config.max_text_tokens)
-    return (torch.rand(size, 3, config.image_size, config.image_size) * 2 - 1, ids, mask, torch.randn(size, 4),
+    return (torch.rand(size, 1, 3, config.image_size, config.image_size) * 2 - 1, ids, mask, torch.randn(size, 4),
             torch.rand(size, config.chunk_size, 4) * 2 - 1, torch.zeros(size, config.chunk_size, dtype=torch.bool))
 
 
@@ -215,3 +216,27 @@ def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match="the model needs 128x128 images from camera 'corner4'"):
             train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'small'}",
                                                         f"output_dir={tmp_path / 'run'}"]))
+
+
+def test_two_cameras_give_two_token_blocks_and_need_both_images(tokenizer):
+    """LIBERO-style: agentview and wrist, each 64 tokens through the shared encoder, in camera order."""
+    policy = tiny_policy(tokenizer, "dit", cameras=("corner4", "wrist"))
+    model = policy.model.eval()
+    assert policy.spec.cameras == ("corner4", "wrist") and model.visual_token_span == (0, 128)
+    obs = observation()
+    with pytest.raises(ValueError, match="from camera 'wrist'"):
+        policy.predict_chunk(obs)
+    wrist = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    obs.images["wrist"] = wrist
+    images = policy.image_tensor(obs)
+    assert images.shape == (1, 2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.vision(images)
+        alone = model.vision(images[:, 1:])
+    assert tokens.shape == (1, 128, 32) and torch.allclose(tokens[:, 64:], alone, atol=1e-6)
+    assert policy.predict_chunk(obs).actions.shape == (3, 4)
+
+
+def test_single_camera_checkpoints_load_with_the_old_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"head": "dit", "camera": "corner4", "text_vocab_size": 10}))
+    assert RefVLAConfig.from_json(tmp_path / "config.json").cameras == ("corner4",)

@@ -15,7 +15,8 @@ from pathlib import Path
 @dataclass
 class RefVLAConfig:
     head: str = "dit"  # "dit" | "ar"
-    camera: str = "corner4"
+    # Each camera's image becomes num_visual_tokens tokens (one shared encoder), in this order.
+    cameras: tuple[str, ...] = ("corner4",)
     image_size: int = 128
     state_dim: int = 4
     action_dim: int = 4
@@ -47,6 +48,9 @@ class RefVLAConfig:
 
     def __post_init__(self) -> None:
         self.stem_channels = tuple(self.stem_channels)
+        self.cameras = (self.cameras,) if isinstance(self.cameras, str) else tuple(self.cameras)
+        if not self.cameras:
+            raise ValueError("RefVLAConfig.cameras names no camera")
         if self.head not in ("dit", "ar"):
             raise ValueError(f"Unknown action head '{self.head}': use 'dit' or 'ar'")
         if self.feature_map_size % self.vit_patch_size:
@@ -60,6 +64,7 @@ class RefVLAConfig:
 
     @property
     def num_visual_tokens(self) -> int:
+        """Per camera image."""
         return (self.feature_map_size // self.vit_patch_size) ** 2
 
     @property
@@ -75,6 +80,8 @@ class RefVLAConfig:
             options = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if "camera" in options:  # checkpoints saved before multi-camera models: one camera
+            options["cameras"] = [options.pop("camera")]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:

@@ -1,9 +1,9 @@
 """The reference VLAs: conv stem + ViT -> projector -> Llama decoder -> DiT head (flow matching) or
 autoregressive action tokens. Hugging Face `transformers` modules, built from configs, trained here.
 
-LM input, left to right: visual tokens | instruction tokens (right-padded, masked) | proprio token |
-one special token (DiT: the cognition token whose output conditions the DiT; AR: begin-of-actions,
-followed by the action tokens). Causal attention, so instruction tokens attend to the image.
+LM input, left to right: visual tokens (camera after camera) | instruction tokens (right-padded, masked) |
+proprio token | one special token (DiT: the cognition token whose output conditions the DiT; AR:
+begin-of-actions, followed by the action tokens). Causal attention, so instruction tokens attend to the image.
 """
 
 from __future__ import annotations
@@ -47,8 +47,11 @@ class VisionEncoder(nn.Module):
         ), add_pooling_layer=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """float [B, 3, H, W] in [-1, 1] -> visual tokens [B, N, vit_hidden] (CLS dropped)."""
-        return self.vit(pixel_values=self.stem(images)).last_hidden_state[:, 1:]
+        """float [B, K, 3, H, W] in [-1, 1], K cameras -> visual tokens [B, K * N, vit_hidden] (CLS dropped),
+        camera after camera."""
+        batch, cameras = images.shape[:2]
+        tokens = self.vit(pixel_values=self.stem(images.flatten(0, 1))).last_hidden_state[:, 1:]
+        return tokens.reshape(batch, cameras * tokens.shape[1], tokens.shape[2])
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -206,7 +209,7 @@ class RefVLA(nn.Module):
 
     @property
     def visual_token_span(self) -> tuple[int, int]:
-        return 0, self.config.num_visual_tokens
+        return 0, len(self.config.cameras) * self.config.num_visual_tokens
 
     def embed_prefix(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
                      state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,7 @@ class RefVLAPolicy:
         self.noise_seed = noise_seed
         self.generator = torch.Generator().manual_seed(noise_seed)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=(config.camera,),
+        self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=config.cameras,
                                image_size=(config.image_size, config.image_size), chunk_size=config.chunk_size,
                                control_dt=config.control_dt, actions_per_chunk=config.actions_per_chunk)
         lm = model.lm
@@ -85,13 +85,15 @@ class RefVLAPolicy:
         return self._text_cache[instruction]
 
     def image_tensor(self, obs: Observation) -> torch.Tensor:
-        """The camera image as the vision encoder's input, [1, 3, H, W] in [-1, 1]."""
-        image = obs.images.get(self.config.camera)
+        """The cameras' images as the vision encoder's input, [1, K, 3, H, W] in [-1, 1]."""
         size = self.config.image_size
-        if image is None or image.shape != (size, size, 3) or image.dtype != np.uint8:
-            got = None if image is None else (image.shape, image.dtype)
-            raise ValueError(f"Expected a uint8 {size}x{size}x3 image from camera '{self.config.camera}', got {got}")
-        return images_to_tensor(torch.from_numpy(image).permute(2, 0, 1)[None])
+        for camera in self.config.cameras:
+            image = obs.images.get(camera)
+            if image is None or image.shape != (size, size, 3) or image.dtype != np.uint8:
+                got = None if image is None else (image.shape, image.dtype)
+                raise ValueError(f"Expected a uint8 {size}x{size}x3 image from camera '{camera}', got {got}")
+        images = np.stack([obs.images[camera] for camera in self.config.cameras])
+        return images_to_tensor(torch.from_numpy(images).permute(0, 3, 1, 2)[None])
 
     @torch.inference_mode()
     def predict_chunk(self, obs: Observation) -> ActionChunk:
@@ -140,7 +142,7 @@ def ref_dit_large(suite, seed: int = 0, **options) -> RefVLAPolicy:
     """SmolVLA-scale architecture with RANDOM WEIGHTS: for speed benchmarks only, its actions mean nothing.
     Built for the suite's robot (cameras, image size, dims, rate) and instruction vocabulary."""
     spec = suite.spec
-    shape = dict(camera=spec.cameras[0], image_size=spec.image_size[0], state_dim=spec.state_dim,
+    shape = dict(cameras=spec.cameras, image_size=spec.image_size[0], state_dim=spec.state_dim,
                  action_dim=spec.action_dim, control_dt=spec.control_dt)
     return random_init_policy([suite.instruction(task) for task in suite.tasks()], seed, options, head="dit",
                               **shape, **LARGE_RANDOM_WEIGHTS)

@@ -82,12 +82,12 @@ def train(cfg: Any, dataset: ActionChunkDataset, instructions: Iterable[str], mo
         config = RefVLAConfig(**model_options, text_vocab_size=tokenizer.get_vocab_size())
         model, normalizer = RefVLA(config), Normalizer(dataset.stats())
     config = model.config
-    camera = config.camera
-    first = dataset.episodes[0].images.get(camera)
-    if first is None or first.shape[1:] != (config.image_size, config.image_size, 3):
-        raise ValueError(f"{cfg.dataset}: the model needs {config.image_size}x{config.image_size} images "
-                         f"from camera '{camera}', the dataset has "
-                         f"{ {c: f.shape[1:] for c, f in dataset.episodes[0].images.items()} }")
+    first = dataset.episodes[0].images
+    for camera in config.cameras:
+        if camera not in first or first[camera].shape[1:] != (config.image_size, config.image_size, 3):
+            raise ValueError(f"{cfg.dataset}: the model needs {config.image_size}x{config.image_size} images "
+                             f"from camera '{camera}', the dataset has "
+                             f"{ {c: f.shape[1:] for c, f in first.items()} }")
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = load_train_state(out, optimizer) if resume else {}
@@ -121,7 +121,8 @@ def train(cfg: Any, dataset: ActionChunkDataset, instructions: Iterable[str], mo
         for batch in loader:
             text_ids, text_mask = (torch.cat(parts).to(device) for parts in zip(
                 *(instruction_tokens[text] for text in batch["instruction"]), strict=True))
-            images = random_shift(batch["images"][camera], cfg.shift_pad, generator)
+            images = torch.stack([random_shift(batch["images"][camera], cfg.shift_pad, generator)
+                                  for camera in config.cameras], dim=1)
             lr = learning_rate(progress(), step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
