@@ -31,6 +31,7 @@ def pack(source: Path, bundle: Path) -> None:
     import imageio.v3 as iio
     from tqdm.auto import tqdm
 
+    from vla_runtime.cli.train import robot_options
     from vla_runtime.data.episodes import EpisodeStore
     from vla_runtime.sim import make_suite
 
@@ -53,7 +54,7 @@ def pack(source: Path, bundle: Path) -> None:
     np.savez_compressed(bundle / "arrays.npz", **arrays)
     (bundle / "meta.json").write_text(json.dumps(
         {"source": str(source), "video_crf": VIDEO_CRF, "instructions": instructions,
-         "control_dt": suite.spec.control_dt, "episodes": episodes},
+         "robot": robot_options(store.meta["sim"]), "episodes": episodes},
         indent=1) + "\n")
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
     print(f"{len(episodes)} episodes -> {bundle} ({size_mb:.1f} MB)")
@@ -124,8 +125,7 @@ def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> N
     started = time.monotonic()
     episodes, meta = unpack(bundle)
     print(f"decoded {len(episodes)} episodes in {time.monotonic() - started:.0f} s", flush=True)
-    if "control_dt" in meta:  # bundles packed before it was recorded: the model's default (Meta-World's)
-        model_options.setdefault("control_dt", meta["control_dt"])
+    model_options = {**meta["robot"], **model_options}
     dataset = ActionChunkDataset(episodes, chunk_size=model_options.get("chunk_size", 8))
     train(cfg, dataset, meta["instructions"].values(), model_options)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -21,24 +21,28 @@ def device_train():
 
 
 def test_bundle_round_trip_keeps_arrays_and_nearly_the_pixels(tmp_path, device_train):
-    store = EpisodeStore(tmp_path / "data", {"image_size": 64}, create=True)
+    store = EpisodeStore(tmp_path / "data", {"image_size": 64, "cameras": ["corner4", "wrist"]}, create=True)
     # Smooth images (a moving gradient), like rendered scenes; video coding of pure noise is not the use.
     ramp = np.linspace(0, 255, 64, dtype=np.float32)
     frames = np.stack([np.stack([np.roll(ramp, 3 * t)[None, :].repeat(64, 0),
                                  ramp[:, None].repeat(64, 1), np.full((64, 64), 80.0)], -1) for t in range(12)])
     rng = np.random.default_rng(0)
-    written = Episode("reach-v3", 43, INSTRUCTIONS["reach-v3"], 7, True, {"corner4": frames.astype(np.uint8)},
+    images = {"corner4": frames.astype(np.uint8), "wrist": frames[:, ::-1].astype(np.uint8)}
+    written = Episode("reach-v3", 43, INSTRUCTIONS["reach-v3"], 7, True, images,
                       rng.normal(size=(12, 4)).astype(np.float32), rng.uniform(-1, 1, (12, 4)).astype(np.float32),
                       np.arange(12) * 0.0125)
     store.write(written)
     device_train.pack(tmp_path / "data", tmp_path / "bundle")
     (episode,), meta = device_train.unpack(tmp_path / "bundle")
-    assert meta["instructions"] == INSTRUCTIONS and meta["control_dt"] == 0.0125  # the suite's, as vla-train
+    assert meta["instructions"] == INSTRUCTIONS  # the suite's, as vla-train
+    assert meta["robot"] == {"control_dt": 0.0125, "state_dim": 4, "action_dim": 4, "cameras": ["corner4", "wrist"],
+                             "image_size": 64}
     assert (episode.task, episode.seed, episode.instruction) == ("reach-v3", 7, written.instruction)
     for key in ("state", "action", "timestamp"):
         np.testing.assert_array_equal(getattr(episode, key), getattr(written, key))
-    error = np.abs(episode.images["corner4"].astype(int) - written.images["corner4"].astype(int))
-    assert episode.images["corner4"].shape == (12, 64, 64, 3) and error.mean() < 3
+    for camera in ("corner4", "wrist"):
+        error = np.abs(episode.images[camera].astype(int) - written.images[camera].astype(int))
+        assert episode.images[camera].shape == (12, 64, 64, 3) and error.mean() < 3
 
 
 def test_device_config_rejects_unknown_settings(device_train):

@@ -213,8 +213,9 @@ def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):
         store.write(Episode("reach-v3", 43, INSTRUCTIONS["reach-v3"], 0, True,
                             {"corner4": np.zeros((3, 32, 32, 3), np.uint8)}, np.zeros((3, 4), np.float32),
                             np.zeros((3, 4), np.float32), np.arange(3) * 0.0125))
+        # The model follows the dataset's cameras and image size unless its config names them.
         with pytest.raises(ValueError, match="the model needs 128x128 images from camera 'corner4'"):
-            train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'small'}",
+            train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'small'}", "+model.image_size=128",
                                                         f"output_dir={tmp_path / 'run'}"]))
 
 

@@ -16,13 +16,21 @@ from vla_runtime.policies.ref_vla.training import train as train_model
 from vla_runtime.sim import make_suite
 
 
+def robot_options(sim_settings: dict) -> dict:
+    """Model options that follow the robot the demonstrations were recorded on (a config may still set
+    them): the suite's action and state dims and control rate, the cameras and image size of the data."""
+    spec = make_suite(sim_settings.get("sim", "metaworld")).spec
+    return {"control_dt": spec.control_dt, "state_dim": spec.state_dim, "action_dim": spec.action_dim,
+            "cameras": list(sim_settings.get("cameras", spec.cameras)),
+            "image_size": sim_settings.get("image_size", spec.image_size[0])}
+
+
 def train(cfg: DictConfig) -> Path:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
-    model_options = as_dict(cfg.model)
-    # The suite the demonstrations come from: its instructions (all tasks, so a model trained on a subset
-    # still tokenizes the others) and its control rate.
-    sim = make_suite(EpisodeStore(cfg.dataset).meta["sim"].get("sim", "metaworld"))
-    model_options.setdefault("control_dt", sim.spec.control_dt)
+    settings = EpisodeStore(cfg.dataset).meta["sim"]
+    model_options = {**robot_options(settings), **as_dict(cfg.model)}
+    # The instructions of every task of the suite, so a model trained on a subset still tokenizes the others.
+    sim = make_suite(settings.get("sim", "metaworld"))
     dataset = ActionChunkDataset(cfg.dataset, chunk_size=model_options.get("chunk_size", 8))
     return train_model(cfg, dataset, [sim.instruction(task) for task in sim.tasks()], model_options)
 
