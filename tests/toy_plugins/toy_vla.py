@@ -40,7 +40,9 @@ class ToyEnv:
     def steps(self) -> int:
         return self._steps
 
-    def _image(self) -> np.ndarray:
+    def render(self, camera: str = "top") -> np.ndarray:
+        if camera != "top":
+            raise ValueError(f"Camera '{camera}' is not configured; configured: ('top',)")
         image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         for point, channel in ((self.goal, 1), (self.position, 0)):
             row, col = ((np.clip(point, -1, 1) + 1) / 2 * (self.image_size - 1)).round().astype(int)
@@ -49,7 +51,7 @@ class ToyEnv:
 
     def observe(self, render: bool | None = None) -> Observation:
         render = self.render_enabled if render is None else render
-        return Observation(images={"top": self._image()} if render else {}, state=self.position.astype(np.float32),
+        return Observation(images={"top": self.render()} if render else {}, state=self.position.astype(np.float32),
                            instruction=self.instruction, timestamp=self._steps * DT,
                            privileged_state=np.concatenate([self.position, self.goal]))
 

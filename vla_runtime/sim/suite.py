@@ -50,6 +50,9 @@ class Env(Protocol):
 
     def observe(self, render: bool | None = None) -> Observation: ...
 
+    def render(self, camera: str) -> Any:
+        """uint8 [H, W, 3]: one configured camera's image of the current state."""
+
     def close(self) -> None: ...
 
     def __enter__(self) -> Env: ...

@@ -106,6 +106,10 @@ class RefVLAPolicy:
 
 
 def _trained(name: str, checkpoint: str | None, options: dict) -> RefVLAPolicy:
+    """`checkpoint`: a directory, or the name of one shipped in checkpoints/ (ref_dit_libero_object);
+    None: the shipped `name`."""
+    if checkpoint and not Path(checkpoint).exists() and shipped_checkpoint(checkpoint).is_dir():
+        checkpoint = str(shipped_checkpoint(checkpoint))
     directory = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
     if not checkpoint and not (directory / "model.safetensors").exists():
         raise FileNotFoundError(f"No trained {name} checkpoint ships with this install ({directory}). Train one "
