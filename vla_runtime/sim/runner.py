@@ -175,7 +175,9 @@ class EpisodeWorker:
         if realtime is not None:
             if video_dir or episodes_dir:
                 raise ValueError("video=true and save_episodes=true are only available with runtime.mode=sync")
+            # control_hz null: the suite's own rate (Meta-World 80 Hz, LIBERO 20 Hz).
             loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"],
+                                    "control_hz": realtime["loop"].get("control_hz") or 1.0 / suite.spec.control_dt,
                                     "safety": self._safety(realtime["loop"].get("safety") or {})})
             profile_gate = self.accel.reuse_gate if self.accel else None
             gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
