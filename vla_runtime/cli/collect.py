@@ -72,12 +72,14 @@ def collect(sim: Suite, tasks: list[str], episodes_per_task: int, output_dir: st
                disable=not progress)
     with WorkerPool(CollectWorker, (sim, str(output_dir)), workers) as pool:
         while True:
-            # Each wave tries as many fresh seeds as each task still lacks episodes.
+            # Each wave tries as many fresh seeds as each task still lacks episodes, task after task in
+            # turn, so a run stopped early leaves every task its share.
+            lacking = {task: max(0, episodes_per_task - kept[task]) for task in tasks}
             jobs = []
-            for task in tasks:
-                for _ in range(max(0, episodes_per_task - kept[task])):
-                    if attempts[task] >= max_attempts_per_task:
-                        break
+            for turn in range(max(lacking.values())):
+                for task in tasks:
+                    if turn >= lacking[task] or attempts[task] >= max_attempts_per_task:
+                        continue
                     while (task, seeds.seed(next_index[task])) in tried:
                         next_index[task] += 1
                     jobs.append(CollectJob(task, seeds.seed(next_index[task])))
