@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -99,3 +100,32 @@ def test_eval_with_an_acceleration_profile_sync_and_realtime(tmp_path):
     assert loop["reuses"] + results["policy_calls"] >= 4 and not results["errors"]
     with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
         eval_cli.run(eval_config(tmp_path / "bad", "sim.image_size=128", "accel=pdvla", *common))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_workers_end_when_the_command_is_killed(tmp_path):
+    """A killed vla-eval / vla-collect must not leave workers running its queued episodes."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vla_runtime.cli.eval", "policy=random", "tasks=mt10", "episodes_per_task=50",
+         "workers=2", f"output_dir={tmp_path}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(children) < 3 and time.monotonic() < deadline:  # the resource tracker and two workers
+        time.sleep(0.5)
+        listing = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout
+        children = [int(pid) for pid in listing.split()]
+    process.kill()
+    process.wait()
+    assert len(children) >= 3, "the workers never started"
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _alive(pid)]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -237,8 +240,19 @@ class EpisodeWorker:
 _worker: Any = None
 
 
-def _init_worker(worker_cls: type, args: tuple) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel ends this worker when the process that started it dies, so a killed vla-eval or
+    vla-collect leaves no worker running its queued jobs (and writing into a dataset a new run also writes)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died while this process was still importing
+            os._exit(1)
+
+
+def _init_worker(parent: int, worker_cls: type, args: tuple) -> None:
     global _worker
+    _die_with_parent(parent)
     import torch
 
     # One thread per process: the processes already use every core.
@@ -268,7 +282,7 @@ class WorkerPool:
         # spawn: a forked child would inherit the parent's GL and torch thread state.
         self._pool = None if self._inline else ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(worker_cls, args))
+            initializer=_init_worker, initargs=(os.getpid(), worker_cls, args))
 
     def imap_unordered(self, jobs: list[Any]) -> Iterator[Any]:
         """Results as they finish; an exception inside a job re-raises here."""
