@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import mujoco
 import numpy as np
 
 from vla_runtime.sim.suite import SeedRange, Suite, register_suite
@@ -29,6 +30,8 @@ from vla_runtime.types import Observation, RobotSpec
 
 SETS = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 NUM_INIT_STATES = 50  # fixed initial states per task; seeds 0-49 select them
+# Steps a policy gets per task set (the no-op steps not counted), as LeRobot's LIBERO evaluation.
+MAX_STEPS = {"libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 STATE_DIM = 8  # end-effector xyz, axis-angle (3), gripper finger positions (2)
 ACTION_DIM = 7  # delta end-effector xyz and rotation (OSC_POSE, each in [-1, 1]) + gripper (-1 open, 1 close)
 CONTROL_DT = 0.05  # 20 Hz
@@ -94,9 +97,7 @@ class LiberoConfig:
     # agentview and the wrist camera (robosuite's name), as the published LIBERO policies read them.
     cameras: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
     image_size: int = 128
-    # Steps a policy gets per task set (the no-op steps not counted), as LeRobot's LIBERO evaluation.
-    max_steps: dict[str, int] = field(default_factory=lambda: {
-        "libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400})
+    max_steps: dict[str, int] = field(default_factory=lambda: dict(MAX_STEPS))  # sets not named: MAX_STEPS
     settle_steps: int = 10  # no-op steps after every reset (objects drop onto their supports)
     train_seeds: SeedRange = field(default_factory=lambda: SeedRange(1_000, 1_000_000))
     eval_seeds: SeedRange = field(default_factory=lambda: SeedRange(0, NUM_INIT_STATES))
@@ -115,7 +116,7 @@ class LiberoConfig:
         unknown = sorted(set(self.max_steps) - set(SETS))
         if unknown:
             raise ValueError(f"max_steps names unknown LIBERO sets {unknown}; sets: {', '.join(SETS)}")
-        self.max_steps = {**LiberoConfig.__dataclass_fields__["max_steps"].default_factory(), **self.max_steps}
+        self.max_steps = {**MAX_STEPS, **self.max_steps}
 
 
 class LiberoEnv:
@@ -149,7 +150,7 @@ class LiberoEnv:
                                  f"available cameras: {', '.join(known_cameras)}")
         self._goal = self._env.env.parsed_problem["goal_state"]
         self._fixture_poses = _fixture_xml_poses(self._env.env)
-        self._boxes: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # body name -> (id, center, half) in its frame
+        self._boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # object -> (center, half) in its body frame
         self._raw: dict[str, np.ndarray] = {}
         self._steps = 0
 
@@ -235,8 +236,6 @@ class LiberoEnv:
 
     def _box(self, name: str) -> np.ndarray:
         """An object's (or fixture's) collision geometry as an oriented box, or a region site's box."""
-        import mujoco
-
         env = self._env.env
         model, data = env.sim.model._model, env.sim.data._data
         if name in env.obj_body_id:
@@ -294,8 +293,6 @@ def _body_frame_box(model, data, body: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _site_half_extents(model, site: int) -> np.ndarray:
     size = model.site_size[site]
-    import mujoco
-
     if model.site_type[site] == mujoco.mjtGeom.mjGEOM_BOX:
         return size.copy()
     if model.site_type[site] == mujoco.mjtGeom.mjGEOM_CYLINDER:
