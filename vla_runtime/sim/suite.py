@@ -8,7 +8,7 @@ vla-collect, vla-train, vla-bench, the ROS bridge, calibration) goes through thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, Protocol
 
@@ -98,6 +98,15 @@ class Suite:
         raise NotImplementedError
 
     # ---- shared by every suite -------------------------------------------------------------------
+    @staticmethod
+    def options_to_config(config_cls: type, label: str, options: dict[str, Any]) -> Any:
+        """`config_cls(**options)`; an unknown option is an error naming the known ones."""
+        known = {f.name for f in fields(config_cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"Unknown {label} option(s) {unknown}; known options: {sorted(known)}")
+        return config_cls(**options)
+
     def resolve_tasks(self, tasks: str | list[str] | tuple[str, ...]) -> list[str]:
         """A task-set name, one task, or a list of tasks -> canonical task names."""
         if isinstance(tasks, str):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -307,11 +307,7 @@ class LiberoSuite(Suite):
     name = "libero"
 
     def __init__(self, **options):
-        known = {f.name for f in fields(LiberoConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"Unknown LIBERO option(s) {unknown}; known options: {sorted(known)}")
-        self.config = LiberoConfig(**options)
+        self.config = self.options_to_config(LiberoConfig, "LIBERO", options)
         self.train_seeds, self.eval_seeds = self.config.train_seeds, self.config.eval_seeds
         self.task_sets = {set_name: tuple(t for t in catalog() if task_set(t) == set_name) for set_name in SETS}
         size = self.config.image_size

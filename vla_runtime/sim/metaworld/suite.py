@@ -8,7 +8,7 @@ hands only to scripted experts.
 from __future__ import annotations
 
 import atexit
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import mujoco
 import numpy as np
@@ -241,11 +241,7 @@ class MetaWorldSuite(Suite):
     task_sets = TASK_SETS
 
     def __init__(self, **options):
-        known = {f.name for f in fields(MetaWorldConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"Unknown Meta-World option(s) {unknown}; known options: {sorted(known)}")
-        self.config = MetaWorldConfig(**options)
+        self.config = self.options_to_config(MetaWorldConfig, "Meta-World", options)
         self.train_seeds, self.eval_seeds = self.config.train_seeds, self.config.eval_seeds
         size = self.config.image_size
         self.spec = RobotSpec(action_dim=ACTION_DIM, state_dim=STATE_DIM, cameras=self.config.cameras,
