@@ -21,7 +21,7 @@ LAUNCH_ARGUMENTS = {
     "log_bag": "MCAP file the control node logs observations, actions, latency and faults to ('': none)",
     "use_sim": "start the simulator bridge (false: a real robot publishes the sensor topics)",
     "task": "task of the bridge's suite",
-    "max_steps": "bridge: steps before an episode is cut off",
+    "max_steps": "bridge: steps before an episode is cut off (0: the suite's)",
 }
 
 

@@ -46,7 +46,7 @@ BRIDGE = {
     "image_size": (0, "image size in pixels (0: the suite's)"),
     "step_hz": (0.0, "simulator steps per second (0: the suite's real-time rate)"),
     "camera_hz": (20.0, "images published per second"),
-    "max_steps": (200, "steps before an episode is cut off (0: the suite's)"),
+    "max_steps": (0, "steps before an episode is cut off (0: the suite's)"),
     "auto_reset": (True, "start the next episode when one ends"),
     "start_on_command": (True, "wait for the first action command before stepping"),
     "command_timeout_s": (0.5, "hold the robot when no command arrived for this long"),
