@@ -99,8 +99,11 @@ def test_observation_layout_and_images(env):
     for image in obs.images.values():
         assert image.shape == (128, 128, 3) and image.dtype == np.uint8 and image.std() > 5
     # The image is robosuite's frame rotated by 180 degrees, as the LeRobot / openpi evaluations feed it.
-    raw = env._env.sim.render(camera_name="agentview", width=128, height=128)
-    assert np.array_equal(obs.images["agentview"], raw[::-1, ::-1])
+    # Two renders of one scene can differ in a few pixels on some EGL drivers (seen in CI), so compare
+    # closeness: the rotated frame matches, the unrotated one is far off.
+    raw = env._env.sim.render(camera_name="agentview", width=128, height=128).astype(float)
+    image = obs.images["agentview"].astype(float)
+    assert np.abs(image - raw[::-1, ::-1]).mean() < 1.0 < 10.0 < np.abs(image - raw).mean()
     assert obs.state.shape == (8,) and obs.state.dtype == np.float32
     assert obs.privileged_state.shape == (libero_suite.PREDICATE_SIZE,)
     assert obs.privileged_state[0] == libero_suite.PREDICATES.index("in") + 1
@@ -184,3 +187,14 @@ def test_ros_bridge_runs_a_libero_task(monkeypatch):
         "agentview": (128, 128), "robot0_eye_in_hand": (128, 128)}
     assert list(states[-1].name) == list(make_suite("libero").spec.state_names)
     assert states[-1].position[2] > start_z + 0.05 and status["task"] == OBJECT_TASK and status["seed"] == 0
+
+
+def test_shipped_libero_policy_fits_the_suite(suite):
+    from vla_runtime.policies import make_policy
+
+    policy = make_policy("ref_dit", checkpoint="ref_dit_libero_object")
+    suite.check_policy(policy, "ref_dit_libero")
+    assert policy.spec.cameras == ("agentview", "robot0_eye_in_hand") and policy.spec.control_dt == 0.05
+    with suite.make_env(OBJECT_TASK) as env:
+        chunk = policy.predict_chunk(env.reset(0))
+    assert chunk.actions.shape == (8, 7) and np.all(np.isfinite(chunk.actions))
