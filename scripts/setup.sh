@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh           # users: the project as a package
 #   bash scripts/setup.sh --ros     # users: plus ROS 2 (rclpy wheels, MCAP): vla-robot, the control node
 #   bash scripts/setup.sh --libero  # users: plus the LIBERO simulator and its assets (~650 MB): sim=libero
-#   bash scripts/setup.sh --dev     # developers and CI: editable, plus pytest, ruff, ROS 2 and LIBERO
+#   bash scripts/setup.sh --simpler # users: plus ManiSkill3 / SAPIEN and a Vulkan driver: sim=simpler_bridge
+#   bash scripts/setup.sh --dev     # developers and CI: editable, plus pytest, ruff, ROS 2, LIBERO and SIMPLER
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,10 +27,39 @@ fi
 # otherwise let pip fetch a multi-GB CUDA build. A venv that already has a torch (yours, with CUDA)
 # keeps it.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+# SAPIEN (SIMPLER) renders only through Vulkan. A machine without a Vulkan driver gets Mesa 25's lavapipe
+# (CPU) unpacked into the venv: bookworm's own Mesa 22.3 is too old for SAPIEN, and upgrading the system's
+# Mesa would change what MuJoCo's EGL renders. A machine with a driver (a GPU's, or a newer Mesa) keeps it.
+install_lavapipe() {
+    local target=.venv/share/vla_runtime/lavapipe
+    [ -f "$target/lvp_icd.json" ] && return
+    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 && return
+    if ! grep -q "VERSION_CODENAME=bookworm" /etc/os-release 2>/dev/null; then
+        echo "No Vulkan driver found: install your distribution's mesa-vulkan-drivers (Mesa >= 24) or a GPU driver" >&2
+        return
+    fi
+    echo "Unpacking Mesa 25 lavapipe (bookworm-backports) into $target"
+    local work; work=$(mktemp -d)
+    echo "deb http://deb.debian.org/debian bookworm-backports main" >"$work/sources.list"
+    local apt_options=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=-"
+                       -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache"
+                       -o "APT::Sandbox::User=root")
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
+    apt-get "${apt_options[@]}" update -qq
+    (cd "$work" && apt-get "${apt_options[@]}" download -qq mesa-vulkan-drivers)
+    dpkg -x "$work"/mesa-vulkan-drivers_*.deb "$work/root"
+    mkdir -p "$target"
+    cp "$work/root/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so" "$target/"
+    printf '{"file_format_version": "1.0.0", "ICD": {"library_path": "%s", "api_version": "1.4.305"}}\n' \
+        "$(cd "$target" && pwd)/libvulkan_lvp.so" >"$target/lvp_icd.json"
+    rm -rf "$work"
+}
+
 case "${1:-}" in
-    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero]" ;;
+    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero,simpler]"; install_lavapipe ;;
+    --simpler) .venv/bin/python -m pip install -q ".[simpler]"; install_lavapipe ;;
     --ros) .venv/bin/python -m pip install -q ".[ros]" ;;
     --libero) .venv/bin/python -m pip install -q ".[libero]" ;;
     "") .venv/bin/python -m pip install -q . ;;
-    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero | --simpler]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from vla_runtime.cli import eval as eval_cli
-from vla_runtime.sim.metrics import wilson_interval
+from vla_runtime.sim.metrics import markdown_summary, summarize, wilson_interval
+from vla_runtime.sim.runner import EpisodeResult
 
 
 def eval_config(tmp_path, *overrides):
@@ -45,6 +46,23 @@ def test_video_is_written_per_episode(tmp_path):
 
     frames = iio.imread(episode["video"])
     assert frames.shape[0] == episode["length"] and frames.shape[1:] == (64, 64, 3)
+
+
+def test_partial_measures_are_reported_beside_success():
+    """A suite's partial measures (SIMPLER's grasp) become per-task shares and a column of the summary."""
+    episodes = [EpisodeResult("carrot", 0, True, 60, [0.01], measures={"grasped": True, "on_target": True}),
+                EpisodeResult("carrot", 1, False, 60, [0.01], measures={"grasped": True, "on_target": False}),
+                EpisodeResult("spoon", 0, False, 60, [0.01], measures={"grasped": False, "on_target": False}),
+                EpisodeResult("spoon", 1, False, 60, [0.01], measures={"grasped": False, "on_target": False})]
+    results = summarize(episodes, ["carrot", "spoon"])
+    assert results["per_task"]["carrot"]["measures"] == {"grasped": 1.0, "on_target": 0.5}
+    assert results["per_task"]["spoon"]["measures"] == {"grasped": 0.0, "on_target": 0.0}
+    assert results["episodes"][1]["measures"] == {"grasped": True, "on_target": False}
+    table = markdown_summary(results, "test")
+    assert "| partial measures |" in table and "| carrot | 50% | " in table and "grasped 100%, on_target 50% |" in table
+    # Suites without measures keep the table as it was.
+    plain = summarize([EpisodeResult("reach", 0, True, 10, [0.01])], ["reach"])
+    assert "measures" not in plain["per_task"]["reach"] and "partial" not in markdown_summary(plain, "test")
 
 
 @pytest.mark.parametrize(

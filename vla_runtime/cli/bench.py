@@ -160,7 +160,7 @@ def markdown_table(bench: dict) -> str:
     header += [f"success ({mode})" for mode in modes]
     if "realtime" in modes:
         header.append("policy calls (realtime)")
-    lines = [f"## vla-bench: {bench['policy']} ({bench['device']})", "",
+    lines = [f"## vla-bench: {bench['policy']} on {bench['sim']} ({bench['device']})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in bench["profiles"].items():
         head = f"{row['head_speedup']:.2f}x" if row["head_speedup"] else "-"
@@ -210,7 +210,7 @@ def plot(bench: dict, path: Path) -> None:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_ylabel("action MSE / action variance")
     ax.set_xlabel("speedup per inference (p50, vs none)")
-    ax.set_title(f"{bench['policy']}: speed vs cost of acceleration profiles")
+    ax.set_title(f"{bench['policy']} on {bench['sim']}: speed vs cost of acceleration profiles")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -239,7 +239,8 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         calibration_dir = str(accelerator.calibration_dir)
         for name, success in success_runs(cfg, sim, factory, policy_name, profiles, tasks, calibration_dir).items():
             table[name]["success"] = success
-    bench = {"command": command, "policy": policy_name, "tasks": tasks,
+    bench = {"command": command, "policy": policy_name, "sim": cfg.sim.name + (f" ({sim.label})" if sim.label else ""),
+             "tasks": tasks,
              "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
              "num_threads": torch.get_num_threads(), "rounds": cfg.rounds,
              "latency_samples_per_profile": cfg.rounds * sum(len(s) for s in sequences),

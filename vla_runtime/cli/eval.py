@@ -96,13 +96,14 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         episodes_dir=episode_dataset(cfg, sim, output_dir),
         policy_name=policy_name,
     )
-    results = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "runtime_mode": cfg.runtime.mode,
+    sim_name = cfg.sim.name + (f" ({sim.label})" if sim.label else "")
+    results = {"command": command, "policy": policy_name, "sim": sim_name, "runtime_mode": cfg.runtime.mode,
                "runtime": as_dict(cfg.runtime),
                "accel": {"profile": accel["profile"].name, "methods": accel["profile"].methods} if accel else None,
                **summarize(episodes, tasks)}
     write_json(output_dir / "results.json", results)
     accelerated = f", accel={accel['profile'].name}" if accel else ""
-    title = (f"{policy_name}{accelerated} on {cfg.sim.name}, {describe_runtime(cfg.runtime)} "
+    title = (f"{policy_name}{accelerated} on {sim_name}, {describe_runtime(cfg.runtime)} "
              f"({episodes_per_task} episodes per task)")
     summary = markdown_summary(results, title)
     if command:

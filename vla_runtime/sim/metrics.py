@@ -38,6 +38,10 @@ def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
             "policy_calls": sum(e.policy_calls for e in runs),
             "errors": sum(e.error is not None for e in runs),
         }
+        measured = sorted({key for e in runs for key in e.measures})
+        if measured:  # the share of episodes that reached each partial measure
+            per_task[task]["measures"] = {key: sum(e.measures.get(key, False) for e in runs) / len(runs)
+                                          for key in measured}
     latencies = [lat for e in episodes for lat in e.inference_latency_s]
     loops = [e.loop for e in episodes if e.loop is not None]
     return {
@@ -52,7 +56,8 @@ def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
         "errors": [{"task": e.task, "seed": e.seed, "error": e.error} for e in episodes if e.error],
         "episodes": [
             {"task": e.task, "seed": e.seed, "success": e.success, "length": e.length,
-             "policy_calls": e.policy_calls, "video": e.video_path, "error": e.error, "loop": e.loop}
+             "policy_calls": e.policy_calls, "video": e.video_path, "error": e.error, "loop": e.loop,
+             **({"measures": e.measures} if e.measures else {})}
             for e in episodes
         ],
     }
@@ -76,12 +81,14 @@ def _fmt_ms(value: float | None) -> str:
 
 
 def markdown_summary(results: dict, title: str) -> str:
-    lines = [f"## {title}", "", "| task | success | 95 % CI (Wilson) | episodes | mean length |",
-             "|---|---:|---|---:|---:|"]
+    measured = any("measures" in row for row in results["per_task"].values())
+    lines = [f"## {title}", "", "| task | success | 95 % CI (Wilson) | episodes | mean length |"
+             + (" partial measures |" if measured else ""), "|---|---:|---|---:|---:|" + ("---|" if measured else "")]
     for task, row in results["per_task"].items():
         low, high = row["ci95"]
+        partial = ", ".join(f"{key} {rate:.0%}" for key, rate in row.get("measures", {}).items())
         lines.append(f"| {task} | {row['success_rate']:.0%} | [{low:.0%}, {high:.0%}] | {row['episodes']} "
-                     f"| {row['mean_length']:.0f} |")
+                     f"| {row['mean_length']:.0f} |" + (f" {partial} |" if measured else ""))
     latency = results["latency_ms"]
     lines += [
         f"| **mean** | **{results['success_rate']:.1%}** | | "

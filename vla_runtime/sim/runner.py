@@ -62,6 +62,7 @@ class EpisodeResult:
     video_path: str | None = None
     error: str | None = None  # what raised, when the episode ended in an exception
     loop: dict | None = None  # control-loop metrics (realtime mode)
+    measures: dict[str, bool] = field(default_factory=dict)  # the suite's partial measures (SIMPLER's grasp)
 
     @property
     def policy_calls(self) -> int:
@@ -92,7 +93,8 @@ def run_episode(
         obs, _, success, truncated, _ = env.step(action, render=render)
         if success or truncated:
             break
-    return EpisodeResult(env.task, seed, success, env.steps, executor.latency_s, trajectory)
+    return EpisodeResult(env.task, seed, success, env.steps, executor.latency_s, trajectory,
+                         measures=dict(getattr(env, "measures", {})))
 
 
 class SimRobot:
@@ -132,7 +134,7 @@ def run_episode_realtime(env: Env, policy: Policy, seed: int, runtime: RuntimeCo
                        clock=SimulatedClock(), reuse_gate=reuse_gate)
     metrics = loop.run(env.max_steps, done=lambda: robot.done)
     return EpisodeResult(env.task, seed, robot.success, env.steps, metrics.inference_latency_s,
-                         loop=metrics.summary())
+                         loop=metrics.summary(), measures=dict(getattr(env, "measures", {})))
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:

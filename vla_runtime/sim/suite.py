@@ -32,7 +32,9 @@ class SeedRange:
 
 class Env(Protocol):
     """One task of a suite. `reset(seed)` gives the same initial state for the same seed; images are
-    rendered only when asked (`render`), since rendering costs far more than a physics step."""
+    rendered only when asked (`render`), since rendering costs far more than a physics step. An env may
+    also keep `measures` (dict[str, bool]): partial progress of the episode so far, such as SIMPLER's
+    grasp, which results report beside success."""
 
     task: str
     instruction: str
@@ -69,6 +71,7 @@ class Suite:
     """
 
     name: str
+    label: str | None = None  # a caveat printed with every result of the suite (SIMPLER: not the original)
     spec: RobotSpec
     task_sets: dict[str, tuple[str, ...]]  # set name -> tasks ("mt10", "libero_spatial", ...)
     train_seeds: SeedRange

@@ -75,7 +75,7 @@ def resolve_task(name: str) -> str:
     if matches:
         raise ValueError(f"LIBERO task '{name}' is in several sets; name one of: {', '.join(matches)}")
     raise ValueError(f"Unknown LIBERO task '{name}'. Name a set ({', '.join(SETS)}), or a task as <set>/<task>; "
-                     f"e.g. {next(iter(tasks))}. The tasks of a set: vla-eval sim=libero tasks=<set> dry_run=true")
+                     f"e.g. {next(iter(tasks))}")
 
 
 def task_set(task: str) -> str:
