@@ -1,14 +1,21 @@
 """Train the reference VLAs on a GPU machine that has no simulator, no zarr and no hydra.
 
 A vla-collect dataset (zarr, ~290 MB for MT10) is too large to send to a lent GPU machine, so it
-travels as a bundle: one H.264 4:4:4 video per episode (CRF 12, mean pixel error ~1.3/255, ~22 MB for
-MT10) plus the states, actions and metadata in npz/json. On the GPU machine the bundle is decoded
+travels as a bundle: one H.264 4:4:4 video per episode (CRF 12 by default, mean pixel error ~1.3/255,
+~22 MB for MT10) plus the states, actions and metadata in npz/json. On the GPU machine the bundle is decoded
 into in-memory episodes and trained with the same loop and configs as `vla-train`.
 
     # here (needs the project's venv: zarr + imageio-ffmpeg)
     python scripts/device_train.py pack data/mt10 .devdata/mt10
-    # there (python3 with torch, transformers, tokenizers, safetensors, opencv, pyyaml)
-    python3 scripts/device_train.py train .devdata/mt10 OUT_DIR model=ref_dit batch_size=256 max_minutes=6
+    # there (python3 with torch, transformers, tokenizers, safetensors, opencv, pyyaml); several runs can
+    # share the GPU side by side; then the weights come back as fp16 pieces (a device call returns at most
+    # 8 files of 16 MiB) and become fp32 again here
+    python3 scripts/device_train.py train .devdata/mt10 /tmp/run/ref_dit model=ref_dit batch_size=256 max_minutes=6
+    python3 scripts/device_train.py send-back $OUT /tmp/run/ref_dit
+    python scripts/device_train.py receive <files_at> outputs/gpu_run
+
+LIBERO's two cameras and longer episodes need `pack --crf 20` to fit (220 LIBERO-Object episodes: 32.5 MB,
+mean pixel error 1.9/255).
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VIDEO_CRF = 12
+VIDEO_CRF = 12  # the default; LIBERO's two cameras and longer episodes need ~20 to fit the 64 MiB a call takes
 
 
-def pack(source: Path, bundle: Path) -> None:
+def pack(source: Path, bundle: Path, crf: int = VIDEO_CRF) -> None:
     import imageio.v3 as iio
     from tqdm.auto import tqdm
 
@@ -45,7 +52,7 @@ def pack(source: Path, bundle: Path) -> None:
         for camera, frames in episode.images.items():
             iio.imwrite(bundle / "video" / f"{episode.name}.{camera}.mp4", frames, extension=".mp4",
                         codec="libx264", fps=round(1 / suite.spec.control_dt), pixelformat="yuv444p",
-                        macro_block_size=1, output_params=["-crf", str(VIDEO_CRF), "-preset", "slow"])
+                        macro_block_size=1, output_params=["-crf", str(crf), "-preset", "slow"])
         episodes.append({"name": episode.name, "task": episode.task, "task_id": episode.task_id,
                          "instruction": episode.instruction, "seed": episode.seed,
                          "success": episode.success, "cameras": sorted(episode.images), "length": episode.length})
@@ -53,7 +60,7 @@ def pack(source: Path, bundle: Path) -> None:
             arrays[f"{episode.name}/{key}"] = getattr(episode, key)
     np.savez_compressed(bundle / "arrays.npz", **arrays)
     (bundle / "meta.json").write_text(json.dumps(
-        {"source": str(source), "video_crf": VIDEO_CRF, "instructions": instructions,
+        {"source": str(source), "video_crf": crf, "instructions": instructions,
          "robot": robot_options(store.meta["sim"]), "episodes": episodes},
         indent=1) + "\n")
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
@@ -135,21 +142,80 @@ def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> N
         "wall_s": time.monotonic() - started}, indent=1) + "\n")
 
 
+PART_BYTES = 15 * 2**20  # a file back from a device call holds at most 16 MiB, all of them 64 MiB
+
+
+def send_back(runs: list[Path], out: Path) -> None:
+    """Training outputs -> pieces a device call can return: weights as fp16 (9 M parameters in fp32 are 37 MB),
+    no optimizer state, one tar split into PART_BYTES files."""
+    import io
+    import tarfile
+
+    from safetensors.torch import load_file, save
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for run in runs:
+            for path in sorted(run.iterdir()):
+                if path.name == "model.safetensors":
+                    half = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+                    data = save(half)
+                    info = tarfile.TarInfo(f"{run.name}/model.fp16.safetensors")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+                elif path.is_file() and path.name != "optimizer.safetensors":
+                    archive.add(path, f"{run.name}/{path.name}")
+    data = buffer.getvalue()
+    out.mkdir(parents=True, exist_ok=True)
+    for index, start in enumerate(range(0, len(data), PART_BYTES)):
+        (out / f"runs.tar.{index:02d}").write_bytes(data[start:start + PART_BYTES])
+    print(f"{len(runs)} runs -> {out} ({len(data) / 1e6:.1f} MB in {-(-len(data) // PART_BYTES)} parts)")
+
+
+def receive(parts: Path, destination: Path) -> None:
+    """The pieces `send_back` wrote -> run folders with fp32 `model.safetensors` again."""
+    import io
+    import tarfile
+
+    from safetensors.torch import load_file, save_file
+
+    data = b"".join(path.read_bytes() for path in sorted(parts.glob("runs.tar.*")))
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        archive.extractall(destination, filter="data")
+    for half in destination.glob("*/model.fp16.safetensors"):
+        save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(half).items()},
+                  half.with_name("model.safetensors"))
+        half.unlink()
+        print(f"{half.parent}: fp32 weights restored")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     pack_parser = commands.add_parser("pack", help="dataset directory -> video bundle")
     pack_parser.add_argument("source", type=Path)
     pack_parser.add_argument("bundle", type=Path)
+    pack_parser.add_argument("--crf", type=int, default=VIDEO_CRF,
+                             help=f"H.264 quality (lower is better and larger; default {VIDEO_CRF})")
     train_parser = commands.add_parser("train", help="train from a video bundle")
     train_parser.add_argument("bundle", type=Path)
     train_parser.add_argument("output_dir", type=Path)
     train_parser.add_argument("overrides", nargs="*", help="key=value, as for vla-train (model=ref_ar, ...)")
+    send_parser = commands.add_parser("send-back", help="(on the GPU machine) run folders -> fp16 pieces in OUT")
+    send_parser.add_argument("out", type=Path)
+    send_parser.add_argument("runs", type=Path, nargs="+")
+    receive_parser = commands.add_parser("receive", help="(here) the pieces -> run folders with fp32 weights")
+    receive_parser.add_argument("parts", type=Path)
+    receive_parser.add_argument("destination", type=Path)
     args = parser.parse_args()
     if args.command == "pack":
-        pack(args.source, args.bundle)
-    else:
+        pack(args.source, args.bundle, args.crf)
+    elif args.command == "train":
         train_from_bundle(args.bundle, args.output_dir, args.overrides)
+    elif args.command == "send-back":
+        send_back(args.runs, args.out)
+    else:
+        receive(args.parts, args.destination)
 
 
 if __name__ == "__main__":

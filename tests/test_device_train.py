@@ -50,3 +50,26 @@ def test_device_config_rejects_unknown_settings(device_train):
     assert cfg.lr == 1e-4 and model_options["head"] == "ar"
     with pytest.raises(SystemExit, match="unknown setting 'learning_rate'"):
         device_train.load_config(["learning_rate=1"])
+
+
+def test_runs_come_back_in_pieces_with_fp32_weights(tmp_path, device_train, monkeypatch):
+    """send-back (GPU machine) -> receive (here): weights through fp16, no optimizer state, files under the limit."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run" / "ref_dit_x"
+    run.mkdir(parents=True)
+    weights = {"w": torch.randn(300, 300), "steps": torch.arange(3)}
+    save_file(weights, run / "model.safetensors")
+    save_file({"m": torch.zeros(10)}, run / "optimizer.safetensors")
+    (run / "config.json").write_text('{"head": "dit"}')
+    monkeypatch.setattr(device_train, "PART_BYTES", 100_000)  # several pieces from a small run
+    device_train.send_back([run], tmp_path / "out")
+    parts = sorted((tmp_path / "out").iterdir())
+    assert len(parts) > 1 and all(part.stat().st_size <= 100_000 for part in parts)
+    device_train.receive(tmp_path / "out", tmp_path / "back")
+    back = tmp_path / "back" / "ref_dit_x"
+    assert sorted(p.name for p in back.iterdir()) == ["config.json", "model.safetensors"]
+    restored = load_file(back / "model.safetensors")
+    assert restored["w"].dtype == torch.float32 and torch.equal(restored["steps"], weights["steps"])
+    assert torch.equal(restored["w"], weights["w"].half().float())  # exactly the fp16 rounding, nothing else

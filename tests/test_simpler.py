@@ -121,3 +121,13 @@ def test_expert_reaches_over_the_carrot_with_the_hand_open(suite, env):
             break
     assert start > 0.05 and np.linalg.norm(obs.state[:2] - carrot[:2]) < 0.02
     assert obs.state[2] > carrot[2] + 0.03
+
+
+def test_shipped_simpler_policy_fits_the_suite(suite, env):
+    from vla_runtime.policies import make_policy
+
+    policy = make_policy("ref_dit", checkpoint="ref_dit_simpler_bridge")
+    suite.check_policy(policy, "ref_dit_simpler")
+    assert policy.spec.cameras == ("3rd_view_camera",) and policy.spec.control_dt == 0.2
+    chunk = policy.predict_chunk(env.reset(0))
+    assert chunk.actions.shape == (8, 7) and np.all(np.isfinite(chunk.actions))

@@ -153,7 +153,9 @@ def _maniskill(root: str):
     except ImportError as error:
         raise ImportError(f"ManiSkill is not installed ({error}); {INSTALL_HINT}") from error
     # Its warnings on every env (no CUDA for rendering, actors without initial poses) say nothing to act on.
-    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    from mani_skill.utils.logging_utils import logger  # named "mani_skill " (sic)
+
+    logger.setLevel(logging.ERROR)
     if Path(mani_skill.ASSET_DIR).resolve() != (Path(root) / "data").resolve():
         raise RuntimeError(f"ManiSkill was imported earlier reading assets from {mani_skill.ASSET_DIR}, not "
                            f"{root}/data; one process reads one asset folder")
