@@ -189,12 +189,12 @@ def test_ros_bridge_runs_a_libero_task(monkeypatch):
     assert states[-1].position[2] > start_z + 0.05 and status["task"] == OBJECT_TASK and status["seed"] == 0
 
 
-def test_shipped_libero_policy_fits_the_suite(suite):
+@pytest.mark.parametrize("checkpoint", ["ref_dit_libero_object", "ref_dit_libero_spatial"])
+def test_shipped_libero_policies_fit_the_suite(suite, env, checkpoint):
     from vla_runtime.policies import make_policy
 
-    policy = make_policy("ref_dit", checkpoint="ref_dit_libero_object")
-    suite.check_policy(policy, "ref_dit_libero")
+    policy = make_policy("ref_dit", checkpoint=checkpoint)
+    suite.check_policy(policy, checkpoint)
     assert policy.spec.cameras == ("agentview", "robot0_eye_in_hand") and policy.spec.control_dt == 0.05
-    with suite.make_env(OBJECT_TASK) as env:
-        chunk = policy.predict_chunk(env.reset(0))
+    chunk = policy.predict_chunk(env.reset(0, render=True))
     assert chunk.actions.shape == (8, 7) and np.all(np.isfinite(chunk.actions))
