@@ -42,7 +42,8 @@ def test_toy_plugins_are_found_through_entry_points_and_named_nowhere_in_the_pac
     suite = make_suite("toy")
     suite.check_policy(make_policy("toy_vla"), "toy_vla")
     assert make_policy("expert", suite=suite).spec.privileged
-    with pytest.raises(ValueError, match="Unknown simulator suite 'nope'. Registered: libero, metaworld, simpler_bridge, toy"):
+    with pytest.raises(ValueError,
+                       match="Unknown simulator suite 'nope'. Registered: libero, metaworld, simpler_bridge, toy"):
         make_suite("nope")
     named = [str(path) for path in PACKAGE.rglob("*.py") if "toy" in path.read_text().lower()]
     assert named == []

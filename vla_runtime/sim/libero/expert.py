@@ -15,7 +15,8 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from vla_runtime.sim.libero.suite import ACTION_DIM, BOX_SIZE, CONTROL_DT, PREDICATE_SIZE, PREDICATES, STATE_DIM
-from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
+from vla_runtime.sim.scripted import ScriptedExpert
+from vla_runtime.types import PolicySpec
 
 OPEN, CLOSE = -1.0, 1.0
 MAX_GRASP_WIDTH = 0.07  # m: the Panda hand opens to 8 cm; wider objects are grasped by the rim
@@ -54,27 +55,12 @@ class Box:
         return sorted(axes, key=lambda axis: axis[0])
 
 
-class LiberoExpert:
+class LiberoExpert(ScriptedExpert):
     """Scripted pick-and-place for LIBERO's `on` / `in` goals; a data source and an upper bound, not a robot
     policy (it reads simulator state)."""
 
     spec = PolicySpec(action_dim=ACTION_DIM, state_dim=STATE_DIM, control_dt=CONTROL_DT, privileged=True)
-
-    def __init__(self) -> None:
-        self.structure = PolicyStructure()
-        self._obs: Observation | None = None
-        self._script: Iterator[np.ndarray] | None = None
-
-    def reset(self) -> None:
-        self._obs, self._script = None, None
-
-    def predict_chunk(self, obs: Observation) -> ActionChunk:
-        if obs.privileged_state is None:
-            raise ValueError("The LIBERO expert needs Observation.privileged_state (simulator state)")
-        self._obs = obs
-        if self._script is None:
-            self._script = self._run()
-        return ActionChunk(next(self._script)[None], t0=obs.timestamp, dt=CONTROL_DT)
+    name = "LIBERO"
 
     # ---- what the script reads -------------------------------------------------------------------
     def _box(self, predicate: int, argument: int) -> Box:

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from vla_runtime.sim.scripted import ScriptedExpert
 from vla_runtime.sim.simpler.suite import ACTION_DIM, ACTION_HIGH, CONTROL_DT, STATE_DIM
-from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
+from vla_runtime.types import PolicySpec
 
 OPEN, CLOSE = 1.0, -1.0
 POSITION_GAIN = 0.8  # share of the position error commanded per step
@@ -24,27 +25,12 @@ APPROACH_HEIGHT = 0.07  # m above the grasp point
 CARRY_HEIGHT = 0.10  # m above the target's top while carrying
 
 
-class SimplerExpert:
+class SimplerExpert(ScriptedExpert):
     """Scripted pick-and-place for the Bridge tasks; a data source and an upper bound, not a robot policy
     (it reads simulator state)."""
 
     spec = PolicySpec(action_dim=ACTION_DIM, state_dim=STATE_DIM, control_dt=CONTROL_DT, privileged=True)
-
-    def __init__(self) -> None:
-        self.structure = PolicyStructure()
-        self._obs: Observation | None = None
-        self._script: Iterator[np.ndarray] | None = None
-
-    def reset(self) -> None:
-        self._obs, self._script = None, None
-
-    def predict_chunk(self, obs: Observation) -> ActionChunk:
-        if obs.privileged_state is None:
-            raise ValueError("The SIMPLER expert needs Observation.privileged_state (simulator state)")
-        self._obs = obs
-        if self._script is None:
-            self._script = self._run()
-        return ActionChunk(next(self._script)[None], t0=obs.timestamp, dt=CONTROL_DT)
+    name = "SIMPLER"
 
     # ---- what the script reads -------------------------------------------------------------------
     def _object(self, index: int) -> tuple[np.ndarray, Rotation, np.ndarray]:
