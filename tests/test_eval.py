@@ -147,3 +147,25 @@ def test_workers_end_when_the_command_is_killed(tmp_path):
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in children if _alive(pid)]
+
+
+def test_a_worker_holds_one_env_at_a_time():
+    """Episodes come task after task; a worker closes the last task's env before it builds the next (ten LIBERO
+    envs per worker ran out of memory)."""
+    import functools
+
+    from vla_runtime.policies import make_policy
+    from vla_runtime.sim import make_suite
+    from vla_runtime.sim.runner import EpisodeWorker, EvalJob
+
+    suite = make_suite("metaworld", image_size=64, default_max_steps=3)
+    worker = EpisodeWorker(functools.partial(make_policy, "random", suite=suite), suite, None, None)
+    worker.run(EvalJob("reach-v3", 0, suite.eval_seeds.seed(0)))
+    first = worker.envs["reach-v3"]
+    worker.run(EvalJob("reach-v3", 1, suite.eval_seeds.seed(1)))
+    assert worker.envs == {"reach-v3": first}  # the same task keeps its env
+    closed, close = [], first.close
+    first.close = lambda: (closed.append("reach-v3"), close())
+    worker.run(EvalJob("drawer-close-v3", 0, suite.eval_seeds.seed(0)))
+    assert closed == ["reach-v3"] and list(worker.envs) == ["drawer-close-v3"]
+    worker.close()
