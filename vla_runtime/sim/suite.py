@@ -21,6 +21,11 @@ class SeedRange:
     start: int
     count: int
 
+    @classmethod
+    def coerce(cls, value: SeedRange | dict) -> SeedRange:
+        """A range as configs give it ({start, count}) or already built."""
+        return cls(**value) if isinstance(value, dict) else value
+
     def seed(self, index: int) -> int:
         if not 0 <= index < self.count:
             raise IndexError(f"Seed index {index} outside range of {self.count} seeds from {self.start}")

@@ -104,10 +104,7 @@ class LiberoConfig:
 
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
-        if isinstance(self.train_seeds, dict):
-            self.train_seeds = SeedRange(**self.train_seeds)
-        if isinstance(self.eval_seeds, dict):
-            self.eval_seeds = SeedRange(**self.eval_seeds)
+        self.train_seeds, self.eval_seeds = SeedRange.coerce(self.train_seeds), SeedRange.coerce(self.eval_seeds)
         if self.train_seeds.overlaps(self.eval_seeds):
             raise ValueError(f"Train seeds {self.train_seeds} and eval seeds {self.eval_seeds} overlap")
         if self.train_seeds.overlaps(SeedRange(0, NUM_INIT_STATES)):

@@ -105,10 +105,7 @@ class MetaWorldConfig:
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
         self.rotate_180 = tuple(self.rotate_180)
-        if isinstance(self.train_seeds, dict):
-            self.train_seeds = SeedRange(**self.train_seeds)
-        if isinstance(self.eval_seeds, dict):
-            self.eval_seeds = SeedRange(**self.eval_seeds)
+        self.train_seeds, self.eval_seeds = SeedRange.coerce(self.train_seeds), SeedRange.coerce(self.eval_seeds)
         if self.train_seeds.overlaps(self.eval_seeds):
             raise ValueError(f"Train seeds {self.train_seeds} and eval seeds {self.eval_seeds} overlap")
         self.max_steps = {resolve_task(task): int(steps) for task, steps in self.max_steps.items()}

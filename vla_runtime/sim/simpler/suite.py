@@ -175,10 +175,7 @@ class SimplerConfig:
         self.cameras = tuple(self.cameras)
         if self.cameras != (CAMERA,):
             raise ValueError(f"SIMPLER-Bridge has one camera, '{CAMERA}'; got cameras={list(self.cameras)}")
-        if isinstance(self.train_seeds, dict):
-            self.train_seeds = SeedRange(**self.train_seeds)
-        if isinstance(self.eval_seeds, dict):
-            self.eval_seeds = SeedRange(**self.eval_seeds)
+        self.train_seeds, self.eval_seeds = SeedRange.coerce(self.train_seeds), SeedRange.coerce(self.eval_seeds)
         if self.train_seeds.overlaps(SeedRange(0, NUM_CONFIGS)):
             raise ValueError(f"Train seeds {self.train_seeds} include seeds 0-{NUM_CONFIGS - 1}, the evaluation "
                              "configurations; demonstrations must come from random placements")
