@@ -84,8 +84,15 @@ def test_configurations_are_fixed_and_other_seeds_place_at_random(env):
     placed = env.reset(1000).privileged_state
     assert np.allclose(placed, env.reset(1000).privileged_state, atol=1e-5)
     assert not np.allclose(placed[:3], env.reset(1001).privileged_state[:3], atol=1e-3)
-    grid = [env.reset(seed).privileged_state[:3] for seed in range(0, 24, 2)]  # every position of the grid
-    assert min(np.linalg.norm(placed[:3] - position) for position in grid) > 1e-3
+    grid = [env.reset(seed).privileged_state for seed in range(24)]
+    assert min(np.linalg.norm(placed[:3] - state[:3]) for state in grid) > 1e-3
+    # ... turned by at most 30 degrees (plus settling) from one of the configurations' orientations
+    def orientation(state):
+        return Rotation.from_quat(np.roll(state[3:7], -1))  # wxyz -> xyzw
+    for seed in range(1000, 1006):
+        turn = min((orientation(env.reset(seed).privileged_state) * orientation(state).inv()).magnitude()
+                   for state in grid)
+        assert np.degrees(turn) < 33
     env.reset(0)  # the grid is back after a random placement
     assert np.allclose(env.observe().privileged_state, first.privileged_state, atol=1e-5)
 
@@ -121,6 +128,18 @@ def test_expert_reaches_over_the_carrot_with_the_hand_open(suite, env):
             break
     assert start > 0.05 and np.linalg.norm(obs.state[:2] - carrot[:2]) < 0.02
     assert obs.state[2] > carrot[2] + 0.03
+
+
+def test_grasp_yaw_closes_across_the_narrow_side_and_picks_the_nearest_of_symmetric_grasps():
+    from vla_runtime.sim.simpler.expert import _grasp_yaw
+    carrot = np.array([0.10, 0.03, 0.03])  # long along its own x axis, lying flat
+    yaw = _grasp_yaw(Rotation.from_euler("z", 30, degrees=True), carrot)
+    assert np.isclose(np.degrees(yaw), 30)  # the fingers close along the carrot's y axis
+    cube = np.array([0.0301, 0.03, 0.0302])  # sides that differ by a fraction of a millimetre
+    for turn in (-170, -100, -80, 10, 80, 100, 170):
+        yaw = np.degrees(_grasp_yaw(Rotation.from_euler("z", turn, degrees=True), cube))
+        off_axis = (yaw - turn) % 90  # a grasp of a cube is one of its sides: a multiple of 90 degrees from its turn
+        assert abs(yaw) <= 45 + 1e-6 and min(off_axis, 90 - off_axis) < 1e-6
 
 
 def test_shipped_simpler_policy_fits_the_suite(suite, env):
