@@ -234,7 +234,8 @@ def test_two_cameras_give_two_token_blocks_and_need_both_images(tokenizer):
     with torch.no_grad():
         tokens = model.vision(images)
         alone = model.vision(images[:, 1:])
-    assert tokens.shape == (1, 128, 32) and torch.allclose(tokens[:, 64:], alone, atol=1e-6)
+    # batched and single-image passes round differently (by ~1e-6 on some builds): a loose match, not bits
+    assert tokens.shape == (1, 128, 32) and torch.allclose(tokens[:, 64:], alone, atol=1e-4)
     assert policy.predict_chunk(obs).actions.shape == (3, 4)
 
 

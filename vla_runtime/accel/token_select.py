@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from vla_runtime.accel.attention import visual_relevance
 from vla_runtime.accel.method import AccelMethod, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
+from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
 
 STRATEGIES = ("efficientvla", "dart", "attention_topk", "random")
@@ -101,13 +102,13 @@ class TokenSelectHook(ModelHook):
     def reset_state(self, module) -> None:
         self.generator.manual_seed(self.config.seed)
 
-    def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+    def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
         start, end = self.lm.visual_token_span()
         if self.config.keep >= end - start:
             return call_next(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        if use_cache or cache is not None or inputs_embeds is None or position_ids is not None:
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if use_cache or kwargs.get(CACHE_ARG) is not None or inputs_embeds is None or position_ids is not None:
             raise ValueError("token_select prunes the prefix pass of a policy without a KV cache (the DiT "
                              "variant); with a KV cache each layer would need its own mask")
 
@@ -117,7 +118,7 @@ class TokenSelectHook(ModelHook):
             return chosen + start
 
         hidden = run_with_selection(self.lm, inputs_embeds, attention_mask, self.config.layer, (start, end), selector)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 
 def run_with_selection(lm: LanguageModel, embeds: torch.Tensor, attention_mask: torch.Tensor | None, at_layer: int,

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from vla_runtime.accel.attention import visual_relevance
 from vla_runtime.accel.method import AccelMethod, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
+from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
 
 
@@ -66,9 +67,9 @@ class VisualKVReuseHook(ModelHook):
         static = (similarity >= self.config.similarity) & ~self.relevant[0]
         return static if static.any() else None
 
-    def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+    def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
-        if use_cache or cache is not None or inputs_embeds is None or position_ids is not None:
+        if use_cache or kwargs.get(CACHE_ARG) is not None or inputs_embeds is None or position_ids is not None:
             raise ValueError("visual_kv_reuse serves the cache-free prefix pass of a policy (the DiT variant)")
         span = self.lm.visual_token_span()
         batch, length = inputs_embeds.shape[:2]
@@ -80,7 +81,7 @@ class VisualKVReuseHook(ModelHook):
             self.reused_tokens.append(0)
         else:
             hidden = self._partial_pass(inputs_embeds, mask, span, static)
-            output = BaseModelOutputWithPast(last_hidden_state=hidden, cache=None)
+            output = BaseModelOutputWithPast(last_hidden_state=hidden)
             self.frames_since_full += 1
             self.reused_tokens.append(int(static.sum()))
         self.previous_embeds = inputs_embeds.detach()

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
 from vla_runtime.policies.ref_vla.modeling_ref_vla import RefVLA
 from vla_runtime.policies.ref_vla.processing_ref_vla import Normalizer
+from vla_runtime.transformers_compat import match_vit_layout
 
 MODEL_FILES = ("config.json", "model.safetensors", "stats.json", "tokenizer.json")
 
@@ -49,8 +50,8 @@ def load_model(directory: str | Path) -> tuple[RefVLA, Normalizer, Tokenizer]:
         raise CheckpointError(f"Checkpoint {directory} is missing {', '.join(missing)}")
     config = RefVLAConfig.from_json(directory / "config.json")
     model = RefVLA(config)
-    weights = _load_tensors(directory / "model.safetensors")
     expected = model.state_dict()
+    weights = match_vit_layout(_load_tensors(directory / "model.safetensors"), expected)
     problems = [f"missing {k}" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [f"{k}: {tuple(weights[k].shape)} in file, {tuple(v.shape)} in model"

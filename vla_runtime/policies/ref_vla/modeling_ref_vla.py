@@ -17,6 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, ViTConfig, ViTModel
 
 from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
+from vla_runtime.transformers_compat import CACHE_ARG, output_cache
 
 
 class ConvStem(nn.Module):
@@ -224,8 +225,8 @@ class RefVLA(nn.Module):
     # --- actions <-> tokens (AR) ----------------------------------------------------------------
     def lm_step(self, embeds: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
         """The LM over `embeds` after what `cache` holds (None: nothing) -> (hidden states, the grown cache)."""
-        output = self.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
-        return output.last_hidden_state, output.cache
+        output = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **{CACHE_ARG: cache})
+        return output.last_hidden_state, output_cache(output)
 
     def embed_action_tokens(self, bins: torch.Tensor) -> torch.Tensor:
         return self.lm.embed_tokens(bins + self.first_bin_id)
