@@ -118,6 +118,18 @@ def test_observation_layout_and_images(env):
         env.step(np.array([np.nan] * 7))
 
 
+def test_frames_stay_right_while_another_env_renders(suite, env):
+    """robosuite renders into whichever GL context is current: a second env (or one freed meanwhile) must not
+    garble the first env's frames."""
+    env.reset(3, render=False)
+    before = env.render("agentview").astype(float)
+    with suite.make_env("libero_object/pick_up_the_milk_and_place_it_in_the_basket", render=True) as other:
+        other.reset(0, render=True)
+        during = env.render("agentview")
+    after = env.render("agentview")
+    assert np.abs(before - during).mean() < 1.0 and np.abs(before - after).mean() < 1.0
+
+
 def test_axis_angle_is_robosuite_formula():
     for rotvec in ([0.1, -0.2, 0.3], [3.0, 0.1, -0.2], [0.0, 0.0, 0.0]):
         quat = Rotation.from_rotvec(rotvec).as_quat()  # xyzw with w >= 0

@@ -165,6 +165,9 @@ class LiberoEnv:
         if camera not in self.config.cameras:
             raise ValueError(f"Camera '{camera}' is not configured; configured: {self.config.cameras}")
         size = self.config.image_size
+        # robosuite renders into whichever GL context is current and never makes its own current: after another
+        # env was built or closed, frames came out garbled (a flaky CI test; any process holding two envs).
+        self._env.sim._render_context_offscreen.gl_ctx.make_current()
         # robosuite's frames come bottom-up; the published LIBERO policies read them rotated by 180 degrees.
         image = self._env.sim.render(camera_name=camera, width=size, height=size)
         return np.ascontiguousarray(image[::-1, ::-1])
@@ -252,6 +255,11 @@ class LiberoEnv:
         return np.concatenate([position, half, quat])
 
     def close(self) -> None:
+        # Freeing the render context deletes GL objects in whichever context is current: made ours first, or it
+        # would delete another env's framebuffer.
+        context = getattr(self._env.sim, "_render_context_offscreen", None)
+        if context is not None:
+            context.gl_ctx.make_current()
         self._env.close()
 
     def __enter__(self) -> LiberoEnv:
