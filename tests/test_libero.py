@@ -101,6 +101,7 @@ def test_observation_layout_and_images(env):
     # The image is robosuite's frame rotated by 180 degrees, as the LeRobot / openpi evaluations feed it.
     # Two renders of one scene can differ in a few pixels on some EGL drivers (seen in CI), so compare
     # closeness: the rotated frame matches, the unrotated one is far off.
+    env._env.sim._render_context_offscreen.gl_ctx.make_current()  # the suite leaves no context current
     raw = env._env.sim.render(camera_name="agentview", width=128, height=128).astype(float)
     image = obs.images["agentview"].astype(float)
     assert np.abs(image - raw[::-1, ::-1]).mean() < 1.0 < 10.0 < np.abs(image - raw).mean()
@@ -155,50 +156,16 @@ def test_expert_reaches_over_the_object_with_the_hand_open(suite, env):
 
 def test_ros_bridge_runs_a_libero_task(monkeypatch):
     """The simulator bridge on real DDS: LIBERO's two cameras and 8-D state out, 7-D commands in."""
-    rclpy = pytest.importorskip("rclpy", reason="needs the [ros] extra")
-    import json
-    import random
-    import time
+    pytest.importorskip("rclpy", reason="needs the [ros] extra")
+    from bridge_probe import drive_bridge
 
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import Image, JointState
-    from std_msgs.msg import Float32MultiArray, String
-
-    from vla_runtime.cli.robot import start_bridge
-    from vla_runtime.ros.common import LATCHED
-
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(random.randint(1, 101)))
-    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    bridge = start_bridge({"suite": "libero", "task": OBJECT_TASK, "max_steps": 0, "camera_hz": 5.0,
-                           "action_type": "float32_array", "auto_reset": False})
-    rclpy.init()
-    node = rclpy.create_node("libero_probe")
-    images, states, status = {}, [], {}
-    for camera in ("agentview", "robot0_eye_in_hand"):
-        node.create_subscription(Image, f"/camera/{camera}/image_raw",
-                                 lambda msg, camera=camera: images.setdefault(camera, msg), qos_profile_sensor_data)
-    node.create_subscription(JointState, "/joint_states", states.append, qos_profile_sensor_data)
-    node.create_subscription(String, "/sim/episode", lambda msg: status.update(json.loads(msg.data)), LATCHED)
-    commands = node.create_publisher(Float32MultiArray, "/vla/action", 10)
-    try:
-        deadline = time.monotonic() + 90
-        while len(images) < 2 or not states:  # the first frame, shown until the first command
-            assert time.monotonic() < deadline and bridge.poll() is None, "no LIBERO frame from the bridge"
-            rclpy.spin_once(node, timeout_sec=0.1)
-        start_z = states[-1].position[2]
-        while status.get("step", 0) < 20:  # move up, gripper open
-            assert time.monotonic() < deadline, f"the bridge did not step: {status}"
-            commands.publish(Float32MultiArray(data=[0.0, 0.0, 0.5, 0.0, 0.0, 0.0, -1.0]))
-            rclpy.spin_once(node, timeout_sec=0.05)
-    finally:
-        node.destroy_node()
-        rclpy.shutdown()
-        bridge.terminate()
-        bridge.wait(timeout=30)
-    assert {name: (msg.height, msg.width) for name, msg in images.items()} == {
-        "agentview": (128, 128), "robot0_eye_in_hand": (128, 128)}
+    cameras = ("agentview", "robot0_eye_in_hand")
+    images, states, first, status = drive_bridge(
+        monkeypatch, {"suite": "libero", "task": OBJECT_TASK, "camera_hz": 5.0}, cameras,
+        command=[0.0, 0.0, 0.5, 0.0, 0.0, 0.0, -1.0])  # move up, gripper open
+    assert {name: (msg.height, msg.width) for name, msg in images.items()} == {camera: (128, 128) for camera in cameras}
     assert list(states[-1].name) == list(make_suite("libero").spec.state_names)
-    assert states[-1].position[2] > start_z + 0.05 and status["task"] == OBJECT_TASK and status["seed"] == 0
+    assert states[-1].position[2] > first.position[2] + 0.05 and status["task"] == OBJECT_TASK and status["seed"] == 0
 
 
 @pytest.mark.parametrize("checkpoint", ["ref_dit_libero_object", "ref_dit_libero_spatial"])

@@ -142,6 +142,24 @@ def test_grasp_yaw_closes_across_the_narrow_side_and_picks_the_nearest_of_symmet
         assert abs(yaw) <= 45 + 1e-6 and min(off_axis, 90 - off_axis) < 1e-6
 
 
+def test_ros_bridge_runs_a_simpler_task(monkeypatch, suite):
+    """The simulator bridge on real DDS with the offline bundle (`suite_options`): the overlay camera and the
+    8-D state out, 7-D WidowX commands in."""
+    pytest.importorskip("rclpy", reason="needs the [ros] extra")
+    import json
+
+    from bridge_probe import drive_bridge
+
+    images, states, first, status = drive_bridge(
+        monkeypatch, {"suite": "simpler_bridge", "task": CARROT, "camera_hz": 5.0,
+                      "suite_options": json.dumps({"asset_dir": str(BUNDLE)})},
+        ("3rd_view_camera",), command=[0.0, 0.0, 0.02, 0.0, 0.0, 0.0, 1.0], steps=10)  # up 2 cm a step, open
+    assert (images["3rd_view_camera"].height, images["3rd_view_camera"].width) == (128, 128)
+    assert list(states[-1].name) == list(suite.spec.state_names)
+    assert states[-1].position[2] > first.position[2] + 0.05 and status["task"] == CARROT
+    assert status["instruction"] == "put carrot on plate"
+
+
 def test_shipped_simpler_policy_fits_the_suite(suite, env):
     from vla_runtime.policies import make_policy
 

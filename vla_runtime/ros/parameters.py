@@ -41,6 +41,7 @@ CONTROL = {
 BRIDGE = {
     "suite": ("metaworld", "simulator suite"),
     "task": ("drawer-close-v3", "task of that suite"),
+    "suite_options": ("{}", 'more suite settings, a JSON object (SIMPLER offline: {"asset_dir": "<bundle>"})'),
     "first_episode": (0, "index of the first episode (eval seed index)"),
     "camera_names": ([""], "cameras to render (default: the suite's)"),
     "image_size": (0, "image size in pixels (0: the suite's)"),

@@ -39,7 +39,9 @@ class SimBridgeNode(Node):
         self._sim_thread: threading.Thread | None = None
         self.params = p = parameters.declare(self, parameters.BRIDGE)
         action_class = action_message_class(p["action_type"])
-        overrides = {"cameras": p["camera_names"]} if p["camera_names"] else {}
+        overrides = suite_options(p["suite_options"])
+        if p["camera_names"]:
+            overrides["cameras"] = p["camera_names"]
         if p["image_size"]:
             overrides["image_size"] = p["image_size"]
         self.suite, _ = configured_suite(p["suite"], **overrides)
@@ -192,6 +194,17 @@ class SimBridgeNode(Node):
         if self._sim_thread is not None:
             self._sim_thread.join(timeout=5.0)
         super().destroy_node()
+
+
+def suite_options(text: str) -> dict:
+    """The `suite_options` parameter: a JSON object of suite settings."""
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"suite_options is not JSON ({exc}): {text!r}") from exc
+    if not isinstance(options, dict):
+        raise ValueError(f"suite_options must be a JSON object of suite settings, got {text!r}")
+    return options
 
 
 def main(args: list[str] | None = None) -> None:

@@ -165,11 +165,17 @@ class LiberoEnv:
         if camera not in self.config.cameras:
             raise ValueError(f"Camera '{camera}' is not configured; configured: {self.config.cameras}")
         size = self.config.image_size
-        # robosuite renders into whichever GL context is current and never makes its own current: after another
-        # env was built or closed, frames came out garbled (a flaky CI test; any process holding two envs).
-        self._env.sim._render_context_offscreen.gl_ctx.make_current()
-        # robosuite's frames come bottom-up; the published LIBERO policies read them rotated by 180 degrees.
-        image = self._env.sim.render(camera_name=camera, width=size, height=size)
+        # robosuite renders into whichever GL context is current and never makes its own current; and a MuJoCo
+        # render context freed elsewhere (another env closed, a renderer garbage-collected) deletes its GL objects
+        # in whichever context is current. Either garbled this env's frames (a flaky CI test). So: ours current
+        # while rendering, and none current afterwards.
+        context = self._env.sim._render_context_offscreen.gl_ctx
+        context.make_current()
+        try:
+            # robosuite's frames come bottom-up; the published LIBERO policies read them rotated by 180 degrees.
+            image = self._env.sim.render(camera_name=camera, width=size, height=size)
+        finally:
+            _release(context)
         return np.ascontiguousarray(image[::-1, ::-1])
 
     def observe(self, render: bool | None = None) -> Observation:
@@ -267,6 +273,15 @@ class LiberoEnv:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _release(context) -> None:
+    """No GL context current (EGL, the documented backend; other backends keep theirs)."""
+    from robosuite.renderers.context import egl_context
+
+    if isinstance(context, egl_context.EGLGLContext):
+        egl_context.EGL.eglMakeCurrent(egl_context.EGL_DISPLAY, egl_context.EGL.EGL_NO_SURFACE,
+                                       egl_context.EGL.EGL_NO_SURFACE, egl_context.EGL.EGL_NO_CONTEXT)
 
 
 def _fixture_xml_poses(env) -> dict[int, tuple[np.ndarray, np.ndarray]]:
