@@ -17,7 +17,7 @@ def drive_bridge(monkeypatch, parameters: dict, cameras: tuple[str, ...], comman
     from std_msgs.msg import Float32MultiArray, String
 
     from vla_runtime.cli.robot import start_bridge
-    from vla_runtime.ros.common import LATCHED
+    from vla_runtime.ros.common import LATCHED, camera_topic
 
     monkeypatch.setenv("ROS_DOMAIN_ID", str(random.randint(1, 101)))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -26,7 +26,7 @@ def drive_bridge(monkeypatch, parameters: dict, cameras: tuple[str, ...], comman
     node = rclpy.create_node("bridge_probe")
     images, states, status = {}, [], {}
     for camera in cameras:
-        node.create_subscription(Image, f"/camera/{camera}/image_raw",
+        node.create_subscription(Image, camera_topic(camera),
                                  lambda msg, camera=camera: images.setdefault(camera, msg), qos_profile_sensor_data)
     node.create_subscription(JointState, "/joint_states", states.append, qos_profile_sensor_data)
     node.create_subscription(String, "/sim/episode", lambda msg: status.update(json.loads(msg.data)), LATCHED)

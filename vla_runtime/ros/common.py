@@ -15,6 +15,13 @@ from rclpy.qos import QoSDurabilityPolicy, QoSProfile
 LATCHED = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 
 
+def camera_topic(camera: str) -> str:
+    """A camera's default image topic. A ROS name token cannot start with a digit, so SIMPLER's
+    `3rd_view_camera` publishes on /camera/camera_3rd_view_camera/image_raw."""
+    token = f"camera_{camera}" if camera[:1].isdigit() else camera
+    return f"/camera/{token}/image_raw"
+
+
 def speed_up_thread_switching() -> None:
     """The policy thread gives up the GIL for every torch op; with Python's default 5 ms switch interval
     it may wait that long behind a message callback each time (benchmarks/ros/ros_threads.md: p95 of a

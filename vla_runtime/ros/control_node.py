@@ -29,7 +29,14 @@ from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
 from vla_runtime.ros import parameters
 from vla_runtime.ros.bag_logger import STATUS_TYPE, BagLogger, status_array
-from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, speed_up_thread_switching, spin_node
+from vla_runtime.ros.common import (
+    LATCHED,
+    answer_trigger,
+    as_parameters,
+    camera_topic,
+    speed_up_thread_switching,
+    spin_node,
+)
 from vla_runtime.ros.messages import action_message_class, action_to_msg
 from vla_runtime.ros.profile_manager import ProfileManager
 from vla_runtime.ros.robot_adapter import SensorSettings, TopicRobot
@@ -95,7 +102,7 @@ class ControlNode(Node):
     def _robot(self, p: dict, suite) -> TopicRobot:
         spec = self.policy.spec
         cameras = tuple(p["camera_names"] or spec.cameras)
-        self.image_topics = list(p["image_topics"] or [f"/camera/{name}/image_raw" for name in cameras])
+        self.image_topics = list(p["image_topics"] or [camera_topic(name) for name in cameras])
         if len(self.image_topics) != len(cameras):
             raise ValueError(f"image_topics {self.image_topics} and camera_names {list(cameras)} differ in length")
         settings = SensorSettings(cameras=cameras, image_size=spec.image_size, resize_images=p["resize_images"],

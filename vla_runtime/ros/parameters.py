@@ -16,7 +16,7 @@ CONTROL = {
     "control_hz": (80.0, "control ticks per second"),
     "budget_ms": (0.0, "latency budget per policy call (0: none)"),
     "camera_names": ([""], "cameras the policy reads (default: its spec's)"),
-    "image_topics": ([""], "one topic per camera (default: /camera/<name>/image_raw)"),
+    "image_topics": ([""], "one topic per camera (default: ros.common.camera_topic: /camera/<name>/image_raw)"),
     "resize_images": (False, "resize frames to the policy's image size instead of rejecting them (reason "
                              "'resolution')"),
     "joint_state_topic": ("/joint_states", "sensor_msgs/JointState with the robot state"),

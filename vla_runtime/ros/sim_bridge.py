@@ -26,7 +26,7 @@ from std_srvs.srv import Trigger
 
 from vla_runtime.data.messages import MessageRejected, action_from_msg
 from vla_runtime.ros import parameters
-from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, spin_node
+from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, camera_topic, spin_node
 from vla_runtime.ros.messages import action_message_class, image_to_msg, state_to_joint_state
 from vla_runtime.sim.suite import Env, configured_suite
 
@@ -65,7 +65,7 @@ class SimBridgeNode(Node):
         self.success = False
         self._reset_requested = threading.Event()
 
-        self.image_publishers = {camera: self.create_publisher(Image, f"/camera/{camera}/image_raw",
+        self.image_publishers = {camera: self.create_publisher(Image, camera_topic(camera),
                                                                qos_profile_sensor_data)
                                  for camera in self.spec.cameras}
         self.state_publisher = self.create_publisher(JointState, p["joint_state_topic"], qos_profile_sensor_data)
