@@ -101,8 +101,7 @@ def test_observation_layout_and_images(env):
     # The image is robosuite's frame rotated by 180 degrees, as the LeRobot / openpi evaluations feed it.
     # Two renders of one scene can differ in a few pixels on some EGL drivers (seen in CI), so compare
     # closeness: the rotated frame matches, the unrotated one is far off.
-    with env.gl_context():  # the suite leaves no context current
-        raw = env._env.sim.render(camera_name="agentview", width=128, height=128).astype(float)
+    raw = env._env.sim.render(camera_name="agentview", width=128, height=128).astype(float)
     image = obs.images["agentview"].astype(float)
     assert np.abs(image - raw[::-1, ::-1]).mean() < 1.0 < 10.0 < np.abs(image - raw).mean()
     assert obs.state.shape == (8,) and obs.state.dtype == np.float32
@@ -117,17 +116,6 @@ def test_observation_layout_and_images(env):
         env.step(np.zeros(4))
     with pytest.raises(ValueError, match="Non-finite action"):
         env.step(np.array([np.nan] * 7))
-
-
-def test_frames_stay_right_while_another_env_renders(suite, env):
-    """robosuite renders into whichever GL context is current: a second env (or one freed meanwhile) must not
-    garble the first env's frames."""
-    before = env.reset(3, render=True).images["agentview"].astype(float)
-    with suite.make_env("libero_object/pick_up_the_milk_and_place_it_in_the_basket", render=True) as other:
-        other.reset(0, render=True)
-        during = env.render("agentview")
-    after = env.render("agentview")
-    assert np.abs(before - during).mean() < 1.0 and np.abs(before - after).mean() < 1.0
 
 
 def test_axis_angle_is_robosuite_formula():

@@ -15,10 +15,8 @@ install from the package index); importing this module does not need it, buildin
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,9 +165,9 @@ class LiberoEnv:
         if camera not in self.config.cameras:
             raise ValueError(f"Camera '{camera}' is not configured; configured: {self.config.cameras}")
         size = self.config.image_size
-        with self.gl_context():
-            # robosuite's frames come bottom-up; the published LIBERO policies read them rotated by 180 degrees.
-            image = self._env.sim.render(camera_name=camera, width=size, height=size)
+        self._make_current()
+        # robosuite's frames come bottom-up; the published LIBERO policies read them rotated by 180 degrees.
+        image = self._env.sim.render(camera_name=camera, width=size, height=size)
         return np.ascontiguousarray(image[::-1, ::-1])
 
     def observe(self, render: bool | None = None) -> Observation:
@@ -254,44 +252,23 @@ class LiberoEnv:
             mujoco.mju_mat2Quat(quat, data.site_xmat[site])
         return np.concatenate([position, half, quat])
 
-    @contextlib.contextmanager
-    def gl_context(self) -> Iterator[None]:
-        """This env's GL context current, for robosuite calls that render or free. robosuite never makes its own
-        context current, and a MuJoCo context freed anywhere in the process (another env closed, a renderer
-        garbage-collected) releases the thread's EGL state: the rendering API falls back to OpenGL ES, so even
-        a context made current renders nothing. Both garbled this env's frames (flaky CI tests). Afterwards no
-        context is current, so a later free elsewhere cannot delete this one's GL objects."""
+    def close(self) -> None:
+        # Freeing the render context deletes GL objects in whichever context is current: ours, not another env's.
+        self._make_current()
+        self._env.close()
+
+    def _make_current(self) -> None:
+        """robosuite never makes its own GL context current before rendering or freeing: after another env was
+        built or closed in the process, this env's frames came out garbled."""
         context = getattr(self._env.sim, "_render_context_offscreen", None)
-        egl = _egl_module(context)
-        if egl is not None:
-            egl.EGL.eglBindAPI(egl.EGL.EGL_OPENGL_API)
         if context is not None:
             context.gl_ctx.make_current()
-        try:
-            yield
-        finally:
-            if egl is not None:
-                egl.EGL.eglMakeCurrent(egl.EGL_DISPLAY, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_SURFACE,
-                                       egl.EGL.EGL_NO_CONTEXT)
-
-    def close(self) -> None:
-        with self.gl_context():  # freeing deletes GL objects in the current context: ours, not another env's
-            self._env.close()
 
     def __enter__(self) -> LiberoEnv:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _egl_module(context):
-    """robosuite's EGL module when `context` is an EGL one (the documented backend), else None."""
-    if context is None:
-        return None
-    from robosuite.renderers.context import egl_context
-
-    return egl_context if isinstance(context.gl_ctx, egl_context.EGLGLContext) else None
 
 
 def _fixture_xml_poses(env) -> dict[int, tuple[np.ndarray, np.ndarray]]:
