@@ -242,3 +242,15 @@ def test_two_cameras_give_two_token_blocks_and_need_both_images(tokenizer):
 def test_single_camera_checkpoints_load_with_the_old_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"head": "dit", "camera": "corner4", "text_vocab_size": 10}))
     assert RefVLAConfig.from_json(tmp_path / "config.json").cameras == ("corner4",)
+
+
+def test_checkpoint_keys_follow_this_transformers_vit_layout():
+    """ref_vla checkpoints load under transformers 5.5 (lerobot's pin) and 5.2x, whose ViT modules differ."""
+    from vla_runtime.transformers_compat import match_vit_layout
+
+    old = {"vision.vit.encoder.layer.3.attention.attention.query.weight": 1,
+           "vision.vit.encoder.layer.3.output.dense.bias": 2, "lm.layers.3.mlp.down_proj.weight": 3}
+    new = {"vision.vit.layers.3.attention.q_proj.weight": 1, "vision.vit.layers.3.mlp.fc2.bias": 2,
+           "lm.layers.3.mlp.down_proj.weight": 3}
+    assert match_vit_layout(old, new) == new and match_vit_layout(new, old) == old
+    assert match_vit_layout(new, new) is new
