@@ -279,3 +279,18 @@ def test_vla_robot_ends_cleanly_on_sigterm(ros_domain, tmp_path):
     bridges = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "vla_runtime.ros.sim_bridge"],
                              capture_output=True, text=True)
     assert bridges.stdout.strip() == ""  # no bridge left running in the session
+
+
+def test_bridge_suite_options_and_camera_topics():
+    """The bridge's suite settings arrive as a JSON object (one-line errors otherwise); camera names that
+    start with a digit (SIMPLER's) still make legal ROS topic names."""
+    from vla_runtime.ros.common import camera_topic
+    from vla_runtime.ros.sim_bridge import suite_options
+
+    assert suite_options('{"asset_dir": "bundle.tgz"}') == {"asset_dir": "bundle.tgz"} and suite_options("") == {}
+    with pytest.raises(ValueError, match="suite_options is not JSON"):
+        suite_options("{asset_dir: x}")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        suite_options('["bundle.tgz"]')
+    assert camera_topic("corner4") == "/camera/corner4/image_raw"
+    assert camera_topic("3rd_view_camera") == "/camera/camera_3rd_view_camera/image_raw"
