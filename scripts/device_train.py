@@ -14,6 +14,11 @@ into in-memory episodes and trained with the same loop and configs as `vla-train
     python3 scripts/device_train.py send-back $OUT /tmp/run/ref_dit
     python scripts/device_train.py receive <files_at> outputs/gpu_run
 
+A SmolVLA trained by lerobot-train (the `lerobot` family; the machine needs lerobot and its missing
+dependencies carried as wheels, see README, LeRobot): the bundle becomes a LeRobotDataset there, then
+    python3 scripts/device_train.py lerobot .devdata/mt10 /tmp/run/smolvla --minutes 6 -- --batch-size 128
+    python3 scripts/device_train.py send-back $OUT /tmp/run/smolvla/run/checkpoints/last/pretrained_model
+
 LIBERO's two cameras and longer episodes need `pack --crf 20` to fit (220 LIBERO-Object episodes: 32.5 MB,
 mean pixel error 1.9/255).
 """
@@ -142,6 +147,22 @@ def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> N
         "wall_s": time.monotonic() - started}, indent=1) + "\n")
 
 
+def lerobot_from_bundle(bundle: Path, output_dir: Path, minutes: float, workers: int, train_args: list[str]) -> None:
+    """The bundle -> a LeRobotDataset (frames as images: no video decoding in the data loaders), then a
+    SmolVLA trained on it by lerobot-train for `minutes` (`training.py`; its options after `--`)."""
+    from vla_runtime.data.lerobot_format import write_lerobot
+    from vla_runtime.policies.lerobot import training
+
+    started = time.monotonic()
+    episodes, meta = unpack(bundle)
+    dataset = output_dir.with_name(f"{output_dir.name}_dataset")
+    control_dt = meta["robot"]["control_dt"]
+    write_lerobot(episodes, dataset, round(1 / control_dt), use_videos=False, workers=workers)
+    del episodes
+    print(f"LeRobotDataset of {len(meta['episodes'])} episodes in {time.monotonic() - started:.0f} s", flush=True)
+    training.main([str(dataset), str(output_dir), "--minutes", str(minutes), *train_args])
+
+
 PART_BYTES = 15 * 2**20  # a file back from a device call holds at most 16 MiB, all of them 64 MiB
 
 
@@ -163,7 +184,7 @@ def send_back(runs: list[Path], out: Path) -> None:
                     info = tarfile.TarInfo(f"{run.name}/model.fp16.safetensors")
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
-                elif path.is_file() and path.name != "optimizer.safetensors":
+                elif path.name != "optimizer.safetensors":  # files, and folders whole (a SmolVLA's vlm/)
                     archive.add(path, f"{run.name}/{path.name}")
     data = buffer.getvalue()
     out.mkdir(parents=True, exist_ok=True)
@@ -204,14 +225,25 @@ def main() -> None:
     send_parser = commands.add_parser("send-back", help="(on the GPU machine) run folders -> fp16 pieces in OUT")
     send_parser.add_argument("out", type=Path)
     send_parser.add_argument("runs", type=Path, nargs="+")
+    lerobot_parser = commands.add_parser("lerobot", help="a SmolVLA trained by lerobot-train on a video bundle")
+    lerobot_parser.add_argument("bundle", type=Path)
+    lerobot_parser.add_argument("output_dir", type=Path)
+    lerobot_parser.add_argument("--minutes", type=float, required=True, help="training budget (after the dataset)")
+    lerobot_parser.add_argument("--workers", type=int, default=8, help="processes writing the LeRobotDataset")
     receive_parser = commands.add_parser("receive", help="(here) the pieces -> run folders with fp32 weights")
     receive_parser.add_argument("parts", type=Path)
     receive_parser.add_argument("destination", type=Path)
-    args = parser.parse_args()
+    # `lerobot` passes what it does not know (after --) to vla_runtime.policies.lerobot.training.
+    args, rest = parser.parse_known_args()
+    rest = [arg for arg in rest if arg != "--"]
+    if rest and args.command != "lerobot":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "pack":
         pack(args.source, args.bundle, args.crf)
     elif args.command == "train":
         train_from_bundle(args.bundle, args.output_dir, args.overrides)
+    elif args.command == "lerobot":
+        lerobot_from_bundle(args.bundle, args.output_dir, args.minutes, args.workers, rest)
     elif args.command == "send-back":
         send_back(args.runs, args.out)
     else:

@@ -171,6 +171,9 @@ class EpisodeStore:
     def __len__(self) -> int:
         return len(self.episode_paths())
 
+    def __getitem__(self, index: int) -> Episode:
+        return self.read(self.episode_paths()[index])
+
     def __iter__(self):
         for path in self.episode_paths():
             yield self.read(path)

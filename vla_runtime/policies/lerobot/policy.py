@@ -1,0 +1,137 @@
+"""Any LeRobot policy saved with `save_pretrained` (SmolVLA, pi0 / pi0.5, ACT, diffusion, ...) behind our
+`Policy` protocol: `policy=lerobot policy.path=<folder or hub id>`.
+
+The folder holds LeRobot's `config.json` + `model.safetensors` and its processor pipelines
+(`policy_preprocessor.json` / `policy_postprocessor.json` with their normalisation stats); we run them as
+LeRobot's own evaluation does: observation -> preprocessor -> `predict_action_chunk` -> postprocessor.
+Two files of ours may sit beside them: `vla_runtime.json` (the control rate the policy was trained at,
+written by our exporters and trainers; without it the policy runs at any rate) and `vlm/` (a SmolVLA's VLM
+config and tokenizer, for checkpoints made offline: see `smolvlm.py`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla_runtime.data.lerobot_format import IMAGE_KEY
+from vla_runtime.hooks import reset_hooks
+from vla_runtime.policies.lerobot.structure import structure_of
+from vla_runtime.policies.registry import register_policy
+from vla_runtime.types import ActionChunk, Observation, PolicySpec
+
+RUNTIME_META = "vla_runtime.json"
+VLM_FOLDER = "vlm"
+
+
+def _require_lerobot():
+    try:
+        from lerobot.configs.policies import PreTrainedConfig
+        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+    except ImportError as exc:
+        raise ImportError(f"policy=lerobot needs the lerobot library ({exc}): `bash scripts/setup.sh --lerobot` "
+                          "makes a Python 3.12 environment with it (.venv-lerobot; see README, LeRobot)") from exc
+    return PreTrainedConfig, get_policy_class, make_pre_post_processors
+
+
+def spec_of(config, control_dt: float | None) -> PolicySpec:
+    """Our PolicySpec from a LeRobot config: cameras are its `observation.images.<camera>` inputs."""
+    cameras, sizes = [], set()
+    for key, feature in config.input_features.items():
+        if key.startswith(IMAGE_KEY):
+            cameras.append(key[len(IMAGE_KEY):])
+            sizes.add(tuple(feature.shape[1:]))  # LeRobot features are channel-first: (3, H, W)
+    if len(sizes) > 1:
+        raise ValueError(f"LeRobot policy inputs have cameras of different sizes {sorted(sizes)}; the runtime "
+                         "gives every camera one size")
+    state = config.input_features.get("observation.state")
+    action = config.output_features.get("action")
+    if action is None:
+        raise ValueError(f"LeRobot policy has no 'action' output (outputs: {list(config.output_features)})")
+    return PolicySpec(action_dim=int(action.shape[0]), state_dim=int(state.shape[0]) if state else 0,
+                      cameras=tuple(cameras), image_size=sizes.pop() if sizes else None,
+                      chunk_size=int(getattr(config, "chunk_size", None) or getattr(config, "horizon", 1)),
+                      control_dt=control_dt, actions_per_chunk=int(config.n_action_steps))
+
+
+class LeRobotPolicy:
+    def __init__(self, policy, preprocessor, postprocessor, control_dt: float | None = None,
+                 noise_seed: int = 0, checkpoint_dir: Path | None = None):
+        self.policy = policy.eval()
+        self.config = policy.config
+        self.preprocessor, self.postprocessor = preprocessor, postprocessor
+        self.device = torch.device(self.config.device or "cpu")
+        self.spec = spec_of(self.config, control_dt)
+        self.noise_seed = noise_seed
+        # Flow-matching policies (SmolVLA, pi0) take their initial noise as an argument: drawing it from our
+        # own generator makes an evaluation or replay reproducible without touching torch's global RNG.
+        self._takes_noise = "noise" in inspect.signature(policy.predict_action_chunk).parameters
+        self.generator = torch.Generator().manual_seed(noise_seed)
+        self.structure = structure_of(self, checkpoint_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", control_hz: float | None = None,
+                        noise_seed: int = 0, num_threads: int | None = None) -> LeRobotPolicy:
+        PreTrainedConfig, get_policy_class, make_pre_post_processors = _require_lerobot()
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        folder = Path(path)
+        local = folder.is_dir()
+        config = PreTrainedConfig.from_pretrained(str(path))
+        config.device = device
+        processor_overrides = {"device_processor": {"device": device}}
+        if local and (folder / VLM_FOLDER / "config.json").exists():
+            config.vlm_model_name = str(folder / VLM_FOLDER)
+            processor_overrides["tokenizer_processor"] = {"tokenizer_name": config.vlm_model_name}
+        policy = get_policy_class(config.type).from_pretrained(str(path), config=config)
+        preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=str(path),
+                                                               preprocessor_overrides=processor_overrides)
+        meta = json.loads((folder / RUNTIME_META).read_text()) if local and (folder / RUNTIME_META).exists() else {}
+        control_dt = 1 / control_hz if control_hz else meta.get("control_dt")
+        return cls(policy, preprocessor, postprocessor, control_dt=control_dt, noise_seed=noise_seed,
+                   checkpoint_dir=folder if local else None)
+
+    def reset(self) -> None:
+        # The same noise sequence every episode: evaluations and replays are reproducible.
+        self.generator.manual_seed(self.noise_seed)
+        self.policy.reset()
+        reset_hooks(self.policy)
+
+    def batch(self, obs: Observation) -> dict:
+        """LeRobot's raw observation batch: images float [1, 3, H, W] in [0, 1], state [1, S], the task."""
+        batch = {"task": [obs.instruction]}
+        for camera in self.spec.cameras:
+            image = obs.images.get(camera)
+            want = (*self.spec.image_size, 3)
+            if image is None or image.shape != want or image.dtype != np.uint8:
+                got = None if image is None else (image.shape, image.dtype)
+                raise ValueError(f"Expected a uint8 {want} image from camera '{camera}', got {got}")
+            batch[f"{IMAGE_KEY}{camera}"] = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        if self.spec.state_dim:
+            batch["observation.state"] = torch.as_tensor(obs.state, dtype=torch.float32)[None]
+        return batch
+
+    @torch.inference_mode()
+    def predict_chunk(self, obs: Observation) -> ActionChunk:
+        batch = self.preprocessor(self.batch(obs))
+        options = {}
+        if self._takes_noise:
+            shape = (1, self.config.chunk_size, self.config.max_action_dim)
+            options["noise"] = torch.randn(shape, generator=self.generator).to(self.device)
+        actions = self.postprocessor(self.policy.predict_action_chunk(batch, **options))
+        actions = actions[0, :, : self.spec.action_dim].float().cpu().numpy()
+        # dt 0 for a policy without a rate: the robot's clock alone times its actions (as for every policy).
+        return ActionChunk(actions, t0=obs.timestamp, dt=self.spec.control_dt or 0.0)
+
+
+@register_policy("lerobot")
+def lerobot(path: str | None = None, device: str = "cpu", control_hz: float | None = None, noise_seed: int = 0,
+            num_threads: int | None = None) -> LeRobotPolicy:
+    if not path:
+        raise ValueError("policy=lerobot needs policy.path=<a folder saved with save_pretrained, or a hub id>")
+    return LeRobotPolicy.from_pretrained(path, device=device, control_hz=control_hz, noise_seed=noise_seed,
+                                         num_threads=num_threads)

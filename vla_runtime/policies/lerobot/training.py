@@ -1,0 +1,119 @@
+"""SmolVLA trained by LeRobot's own trainer (`lerobot-train`) on a LeRobotDataset, within a time budget.
+
+lerobot-train counts steps, not minutes, and its cosine schedule must end where the run ends. So a short
+probe run measures the seconds per step on this machine first, and the real run gets the number of steps
+that fits the remaining budget. The result is a `policy=lerobot` folder: LeRobot's `pretrained_model` plus
+the VLM folder (`vlm/`, written offline by `smolvlm.py`) and `vla_runtime.json` (control rate, provenance).
+
+    python -m vla_runtime.policies.lerobot.training <LeRobotDataset> <output_dir> --minutes 30 --size small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vla_runtime.policies.lerobot.policy import RUNTIME_META, VLM_FOLDER
+from vla_runtime.policies.lerobot.smolvlm import smolvla_options, write_smolvlm
+
+LOGGED_STEP = re.compile(r" step:(\d+) ")
+
+
+def _value(value) -> str:
+    return f"[{','.join(str(v) for v in value)}]" if isinstance(value, tuple | list) else str(value).lower() \
+        if isinstance(value, bool) else str(value)
+
+
+def lerobot_train_args(dataset: Path, output_dir: Path, vlm: Path, size: str, steps: int, batch_size: int,
+                       lr: float, device: str, num_workers: int, chunk_size: int, n_action_steps: int) -> list[str]:
+    policy = {**smolvla_options(vlm, size), "chunk_size": chunk_size, "n_action_steps": n_action_steps,
+              "device": device, "push_to_hub": False, "optimizer_lr": lr,
+              "scheduler_warmup_steps": max(1, steps // 20), "scheduler_decay_steps": steps,
+              "scheduler_decay_lr": lr / 30}
+    return [f"--dataset.repo_id=local/{dataset.name}", f"--dataset.root={dataset}", "--policy.type=smolvla",
+            *(f"--policy.{key}={_value(value)}" for key, value in policy.items()),
+            f"--output_dir={output_dir}", f"--steps={steps}", f"--save_freq={steps}", f"--batch_size={batch_size}",
+            f"--num_workers={num_workers}", f"--log_freq={max(1, min(100, steps // 10))}", "--wandb.enable=false"]
+
+
+def run_lerobot_train(args: list[str], log: Path) -> list[tuple[float, int]]:
+    """lerobot-train in a child process, its output echoed and kept in `log`. Returns (seconds since its
+    start, step) of each logged step, timed as the lines arrive (its own log stamps whole seconds)."""
+    started, logged = time.monotonic(), []
+    with subprocess.Popen([sys.executable, "-m", "lerobot.scripts.lerobot_train", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as child, open(log, "a") as file:
+        for line in child.stdout:
+            if not line.startswith("Svt["):  # the AV1 encoder's banner, if a dataset is video
+                sys.stdout.write(line)
+                file.write(line)
+            match = LOGGED_STEP.search(line)
+            if match:
+                logged.append((time.monotonic() - started, int(match.group(1))))
+    if child.returncode:
+        raise RuntimeError(f"lerobot-train failed (exit {child.returncode}); see {log}")
+    return logged
+
+
+def train_smolvla(dataset: Path, output_dir: Path, instructions: list[str], control_dt: float, minutes: float,
+                  size: str = "small", batch_size: int = 64, lr: float = 3e-4, device: str = "cpu",
+                  num_workers: int = 4, chunk_size: int = 8, n_action_steps: int = 4, probe_steps: int = 100) -> Path:
+    started = time.monotonic()
+    output_dir.mkdir(parents=True, exist_ok=False)
+    vlm = write_smolvlm(output_dir / VLM_FOLDER, instructions, size)
+    common = dict(dataset=dataset, vlm=vlm, size=size, batch_size=batch_size, lr=lr, device=device,
+                  num_workers=num_workers, chunk_size=chunk_size, n_action_steps=n_action_steps)
+    log = output_dir / "train.log"
+    probe_started = time.monotonic()
+    logged = run_lerobot_train(lerobot_train_args(output_dir=output_dir / "probe", steps=probe_steps, **common), log)
+    if len(logged) < 3:
+        raise RuntimeError(f"Too few logged steps in the probe run to time it ({log})")
+    # Seconds per step past the data loaders' start (from the second logged step on); the rest of the probe's
+    # wall time is what a run costs besides its steps (start-up, dataset load, the checkpoint at the end).
+    (t0, s0), (t1, s1) = logged[1], logged[-1]
+    step_s = (t1 - t0) / (s1 - s0)
+    overhead_s = time.monotonic() - probe_started - probe_steps * step_s
+    steps = max(probe_steps, int((minutes * 60 - (time.monotonic() - started) - overhead_s) / step_s))
+    print(f"probe: {step_s:.3f} s/step, start-up {overhead_s:.0f} s -> {steps} steps in the remaining budget",
+          flush=True)
+    shutil.rmtree(output_dir / "probe")
+    run_lerobot_train(lerobot_train_args(output_dir=output_dir / "run", steps=steps, **common), log)
+    final = output_dir / "run" / "checkpoints" / "last" / "pretrained_model"
+    shutil.copytree(vlm, final / VLM_FOLDER)
+    (final / RUNTIME_META).write_text(json.dumps({
+        "control_dt": control_dt, "trained_by": "lerobot-train (vla_runtime.policies.lerobot.training)",
+        "dataset": str(dataset), "vlm_size": size, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "device": device, "seconds_per_step": step_s, "wall_s": round(time.monotonic() - started)}, indent=1) + "\n")
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", type=Path, help="a LeRobotDataset directory (vla-collect format=lerobot)")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget, probe and start-up included")
+    parser.add_argument("--size", default="small", help="SmolVLM backbone size (smolvlm.SIZES)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--n-action-steps", type=int, default=4)
+    args = parser.parse_args(argv)
+    info = json.loads((args.dataset / "meta" / "info.json").read_text())
+    import pandas
+
+    instructions = list(pandas.read_parquet(args.dataset / "meta" / "tasks.parquet").index)
+    final = train_smolvla(args.dataset, args.output_dir, instructions, 1 / info["fps"], args.minutes, args.size,
+                          args.batch_size, args.lr, args.device, args.num_workers, args.chunk_size,
+                          args.n_action_steps)
+    print(f"policy=lerobot policy.path={final}")
+
+
+if __name__ == "__main__":
+    main()
