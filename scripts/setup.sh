@@ -5,6 +5,8 @@
 #   bash scripts/setup.sh --ros     # users: plus ROS 2 (rclpy wheels, MCAP): vla-robot, the control node
 #   bash scripts/setup.sh --libero  # users: plus the LIBERO simulator and its assets (~650 MB): sim=libero
 #   bash scripts/setup.sh --simpler # users: plus ManiSkill3 / SAPIEN and a Vulkan driver: sim=simpler_bridge
+#   bash scripts/setup.sh --lerobot # LeRobot policies and datasets: a second venv, .venv-lerobot (Python 3.12,
+#                                   # torch < 2.12, lerobot 0.6.1; ~2.2 GB download), editable, with pytest
 #   bash scripts/setup.sh --dev     # developers and CI: editable, plus pytest, ruff, ROS 2, LIBERO and SIMPLER
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,25 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing rendering libraries: ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# lerobot 0.6 needs Python >= 3.12 and torch < 2.12 (this project's main venv: 3.11 and the CPU torch 2.13):
+# it gets a venv of its own, with the project installed editable beside it.
+find_python312() {
+    local candidate
+    for candidate in "${PYTHON312:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+        [ -n "$candidate" ] && "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null \
+            && { command -v "$candidate"; return; }
+    done
+    echo "--lerobot needs Python 3.12 (lerobot 0.6): install it (apt, pyenv, uv) or point PYTHON312 at it" >&2
+    return 1
+}
+if [ "${1:-}" = "--lerobot" ]; then
+    python312=$(find_python312)
+    [ -x .venv-lerobot/bin/python ] || "$python312" -m venv .venv-lerobot
+    .venv-lerobot/bin/python -m pip install -q --upgrade pip
+    .venv-lerobot/bin/python -m pip install -q -e ".[dev,lerobot]"
+    exit 0
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -61,5 +82,5 @@ case "${1:-}" in
     --ros) .venv/bin/python -m pip install -q ".[ros]" ;;
     --libero) .venv/bin/python -m pip install -q ".[libero]" ;;
     "") .venv/bin/python -m pip install -q . ;;
-    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero | --simpler]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero | --simpler | --lerobot]" >&2; exit 2 ;;
 esac

@@ -174,7 +174,7 @@ def test_unreplayable_sources_are_named(tmp_path, dataset):
     try:
         import lerobot as _  # noqa: F401
     except ImportError:
-        with pytest.raises(UsageError, match="pip install lerobot"):
+        with pytest.raises(UsageError, match="setup.sh --lerobot"):
             replay(tmp_path, lerobot)
 
 

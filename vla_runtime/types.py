@@ -116,12 +116,20 @@ class LanguageModel:
     """A decoder-only language model over the policy's prefix (Llama-style layers: `self_attn` with
     q/k/v/o projections, `input_layernorm`, `post_attention_layernorm`, `mlp`)."""
 
-    module: nn.Module  # forward(inputs_embeds=, attention_mask=, ...) -> output with `last_hidden_state`
     layers: nn.ModuleList  # decoder layers, in order; methods may shrink the list in place
-    rotary_emb: Callable[[Any, Any], tuple[Any, Any]]  # (hidden, position_ids) -> (cos, sin)
     norm: nn.Module  # the final norm
     config: Any  # its config; `num_hidden_layers` (and `layer_types`) follow the layer list
-    visual_token_span: Callable[[], tuple[int, int]]  # [start, end) of the visual tokens in the input
+    # The LM as one module, forward(inputs_embeds=, attention_mask=, ...) -> output with `last_hidden_state`,
+    # and what methods that replace that forward read. None where the policy drives the layers itself
+    # (SmolVLA, pi0: the VLM's and the action expert's layers interleave): those methods are refused.
+    module: nn.Module | None = None
+    rotary_emb: Callable[[Any, Any], tuple[Any, Any]] | None = None  # (hidden, position_ids) -> (cos, sin)
+    visual_token_span: Callable[[], tuple[int, int]] | None = None  # [start, end) of the visual tokens
+    # Layers leave the model in aligned groups of this many (SmolVLA: an expert layer's attention kind
+    # follows its index, period `self_attn_every_n_layers`), through `remove_layers(indices) -> undo` where
+    # the policy must do more than shrink `layers` (None: layer_prune's own).
+    prune_group: int = 1
+    remove_layers: Callable[[list[int]], Callable[[], None]] | None = None
 
 
 @dataclass
@@ -138,11 +146,14 @@ class HeadBlock:
 class DenoisingHead:
     """A diffusion / flow-matching action head."""
 
-    step: nn.Module  # one denoising step: forward(noisy_actions, t, cognition); step s runs at t = s / steps
+    step: nn.Module  # called once per denoising step: forward(noisy_actions, t, cognition), t = s / steps
     steps: int
     blocks: Sequence[HeadBlock]
     # (t [N], cognition [N, D]) -> what every block's modulation reads; lets methods batch all steps
     condition: Callable[[Any, Any], Any] | None = None
+    # (args, kwargs) of a call of `step` -> the denoising step it runs, or None for a call that is none (a
+    # prefix pass through the same module); None: `step`'s convention above
+    step_index: Callable[[tuple, dict], int | None] | None = None
 
 
 @dataclass
@@ -164,7 +175,10 @@ class PolicyStructure:
     policy's private attributes. A policy fills in what it has and leaves the rest None; a method that
     needs a point the policy lacks fails with an error naming both (see `require`)."""
 
-    vision_encoder: nn.Module | None = None  # images -> visual tokens
+    vision_encoder: nn.Module | None = None  # images -> visual tokens (called once per inference)
+    # The module whose output, [B, N, D], is the visual tokens as they enter the language model (token
+    # selection before the LM, for policies whose LM cannot be cut into at a layer); per camera.
+    visual_tokens: nn.Module | None = None
     preprocess_images: Callable[[Observation], Any] | None = None  # Observation -> the vision encoder's input
     language_model: LanguageModel | None = None
     denoising_head: DenoisingHead | None = None
@@ -185,7 +199,8 @@ class PolicyStructure:
         return value
 
 
-HOOK_POINTS = ("vision_encoder", "preprocess_images", "language_model", "denoising_head", "ar_decoder")
+HOOK_POINTS = ("vision_encoder", "preprocess_images", "visual_tokens", "language_model", "denoising_head",
+               "ar_decoder")
 
 
 @runtime_checkable

@@ -38,7 +38,7 @@ class HeadCacheConfig:
     mode: str = "static"  # static | bac
     interval: int = 2  # static: update every `interval` steps (1 = no caching)
     updates: int = 4  # bac: update steps per branch, step 0 included
-    batch_conditioning: bool = True  # modulations of all steps at step 0 (needs the head's condition and modulations)
+    batch_conditioning: bool = True  # modulations of all steps at step 0 (heads with adaLN modulations only)
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "bac"):
@@ -58,7 +58,13 @@ class _StepCounter(ModelHook):
         self.batched = batched
         self.modulations: list[torch.Tensor] | None = None  # per block [steps, batch, 6 * dim]
 
-    def pre_forward(self, module, noisy, t, cognition):
+    def pre_forward(self, module, *args, **kwargs):
+        if self.head.step_index is not None:
+            step = self.head.step_index(args, kwargs)
+            if step is not None:
+                self.step = step
+            return args, kwargs
+        noisy, t, cognition = args
         self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
         if self.batched and self.step == 0:
             batch = cognition.shape[0]
@@ -205,10 +211,10 @@ def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = No
             raise ValueError(f"Calibrated for {calibration['steps']} denoising steps, the head runs {steps}")
         schedule = bac_schedule(calibration, config.updates)
     skips = any(len(schedule[name] | {0}) < steps for name, _ in branches)
-    batched = config.batch_conditioning and skips
-    if batched and (head.condition is None or any(block.modulation is None for block in head.blocks)):
-        raise ValueError("head_cache batch_conditioning needs the head's `condition` and a `modulation` module in "
-                         "every block; set batch_conditioning=false for this policy")
+    # Batching needs adaLN modulations computed from (t, cognition); a head without them (SmolVLA's expert
+    # takes the time in its input tokens) caches its branches all the same.
+    modulated = head.condition is not None and all(block.modulation is not None for block in head.blocks)
+    batched = config.batch_conditioning and skips and modulated
     counter = _StepCounter(head, batched)
     hooks = {name: _CachedBranch(counter, schedule[name]) for name, _ in branches}
     removers = [add_hook(head.step, "head_cache_counter", counter)]

@@ -2,9 +2,12 @@
 
 Calibration feeds observations through the policy and measures, for every decoder layer l,
 r_l = mean over tokens of cos(h_in_l, h_out_l): a layer whose output is nearly its input does little.
-Applying removes the k layers with the highest r_l (optionally greedily: remove one, re-measure, ...).
-The layers leave the model's layer list (so the KV cache and every loop over layers see the shorter
-model) and come back, in place, on `remove()`.
+h_in_l is what enters layer l's `input_layernorm` and h_out_l what enters the next one's (the final norm
+after the last layer), so policies that drive their layers without calling them (SmolVLA) are measured too.
+Applying removes the k layers with the highest r_l (optionally greedily: remove one, re-measure, ...); a
+policy whose layers must leave in aligned groups (`LanguageModel.prune_group`) loses the groups with the
+highest mean r_l. The layers leave the model's layer list (so the KV cache and every loop over layers see
+the shorter model) and come back, in place, on `remove()`.
 """
 
 from __future__ import annotations
@@ -26,20 +29,26 @@ class LayerPruneConfig:
 
 
 def _measure(policy: Policy, observations: list[Observation]) -> list[float]:
-    layers = policy.structure.require("language_model", "layer_prune").layers
+    lm = policy.structure.require("language_model", "layer_prune")
+    layers = lm.layers
     sums = [0.0] * len(layers)
     counts = [0] * len(layers)
+    latest: list = [None] * len(layers)  # what last entered each layer
 
     def record(index: int):
-        def hook(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
-            similarity = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
-            sums[index] += float(similarity.sum())
-            counts[index] += similarity.numel()
+        def hook(module, args):
+            hidden = args[0]
+            previous = latest[index - 1] if index > 0 else None
+            if previous is not None and previous.shape == hidden.shape:  # the same pass through the layers
+                similarity = F.cosine_similarity(previous.float(), hidden.float(), dim=-1)
+                sums[index - 1] += float(similarity.sum())
+                counts[index - 1] += similarity.numel()
+            if index < len(layers):
+                latest[index] = hidden
         return hook
 
-    handles = [layer.register_forward_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    inputs = [layer.input_layernorm for layer in layers] + [lm.norm]
+    handles = [module.register_forward_pre_hook(record(i)) for i, module in enumerate(inputs)]
     try:
         with torch.inference_mode():
             for obs in observations:
@@ -75,6 +84,10 @@ def calibrate(policy: Policy, observations: list[Observation], config: LayerPrun
 
 def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
     lm = policy.structure.require("language_model", "layer_prune")
+    if lm.remove_layers is not None:
+        keep = [i for i in range(len(lm.layers)) if i not in set(indices)]
+        undo = lm.remove_layers(sorted(indices))
+        return Handle("layer_prune", [undo], info={"removed": sorted(indices), "kept": keep})
     layers, config = lm.layers, lm.config
     original = list(layers)
     original_count = config.num_hidden_layers
@@ -106,15 +119,30 @@ def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
     return Handle("layer_prune", [restore], info={"removed": sorted(indices), "kept": keep})
 
 
+def _grouped_order(similarity: list[float], group: int) -> list[int]:
+    """Layer indices, whole aligned groups of `group` at a time, the group of highest mean similarity first."""
+    starts = range(0, len(similarity) - group + 1, group)
+    ranked = sorted(starts, key=lambda start: -sum(similarity[start:start + group]) / group)
+    return [start + offset for start in ranked for offset in range(group)]
+
+
 def apply(policy: Policy, config: LayerPruneConfig, calibration: dict) -> Handle:
     if calibration.get("method") != "layer_prune":
         raise ValueError(f"Not a layer_prune calibration artifact: method {calibration.get('method')!r}")
-    layers = policy.structure.require("language_model", "layer_prune").layers
+    lm = policy.structure.require("language_model", "layer_prune")
+    layers, group = lm.layers, lm.prune_group
     if len(calibration["similarity"]) != len(layers):
         raise ValueError(f"Calibration covers {len(calibration['similarity'])} layers, the model has {len(layers)}")
     if not 0 <= config.num_layers < len(layers):
         raise ValueError(f"num_layers must be in [0, {len(layers) - 1}], got {config.num_layers}")
-    return _remove_layers(policy, list(calibration["order"][: config.num_layers]))
+    if config.num_layers % group:
+        raise ValueError(f"This policy's layers leave in aligned groups of {group} (its attention pattern repeats "
+                         f"every {group} layers): num_layers must be a multiple of {group}, got {config.num_layers}")
+    if group > 1 and calibration.get("greedy"):
+        raise ValueError("layer_prune greedy calibration removes single layers; this policy removes groups of "
+                         f"{group}: calibrate with greedy=false")
+    order = calibration["order"] if group == 1 else _grouped_order(calibration["similarity"], group)
+    return _remove_layers(policy, list(order[: config.num_layers]))
 
 
 METHOD = register_method(AccelMethod(

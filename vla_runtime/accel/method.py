@@ -39,6 +39,8 @@ class AccelMethod:
     needs_calibration: Callable[[Any], bool] = _never  # whether `config` needs an artifact
     # A hook point whose presence rules the method out, with the reason.
     excluded_by: tuple[str, str] | None = None
+    # (structure, config) -> why the method cannot run so on it (None: it can), what `requires` cannot say
+    unsupported: Callable[[Any, Any], str | None] | None = None
     # Methods it cannot share a policy with -> why (checked both ways).
     exclusive_with: dict[str, str] = field(default_factory=dict)
     stats: Callable[[dict], dict] = _no_stats  # Handle.info after a run -> what benchmarks report

@@ -100,7 +100,8 @@ def load_profiles(specs: str | list[str], with_baseline: bool = True) -> list[Pr
     return profiles
 
 
-def _why_not(method: AccelMethod, policy: Policy, chosen: list[AccelMethod], policy_name: str) -> str | None:
+def _why_not(method: AccelMethod, policy: Policy, chosen: list[AccelMethod], policy_name: str,
+             settings: dict) -> str | None:
     structure = policy.structure
     missing = [point for point in method.requires if getattr(structure, point, None) is None]
     if missing:
@@ -108,6 +109,9 @@ def _why_not(method: AccelMethod, policy: Policy, chosen: list[AccelMethod], pol
                 f"(it declares: {', '.join(structure.available()) or 'none'})")
     if method.excluded_by and getattr(structure, method.excluded_by[0], None) is not None:
         return f"cannot run on {policy_name}: {method.excluded_by[1]}"
+    reason = method.unsupported(structure, method.make_config(settings)) if method.unsupported else None
+    if reason:
+        return f"cannot run on {policy_name}: {reason}"
     for other in chosen:
         reason = exclusion_reason(method, other)
         if reason:
@@ -122,7 +126,7 @@ def compatible_methods(policy: Policy, profile: Profile, policy_name: str = "thi
     for method in methods_in_order():
         if method.name not in profile.methods:
             continue
-        why = _why_not(method, policy, chosen, policy_name)
+        why = _why_not(method, policy, chosen, policy_name, profile.methods[method.name])
         if why is None:
             chosen.append(method)
         elif not profile.skip_incompatible:

@@ -13,6 +13,10 @@ Strategies:
   pivots (lowest cosine similarity);
 - `random`: K uniformly random visual tokens (a baseline every study needs).
 Keeping every visual token leaves the original forward untouched.
+
+A policy whose language model cannot be cut into at a layer (SmolVLA: the VLM's and the action expert's
+layers interleave; `LanguageModel.module` is None) selects before it, `layer=0`, on the output of its
+`visual_tokens` module (per camera), with the strategies that need no attention: `dart`, `random`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
 
 STRATEGIES = ("efficientvla", "dart", "attention_topk", "random")
+INPUT_STRATEGIES = ("dart", "random")  # before the LM there is no attention to score relevance with
 
 
 @dataclass
@@ -65,8 +70,9 @@ def _farthest_points(features: torch.Tensor, chosen: list[int], count: int) -> l
 
 
 def select_visual_tokens(config: TokenSelectConfig, layer, hidden: torch.Tensor, position_embeddings,
-                         span: tuple[int, int], mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """-> [B, keep] indices into the visual span, sorted."""
+                         span: tuple[int, int], mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """-> [B, keep] indices into the visual span, sorted (`layer`, `position_embeddings` and `mask` are read
+    by the strategies that score relevance by attention only)."""
     start, end = span
     visual = hidden[:, start:end]
     keep = min(config.keep, end - start)
@@ -147,8 +153,38 @@ def run_with_selection(lm: LanguageModel, embeds: torch.Tensor, attention_mask: 
     return lm.norm(hidden)
 
 
+class InputSelectHook(ModelHook):
+    """On the `visual_tokens` module: only `keep` of its output tokens go on into the language model."""
+
+    def __init__(self, config: TokenSelectConfig):
+        self.config = config
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.kept_tokens: list[int] = []
+
+    def reset_state(self, module) -> None:
+        self.generator.manual_seed(self.config.seed)
+
+    def post_forward(self, module, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.keep >= tokens.shape[1]:
+            return tokens
+        chosen = select_visual_tokens(self.config, None, tokens, None, (0, tokens.shape[1]), None, self.generator)
+        self.kept_tokens.append(chosen.shape[1])
+        return tokens.gather(1, chosen.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def _apply_at_input(policy: Policy, config: TokenSelectConfig) -> Handle:
+    module = policy.structure.require("visual_tokens", "token_select before the language model")
+    reason = _unsupported(policy.structure, config)
+    if reason:
+        raise ValueError(f"token_select cannot run on this policy: {reason}")
+    hook = InputSelectHook(config)
+    return Handle("token_select", [add_hook(module, "token_select", hook)], info={"hook": hook})
+
+
 def apply(policy: Policy, config: TokenSelectConfig, artifact: dict | None = None) -> Handle:
-    lm = policy.structure.require("language_model", "token_select")
+    lm = policy.structure.language_model
+    if lm is None or lm.module is None:
+        return _apply_at_input(policy, config)
     if config.layer >= len(lm.layers):
         raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(lm.layers)} layers")
     hook = TokenSelectHook(config, lm)
@@ -160,7 +196,20 @@ def _stats(info: dict) -> dict:
     return {"kept_visual_tokens": int(np.mean(kept)) if kept else None}
 
 
+def _unsupported(structure, config: TokenSelectConfig) -> str | None:
+    lm = structure.language_model
+    if lm is not None and lm.module is not None:
+        return None
+    if structure.visual_tokens is None:
+        return "it needs a language model it can cut into at a layer, or a `visual_tokens` hook point"
+    if config.layer != 0 or config.strategy not in INPUT_STRATEGIES:
+        return (f"its language model runs interleaved with its action expert, so tokens are selected before it: "
+                f"layer=0 and strategy {' or '.join(INPUT_STRATEGIES)} (got layer={config.layer}, "
+                f"strategy={config.strategy})")
+    return None
+
+
 METHOD = register_method(AccelMethod(
-    "token_select", TokenSelectConfig, apply, requires=("language_model",), order=20, stats=_stats,
+    "token_select", TokenSelectConfig, apply, requires=(), order=20, stats=_stats, unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix"),
     exclusive_with={"visual_kv_reuse": "both replace the language model's forward pass"}))

@@ -154,6 +154,9 @@ class VisualKVReuseHook(ModelHook):
 
 def apply(policy: Policy, config: VisualKVReuseConfig | None = None, artifact: dict | None = None) -> Handle:
     lm = policy.structure.require("language_model", "visual_kv_reuse")
+    reason = _unsupported(policy.structure, config)
+    if reason:
+        raise ValueError(f"visual_kv_reuse cannot run on this policy: {reason}")
     hook = VisualKVReuseHook(config or VisualKVReuseConfig(), lm)
     return Handle("visual_kv_reuse", [add_hook(lm.module, "visual_kv_reuse", hook)], info={"hook": hook})
 
@@ -163,6 +166,14 @@ def _stats(info: dict) -> dict:
     return {"mean_reused_visual_tokens": float(np.mean(reused)) if reused else None}
 
 
+def _unsupported(structure, config) -> str | None:
+    if structure.language_model is not None and structure.language_model.module is None:
+        return ("it replaces the language model's forward pass, and this policy drives its LM layers itself "
+                "(its action expert's layers interleave with them)")
+    return None
+
+
 METHOD = register_method(AccelMethod(
     "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), order=30, stats=_stats,
+    unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix")))  # and token_select: see there

@@ -7,6 +7,7 @@ after an interruption continues where it stopped.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import friendly_errors, positive_int, suite, task_list
 from vla_runtime.data.episodes import EpisodeStore
+from vla_runtime.data.lerobot_format import LEROBOT_SUBDIR, check_format, convert_store
 from vla_runtime.sim.runner import WorkerPool, run_episode
 from vla_runtime.sim.suite import Env, Suite
 
@@ -106,11 +108,20 @@ def collect(sim: Suite, tasks: list[str], episodes_per_task: int, output_dir: st
 def main(cfg: DictConfig) -> None:
     episodes_per_task = positive_int(cfg, "episodes_per_task")
     max_attempts = cfg.max_attempts_per_task or 3 * episodes_per_task
+    dataset_format = check_format(cfg.format)
     sim = suite(cfg)
     kept = collect(sim, task_list(cfg, sim), episodes_per_task, cfg.output_dir, max_attempts,
                    workers=positive_int(cfg, "workers"))
     per_task = ", ".join(f"{task} {n}" for task, n in kept.items())
     print(f"{sum(kept.values())} episodes in {cfg.output_dir}: {per_task}")
+    if dataset_format == "lerobot":
+        # From the finished native store, which keeps the collection resumable; LeRobot refuses to
+        # overwrite, so a re-run writes a fresh copy.
+        root = Path(cfg.output_dir) / LEROBOT_SUBDIR
+        shutil.rmtree(root, ignore_errors=True)
+        root = convert_store(cfg.output_dir, root, use_videos=bool(cfg.lerobot_video),
+                             workers=positive_int(cfg, "workers"))
+        print(f"LeRobotDataset: {root}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def friendly_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
-        except (UsageError, ValueError, FileNotFoundError) as exc:
+        # ImportError: an optional dependency (LIBERO, SIMPLER, lerobot) is missing; the message says how to add it.
+        except (UsageError, ValueError, FileNotFoundError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
 

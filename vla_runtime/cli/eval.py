@@ -57,6 +57,9 @@ def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict |
 
 def episode_dataset(cfg: DictConfig, sim: Suite, output_dir: Path) -> str | None:
     """`save_episodes=true`: output_dir/episodes, an episode dataset vla-replay reads."""
+    from vla_runtime.data.lerobot_format import check_format
+
+    check_format(cfg.format)
     if not cfg.save_episodes:
         return None
     from vla_runtime.data.episodes import EpisodeStore
@@ -102,6 +105,11 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
                "accel": {"profile": accel["profile"].name, "methods": accel["profile"].methods} if accel else None,
                **summarize(episodes, tasks)}
     write_json(output_dir / "results.json", results)
+    if cfg.save_episodes and cfg.format == "lerobot":
+        from vla_runtime.data.lerobot_format import LEROBOT_SUBDIR, convert_store
+
+        root = convert_store(output_dir / "episodes", output_dir / LEROBOT_SUBDIR, use_videos=bool(cfg.lerobot_video))
+        print(f"LeRobotDataset: {root}")
     accelerated = f", accel={accel['profile'].name}" if accel else ""
     title = (f"{policy_name}{accelerated} on {sim_name}, {describe_runtime(cfg.runtime)} "
              f"({episodes_per_task} episodes per task)")

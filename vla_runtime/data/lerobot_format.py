@@ -22,14 +22,17 @@ IMAGE_KEY = "observation.images."
 EPISODES_META = "meta/vla_runtime.json"
 
 
+# lerobot 0.6 needs Python >= 3.12 and torch < 2.12, so it lives in an environment of its own.
+INSTALL_HINT = ("`bash scripts/setup.sh --lerobot` makes a Python 3.12 environment with it, .venv-lerobot "
+                "(README, LeRobot)")
+
+
 def require_lerobot(why: str):
-    """The lerobot library, or an error saying how to get it (it needs Python >= 3.12 and torch < 2.12)."""
+    """lerobot's LeRobotDataset, or an error saying what needed it and how to install it."""
     try:
-        import lerobot  # noqa: F401
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
     except ImportError as exc:
-        raise ImportError(f"{why} needs the lerobot library ({exc}): `bash scripts/setup.sh --lerobot` makes a "
-                          "Python 3.12 environment with it (.venv-lerobot; see README, LeRobot)") from exc
+        raise ImportError(f"{why} needs the lerobot library ({exc}): {INSTALL_HINT}") from exc
     return LeRobotDataset
 
 
@@ -128,6 +131,19 @@ def write_lerobot(episodes: Sequence[Episode], root: str | Path, fps: int, repo_
         for shard in shard_roots:
             shutil.rmtree(shard, ignore_errors=True)
     return root
+
+
+FORMATS = ("native", "lerobot")
+LEROBOT_SUBDIR = "lerobot"  # where vla-collect / vla-eval put the LeRobotDataset, beside their own episodes
+
+
+def check_format(format: str) -> str:
+    """Before any work is done: a known format, and for `lerobot` the library that writes it."""
+    if format not in FORMATS:
+        raise ValueError(f"Unknown dataset format '{format}'; choose one of {', '.join(FORMATS)}")
+    if format == "lerobot":
+        require_lerobot("format=lerobot")
+    return format
 
 
 def convert_store(source: str | Path, root: str | Path, use_videos: bool = True, workers: int = 1) -> Path:

@@ -47,7 +47,7 @@ class TopicMap:
 
 @dataclass
 class LeRobotKeys:
-    images: dict[str, str] = field(default_factory=lambda: {"corner4": "observation.images.image"})
+    images: dict[str, str] = field(default_factory=dict)  # camera -> feature; {}: every observation.images.<camera>
     state: str = "observation.state"
     action: str = "action"
 
@@ -173,40 +173,41 @@ def _bag_episode(bag: Path, topics: TopicMap, index: int, task_of: Callable[[str
 
 
 def _lerobot_episodes(path: Path, keys: LeRobotKeys) -> Iterator[Episode]:
+    from vla_runtime.data.lerobot_format import EPISODES_META, IMAGE_KEY, require_lerobot
+
     try:
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+        LeRobotDataset = require_lerobot(f"{path} is a LeRobot dataset; reading it")
     except ImportError as exc:
-        raise SourceError(
-            f"{path} is a LeRobot dataset; reading it needs the lerobot library ({exc}). Install it with "
-            "`pip install lerobot` (lerobot 0.4.x: Python 3.11 and torch < 2.11; lerobot >= 0.5: Python >= 3.12)"
-        ) from exc
-    info = json.loads((path / "meta" / "info.json").read_text())
-    dataset = LeRobotDataset(repo_id=path.name, root=path)
-    missing = [key for key in [*keys.images.values(), keys.state, keys.action] if key not in info["features"]]
+        raise SourceError(str(exc)) from exc
+    try:
+        info = json.loads((path / "meta" / "info.json").read_text())
+        dataset = LeRobotDataset(repo_id=f"local/{path.name}", root=path)
+    except Exception as exc:  # lerobot's own errors for a broken dataset are of many kinds
+        raise SourceError(f"{path}: not a readable LeRobot dataset ({type(exc).__name__}: {exc})") from exc
+    features = info["features"]
+    images = keys.images or {key[len(IMAGE_KEY):]: key for key in features if key.startswith(IMAGE_KEY)}
+    missing = [key for key in [*images.values(), keys.state, keys.action] if key not in features]
     if missing:
         raise SourceError(f"{path}: features {missing} are not in this LeRobot dataset (it has "
-                          f"{sorted(info['features'])}); map them with lerobot.images / lerobot.state / lerobot.action")
-    frames: list[dict] = []
+                          f"{sorted(features)}); map them with lerobot.images / lerobot.state / lerobot.action")
+    # Datasets we wrote say which task and seed each episode was (LeRobot keeps only the instruction).
+    ours = path / EPISODES_META
+    names = json.loads(ours.read_text())["episodes"] if ours.exists() else []
 
-    def episode_from(frames: list[dict]) -> Episode:
-        def image(tensor) -> np.ndarray:  # float [3, H, W] in [0, 1] -> uint8 [H, W, 3]
-            return (tensor.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    def image(tensor) -> np.ndarray:  # float [3, H, W] in [0, 1] -> uint8 [H, W, 3]
+        return (tensor.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
 
-        first = frames[0]
-        return Episode(task=str(first.get("task", path.name)), task_id=int(first.get("task_index", -1)),
-                       instruction=str(first.get("task", "")), seed=int(first["episode_index"]), success=False,
-                       images={cam: np.stack([image(f[key]) for f in frames]) for cam, key in keys.images.items()},
-                       state=np.stack([f[keys.state].numpy() for f in frames]).astype(np.float32),
-                       action=np.stack([f[keys.action].numpy() for f in frames]).astype(np.float32),
-                       timestamp=np.asarray([float(f["timestamp"]) for f in frames]))
-
-    for index in range(len(dataset)):
-        frame = dataset[index]
-        if frames and int(frame["episode_index"]) != int(frames[0]["episode_index"]):
-            yield episode_from(frames)
-            frames = []
-        frames.append(frame)
-    if not frames:
-        raise SourceError(f"{path}: the LeRobot dataset has no frames")
-    yield episode_from(frames)
-
+    if not dataset.num_episodes:
+        raise SourceError(f"{path}: the LeRobot dataset has no episodes")
+    for index in range(dataset.num_episodes):
+        start = int(dataset.meta.episodes["dataset_from_index"][index])
+        stop = int(dataset.meta.episodes["dataset_to_index"][index])
+        frames = [dataset[i] for i in range(start, stop)]
+        named = names[index] if index < len(names) else {}
+        yield Episode(task=named.get("task", str(frames[0]["task"])), task_id=named.get("task_id", -1),
+                      instruction=str(frames[0]["task"]), seed=named.get("seed", index),
+                      success=named.get("success", False),
+                      images={camera: np.stack([image(f[key]) for f in frames]) for camera, key in images.items()},
+                      state=np.stack([f[keys.state].numpy() for f in frames]).astype(np.float32),
+                      action=np.stack([f[keys.action].numpy() for f in frames]).astype(np.float32),
+                      timestamp=np.asarray([float(f["timestamp"]) for f in frames]))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_runtime.data.lerobot_format import IMAGE_KEY
+from vla_runtime.data.lerobot_format import IMAGE_KEY, INSTALL_HINT
 from vla_runtime.hooks import reset_hooks
 from vla_runtime.policies.lerobot.structure import structure_of
 from vla_runtime.policies.registry import register_policy
@@ -33,8 +33,7 @@ def _require_lerobot():
         from lerobot.configs.policies import PreTrainedConfig
         from lerobot.policies.factory import get_policy_class, make_pre_post_processors
     except ImportError as exc:
-        raise ImportError(f"policy=lerobot needs the lerobot library ({exc}): `bash scripts/setup.sh --lerobot` "
-                          "makes a Python 3.12 environment with it (.venv-lerobot; see README, LeRobot)") from exc
+        raise ImportError(f"policy=lerobot needs the lerobot library ({exc}): {INSTALL_HINT}") from exc
     return PreTrainedConfig, get_policy_class, make_pre_post_processors
 
 

@@ -44,7 +44,7 @@ class SmolVLMSize:
 SIZES = {
     "full": SmolVLMSize(960, 32, 15, 5, 2560, 49280, 768, 12, 12, 3072, 512, 16, 4),
     "small": SmolVLMSize(256, 8, 4, 2, 768, None, 192, 4, 3, 768, 128, 8, 2),
-    "tiny": SmolVLMSize(64, 2, 2, 1, 128, None, 32, 1, 2, 64, 32, 8, 2),
+    "tiny": SmolVLMSize(64, 4, 2, 1, 128, None, 32, 1, 2, 64, 32, 8, 2),
 }
 
 
@@ -94,7 +94,7 @@ def write_smolvlm(folder: str | Path, instructions: list[str], size: str = "smal
 
 
 # SmolVLA keeps the first 16 of SmolVLM2's 32 text layers; the smaller backbones keep all of theirs.
-VLM_LAYERS = {"full": 16, "small": 8, "tiny": 2}
+VLM_LAYERS = {"full": 16, "small": 8, "tiny": 4}
 
 
 def smolvla_options(folder: str | Path, size: str) -> dict:

@@ -1,11 +1,121 @@
-"""What acceleration methods may touch in a LeRobot policy (`PolicyStructure`), per policy type."""
+"""What acceleration methods may touch in a LeRobot policy (`PolicyStructure`), per policy type.
+
+SmolVLA (`lerobot/policies/smolvla`): a SmolVLM whose first layers run over the prefix (images, instruction,
+state) once per inference and fill a KV cache, and an action expert whose layers interleave with the VLM's
+(expert layer i attends to VLM layer i's keys/values: self-attention every `self_attn_every_n_layers`
+layers, cross-attention between) and run once per flow-matching step. It declares:
+- `vision_encoder` / `visual_tokens`: the connector (pixel-shuffle + projection), whose output is a camera's
+  visual tokens as they enter the LM; `preprocess_images` runs the SigLIP encoder it reads from;
+- `language_model`: the VLM's text layers and final norm, without a forward of its own (the policy drives
+  the layers, interleaved with the expert), removed together with the expert layer of the same index in
+  aligned groups of `self_attn_every_n_layers` (so every expert layer keeps its kind of attention);
+- `denoising_head`: the expert's layers as blocks (attention output projection and MLP as branches),
+  stepped through `vlm_with_expert`'s calls without a prefix.
+Other types (ACT, diffusion, pi0, ...) declare only their weights for now: methods refuse them, naming the
+hook point they lack.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from vla_runtime.types import PolicyStructure
+import torch
+
+from vla_runtime.types import DenoisingHead, HeadBlock, LanguageModel, Observation, PolicyStructure
+
+
+class _ExpertBlocks(Sequence):
+    """The expert's layers as head blocks, read when asked: layer pruning may have removed some."""
+
+    def __init__(self, expert_layers):
+        self.layers = expert_layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        layer = self.layers[index]
+        return HeadBlock({"attn": layer.self_attn.o_proj, "mlp": layer.mlp})
+
+
+class _DenoisingStepIndex:
+    """`vlm_with_expert` runs once over the prefix (VLM embeddings, no expert input), then once per flow
+    step (expert input only): the step is the number of expert-only calls since the prefix."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, args: tuple, kwargs: dict) -> int | None:
+        prefix, suffix = kwargs["inputs_embeds"]
+        if prefix is not None:
+            self.count = 0
+            return None
+        self.count += 1
+        return self.count - 1
+
+
+def _remove_layers(vlm_with_expert, group: int):
+    def remove(indices: list[int]):
+        text_layers = vlm_with_expert.get_vlm_model().text_model.layers
+        expert_layers = vlm_with_expert.lm_expert.layers
+        if len(expert_layers) != len(text_layers):
+            raise ValueError(f"layer_prune removes a VLM layer with its expert layer; this SmolVLA has "
+                             f"{len(expert_layers)} expert layers for {len(text_layers)} VLM layers")
+        removed = set(indices)
+        broken = sorted({i - i % group for i in removed if not all(i - i % group + k in removed for k in range(group))})
+        if broken:
+            raise ValueError(f"SmolVLA's layers leave in aligned groups of {group} (its expert alternates self- "
+                             f"and cross-attention); the groups starting at {broken} would be split")
+        keep = [i for i in range(len(text_layers)) if i not in removed]
+        originals = list(text_layers), list(expert_layers), vlm_with_expert.num_vlm_layers
+        for layers, original in zip((text_layers, expert_layers), originals[:2], strict=True):
+            del layers[:]  # in place: the VLM, the expert and the head blocks all see the shorter model
+            layers.extend(original[i] for i in keep)
+        vlm_with_expert.num_vlm_layers = vlm_with_expert.num_expert_layers = len(keep)
+
+        def undo() -> None:
+            for layers, original in zip((text_layers, expert_layers), originals[:2], strict=True):
+                del layers[:]
+                layers.extend(original)
+            vlm_with_expert.num_vlm_layers = vlm_with_expert.num_expert_layers = originals[2]
+
+        return undo
+
+    return remove
+
+
+def _smolvla(wrapper) -> dict:
+    policy = wrapper.policy
+    vlm_with_expert = policy.model.vlm_with_expert
+    vlm = vlm_with_expert.get_vlm_model()
+    text = vlm.text_model
+    cross = "cross" in vlm_with_expert.attention_mode and vlm_with_expert.self_attn_every_n_layers > 0
+    group = vlm_with_expert.self_attn_every_n_layers if cross else 1
+
+    def preprocess_images(obs: Observation) -> torch.Tensor:
+        """SigLIP's output for the policy's cameras (stacked on the batch axis): what the connector reads."""
+        images, _ = policy.prepare_images(wrapper.preprocessor(wrapper.batch(obs)))
+        pixels = torch.cat(images).to(dtype=vlm.vision_model.dtype)
+        return vlm.vision_model(pixel_values=pixels).last_hidden_state
+
+    return {
+        "vision_encoder": vlm.connector,
+        "visual_tokens": vlm.connector,
+        "preprocess_images": preprocess_images,
+        "language_model": LanguageModel(layers=text.layers, norm=text.norm, config=text.config, prune_group=group,
+                                        remove_layers=_remove_layers(vlm_with_expert, group)),
+        "denoising_head": DenoisingHead(step=vlm_with_expert, steps=policy.config.num_steps,
+                                        blocks=_ExpertBlocks(vlm_with_expert.lm_expert.layers),
+                                        step_index=_DenoisingStepIndex()),
+    }
+
+
+STRUCTURES = {"smolvla": _smolvla}
 
 
 def structure_of(wrapper, checkpoint_dir: Path | None) -> PolicyStructure:
-    return PolicyStructure(weights=wrapper.policy, checkpoint_dir=checkpoint_dir)
+    points = STRUCTURES[wrapper.config.type](wrapper) if wrapper.config.type in STRUCTURES else {}
+    return PolicyStructure(weights=wrapper.policy, checkpoint_dir=checkpoint_dir, **points)

@@ -1,0 +1,219 @@
+"""LeRobot policies and datasets: tiny SmolVLA / ACT built offline, saved and loaded as `policy=lerobot`,
+the acceleration methods on SmolVLA's structure, LeRobotDataset written and read back, an evaluation saved
+as a LeRobotDataset that replays to the actions it executed.
+
+lerobot needs Python >= 3.12: these tests run in `.venv-lerobot` (`bash scripts/setup.sh --lerobot`; CI runs
+them there with VLA_REQUIRE_LEROBOT=1, where a missing lerobot fails instead of skipping)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if os.environ.get("VLA_REQUIRE_LEROBOT"):
+    import lerobot  # noqa: F401
+else:
+    pytest.importorskip("lerobot", reason="lerobot needs Python >= 3.12: run these in .venv-lerobot")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+
+from vla_runtime.accel import action_reuse, head_cache, layer_prune, token_select  # noqa: E402
+from vla_runtime.accel.profiles import compatible_methods, load_profile  # noqa: E402
+from vla_runtime.data.episodes import Episode  # noqa: E402
+from vla_runtime.data.lerobot_format import EPISODES_META, write_lerobot  # noqa: E402
+from vla_runtime.data.sources import logged_episodes  # noqa: E402
+from vla_runtime.policies.lerobot.policy import RUNTIME_META, LeRobotPolicy  # noqa: E402
+from vla_runtime.policies.lerobot.smolvlm import random_smolvla  # noqa: E402
+from vla_runtime.policies.registry import make_policy  # noqa: E402
+from vla_runtime.sim import make_suite  # noqa: E402
+from vla_runtime.types import Observation  # noqa: E402
+
+INSTRUCTION = "close the drawer"
+
+
+def save(folder: Path, policy, preprocessor, postprocessor, control_dt: float | None = 0.0125) -> Path:
+    for part in (policy, preprocessor, postprocessor):
+        part.save_pretrained(folder)
+    if control_dt:
+        (folder / RUNTIME_META).write_text(json.dumps({"control_dt": control_dt}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smolvla_dir(tmp_path_factory) -> Path:
+    """A tiny SmolVLA for Meta-World's robot (camera corner4 at 128 px, 4-D state and action)."""
+    folder = tmp_path_factory.mktemp("smolvla")
+    metaworld = make_suite("metaworld")
+    parts = random_smolvla(folder / "vlm", [metaworld.instruction(t) for t in metaworld.tasks()], "tiny",
+                           ("corner4",), (128, 128), 4, 4, chunk_size=8, n_action_steps=4)
+    return save(folder, *parts)
+
+
+@pytest.fixture()
+def smolvla(smolvla_dir) -> LeRobotPolicy:
+    return make_policy("lerobot", path=str(smolvla_dir))
+
+
+def observation(seed: int = 0, state_dim: int = 4) -> Observation:
+    rng = np.random.default_rng(seed)
+    return Observation({"corner4": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)},
+                       rng.standard_normal(state_dim).astype(np.float32), INSTRUCTION, 0.0)
+
+
+def chunk(policy, obs) -> np.ndarray:
+    policy.reset()
+    return policy.predict_chunk(obs).actions
+
+
+def test_a_saved_smolvla_loads_with_its_processors_and_declares_its_spec(smolvla, smolvla_dir):
+    spec = smolvla.spec
+    assert (spec.cameras, spec.image_size, spec.state_dim, spec.action_dim) == (("corner4",), (128, 128), 4, 4)
+    assert (spec.chunk_size, spec.actions_per_chunk, spec.control_dt) == (8, 4, 0.0125)
+    make_suite("metaworld").check_policy(smolvla, "lerobot")  # fits the robot it was built for
+    obs = observation()
+    actions = chunk(smolvla, obs)
+    assert actions.shape == (8, 4) and np.isfinite(actions).all()
+    np.testing.assert_array_equal(chunk(smolvla, obs), actions)  # reset: the same noise again
+    # The loaded weights and processors are the saved ones: LeRobot's own pipeline on the same noise agrees.
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    reference = SmolVLAPolicy.from_pretrained(str(smolvla_dir)).eval()
+    pre, post = make_pre_post_processors(reference.config, pretrained_path=str(smolvla_dir))
+    noise = torch.randn((1, 8, reference.config.max_action_dim), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = post(reference.predict_action_chunk(pre(smolvla.batch(obs)), noise=noise))[0].numpy()
+    np.testing.assert_allclose(actions, expected, atol=1e-6)
+
+
+def test_a_policy_for_another_robot_is_refused_naming_both(tmp_path):
+    parts = random_smolvla(tmp_path / "vlm", [INSTRUCTION], "tiny", ("agentview", "wrist"), (64, 64), 8, 7,
+                           chunk_size=4, n_action_steps=2)
+    policy = make_policy("lerobot", path=str(save(tmp_path, *parts, control_dt=None)))
+    assert policy.spec.control_dt is None and policy.spec.cameras == ("agentview", "wrist")
+    with pytest.raises(ValueError, match=r"action dim 7 vs 4; state dim 8 vs 4; cameras \['agentview', 'wrist'\]"):
+        make_suite("metaworld").check_policy(policy, "lerobot")
+    with pytest.raises(ValueError, match="needs policy.path"):
+        make_policy("lerobot")
+    with pytest.raises(ValueError, match="uint8 \\(64, 64, 3\\) image from camera 'agentview'"):
+        policy.predict_chunk(observation(state_dim=8))
+
+
+def test_act_loads_from_its_folder(tmp_path):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.act.configuration_act import ACTConfig
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    config = ACTConfig(input_features={"observation.images.corner4": PolicyFeature(FeatureType.VISUAL, (3, 128, 128)),
+                                       "observation.state": PolicyFeature(FeatureType.STATE, (4,))},
+                       output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))}, device="cpu",
+                       pretrained_backbone_weights=None, chunk_size=10, n_action_steps=5, dim_model=64,
+                       n_heads=2, dim_feedforward=128, n_encoder_layers=1, n_decoder_layers=1, use_vae=False)
+    stats = {key: {"mean": torch.zeros(4), "std": torch.ones(4)} for key in ("observation.state", "action")}
+    stats["observation.images.corner4"] = {"mean": torch.zeros(3, 1, 1), "std": torch.ones(3, 1, 1)}
+    policy = make_policy("lerobot", path=str(save(tmp_path, ACTPolicy(config), *make_pre_post_processors(
+        config, dataset_stats=stats))))
+    assert (policy.spec.chunk_size, policy.spec.actions_per_chunk) == (10, 5)
+    assert chunk(policy, observation()).shape == (10, 4)
+    # ACT declares no hook points yet: methods are refused, naming what is missing.
+    with pytest.raises(ValueError, match="head_cache needs the hook point 'denoising_head'"):
+        head_cache.apply(policy, head_cache.HeadCacheConfig())
+
+
+@pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
+                                    "action_reuse"])
+def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
+    obs = observation(1)
+    baseline = chunk(smolvla, obs)
+    if method == "head_cache_static":
+        handle = head_cache.apply(smolvla, head_cache.HeadCacheConfig(interval=2))
+    elif method == "head_cache_bac":
+        handle = head_cache.apply(smolvla, head_cache.HeadCacheConfig(mode="bac", updates=3),
+                                  head_cache.calibrate(smolvla, [obs]))
+    elif method == "layer_prune":
+        calibration = layer_prune.calibrate(smolvla, [obs])
+        assert len(calibration["similarity"]) == 4 and all(-1 <= s <= 1 for s in calibration["similarity"])
+        handle = layer_prune.apply(smolvla, layer_prune.LayerPruneConfig(num_layers=2), calibration)
+        assert len(smolvla.structure.language_model.layers) == 2 and len(smolvla.structure.denoising_head.blocks) == 2
+    elif method == "token_select":
+        handle = token_select.apply(smolvla, token_select.TokenSelectConfig(layer=0, keep=2, strategy="dart"))
+    else:
+        handle = action_reuse.apply(smolvla, action_reuse.ActionReuseConfig())
+    accelerated = chunk(smolvla, obs)
+    if method == "action_reuse":  # a gate for the control loop: the chunk is the policy's own
+        np.testing.assert_array_equal(accelerated, baseline)
+        assert handle.info["gate"]._token_similarity(obs) == pytest.approx(1.0)
+        assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
+    else:
+        assert not np.array_equal(accelerated, baseline)
+    if method.startswith("head_cache"):
+        assert sum(branch.reused for branch in handle.info["branches"].values()) > 0
+    if method == "token_select":
+        assert handle.info["hook"].kept_tokens == [2]
+    handle.remove()
+    np.testing.assert_array_equal(chunk(smolvla, obs), baseline)
+
+
+def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvla):
+    with pytest.raises(ValueError, match="aligned groups of 2"):
+        layer_prune.apply(smolvla, layer_prune.LayerPruneConfig(num_layers=1),
+                          layer_prune.calibrate(smolvla, [observation()]))
+    with pytest.raises(ValueError, match="selected before it: layer=0 and strategy dart or random"):
+        token_select.apply(smolvla, token_select.TokenSelectConfig(layer=2, strategy="efficientvla"))
+    with pytest.raises(ValueError, match="visual_kv_reuse.*drives its LM layers itself"):
+        compatible_methods(smolvla, load_profile("vlacache"), "smolvla")
+    full = [method.name for method in compatible_methods(smolvla, load_profile("full"), "smolvla")]
+    assert full == ["layer_prune", "head_cache", "action_reuse"]
+
+
+def synthetic_episode(seed: int, length: int = 6) -> Episode:
+    rng = np.random.default_rng(seed)
+    return Episode(task="drawer-close-v3", task_id=5, instruction=INSTRUCTION, seed=seed, success=True,
+                   images={"corner4": rng.integers(0, 256, (length, 32, 32, 3), dtype=np.uint8)},
+                   state=rng.standard_normal((length, 4)).astype(np.float32),
+                   action=rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+                   timestamp=np.arange(length) / 80.0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_lerobot_dataset_round_trips(tmp_path, workers):
+    episodes = [synthetic_episode(seed, length=5 + seed) for seed in range(3)]
+    root = write_lerobot(episodes, tmp_path / "data", fps=80, use_videos=False, workers=workers)
+    assert [e["seed"] for e in json.loads((root / EPISODES_META).read_text())["episodes"]] == [0, 1, 2]
+    back = list(logged_episodes(root))
+    assert len(back) == 3
+    for original, read in zip(episodes, back, strict=True):
+        assert (read.task, read.seed, read.instruction) == (original.task, original.seed, INSTRUCTION)
+        np.testing.assert_array_equal(read.images["corner4"], original.images["corner4"])  # PNG: lossless
+        np.testing.assert_array_equal(read.state, original.state)
+        np.testing.assert_array_equal(read.action, original.action)
+        np.testing.assert_allclose(read.timestamp, original.timestamp, atol=1e-6)
+    assert not list(tmp_path.glob(".data.shard*"))  # the shards are gone once joined
+
+
+def test_an_eval_saved_as_a_lerobot_dataset_replays_to_the_actions_it_executed(tmp_path, smolvla_dir):
+    from vla_runtime.cli import eval as eval_cli
+    from vla_runtime.cli.replay import run as replay_run
+
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        cfg = compose("eval", overrides=["policy=lerobot", f"policy.path={smolvla_dir}", "tasks=[drawer-close-v3]",
+                                         "episodes_per_task=1", "workers=1", "save_episodes=true", "format=lerobot",
+                                         "lerobot_video=false", "sim.default_max_steps=12",
+                                         f"output_dir={tmp_path / 'eval'}"])
+    eval_cli.run(cfg)
+    dataset = tmp_path / "eval" / "lerobot"
+    assert json.loads((dataset / "meta" / "info.json").read_text())["total_episodes"] == 1
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        cfg = compose("replay", overrides=[f"source={dataset}", "policy=lerobot", f"policy.path={smolvla_dir}",
+                                           f"output_dir={tmp_path / 'replay'}", "num_threads=1"])
+    replay_run(cfg)
+    report = json.loads((tmp_path / "replay" / "replay.json").read_text())
+    assert report["steps"] == 12
+    assert report["profiles"]["none"]["action_mse_vs_logged"] < 1e-10
