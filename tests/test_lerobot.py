@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
-from vla_runtime.accel import action_reuse, head_cache, layer_prune, token_select  # noqa: E402
+from vla_runtime.accel import action_reuse, head_cache, layer_prune, token_select, vision_resolution  # noqa: E402
 from vla_runtime.accel.profiles import compatible_methods, load_profile  # noqa: E402
 from vla_runtime.data.episodes import Episode  # noqa: E402
 from vla_runtime.data.lerobot_format import EPISODES_META, write_lerobot  # noqa: E402
@@ -101,6 +101,11 @@ def test_a_policy_for_another_robot_is_refused_naming_both(tmp_path):
         make_suite("metaworld").check_policy(policy, "lerobot")
     with pytest.raises(ValueError, match="needs policy.path"):
         make_policy("lerobot")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json there"):
+        make_policy("lerobot", path=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="policy.path=nobody/no_such_policy: not a local folder"):
+        make_policy("lerobot", path="nobody/no_such_policy")
     with pytest.raises(ValueError, match="uint8 \\(64, 64, 3\\) image from camera 'agentview'"):
         policy.predict_chunk(observation(state_dim=8))
 
@@ -128,7 +133,7 @@ def test_act_loads_from_its_folder(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
-                                    "action_reuse"])
+                                    "action_reuse", "vision_resolution"])
 def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
     obs = observation(1)
     baseline = chunk(smolvla, obs)
@@ -144,6 +149,8 @@ def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exact
         assert len(smolvla.structure.language_model.layers) == 2 and len(smolvla.structure.denoising_head.blocks) == 2
     elif method == "token_select":
         handle = token_select.apply(smolvla, token_select.TokenSelectConfig(layer=0, keep=2, strategy="dart"))
+    elif method == "vision_resolution":  # the tiny SigLIP takes 32 px, in blocks of 16 (patch 8, shuffle 2)
+        handle = vision_resolution.apply(smolvla, vision_resolution.VisionResolutionConfig(size=16))
     else:
         handle = action_reuse.apply(smolvla, action_reuse.ActionReuseConfig())
     accelerated = chunk(smolvla, obs)
@@ -167,6 +174,8 @@ def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvl
                           layer_prune.calibrate(smolvla, [observation()]))
     with pytest.raises(ValueError, match="selected before it: layer=0 and strategy dart or random"):
         token_select.apply(smolvla, token_select.TokenSelectConfig(layer=2, strategy="efficientvla"))
+    with pytest.raises(ValueError, match="multiple of 16 px .* up to 32, got 24"):
+        vision_resolution.apply(smolvla, vision_resolution.VisionResolutionConfig(size=24))
     with pytest.raises(ValueError, match="visual_kv_reuse.*drives its LM layers itself"):
         compatible_methods(smolvla, load_profile("vlacache"), "smolvla")
     full = [method.name for method in compatible_methods(smolvla, load_profile("full"), "smolvla")]

@@ -151,9 +151,9 @@ class DenoisingHead:
     blocks: Sequence[HeadBlock]
     # (t [N], cognition [N, D]) -> what every block's modulation reads; lets methods batch all steps
     condition: Callable[[Any, Any], Any] | None = None
-    # (args, kwargs) of a call of `step` -> the denoising step it runs, or None for a call that is none (a
-    # prefix pass through the same module); None: `step`'s convention above
-    step_index: Callable[[tuple, dict], int | None] | None = None
+    # For a `step` module that is also called for the prefix (SmolVLA's VLM-with-expert): (args, kwargs) of a
+    # call -> whether it is that prefix pass. Then the steps are counted from it rather than read from t.
+    is_prefix: Callable[[tuple, dict], bool] | None = None
 
 
 @dataclass
@@ -180,6 +180,9 @@ class PolicyStructure:
     # selection before the LM, for policies whose LM cannot be cut into at a layer); per camera.
     visual_tokens: nn.Module | None = None
     preprocess_images: Callable[[Observation], Any] | None = None  # Observation -> the vision encoder's input
+    # Resizes the vision encoder's input to this many pixels per side, returns the undo (a policy whose
+    # encoder takes several sizes; it refuses the sizes it cannot take).
+    vision_resolution: Callable[[int], Callable[[], None]] | None = None
     language_model: LanguageModel | None = None
     denoising_head: DenoisingHead | None = None
     ar_decoder: ARDecoder | None = None
@@ -199,8 +202,8 @@ class PolicyStructure:
         return value
 
 
-HOOK_POINTS = ("vision_encoder", "preprocess_images", "visual_tokens", "language_model", "denoising_head",
-               "ar_decoder")
+HOOK_POINTS = ("vision_encoder", "preprocess_images", "vision_resolution", "visual_tokens", "language_model",
+               "denoising_head", "ar_decoder")
 
 
 @runtime_checkable

@@ -59,10 +59,8 @@ class _StepCounter(ModelHook):
         self.modulations: list[torch.Tensor] | None = None  # per block [steps, batch, 6 * dim]
 
     def pre_forward(self, module, *args, **kwargs):
-        if self.head.step_index is not None:
-            step = self.head.step_index(args, kwargs)
-            if step is not None:
-                self.step = step
+        if self.head.is_prefix is not None:
+            self.step = -1 if self.head.is_prefix(args, kwargs) else self.step + 1
             return args, kwargs
         noisy, t, cognition = args
         self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
@@ -76,6 +74,7 @@ class _StepCounter(ModelHook):
 
     def reset_state(self, module) -> None:
         self.modulations = None
+        self.step = 0
 
 
 class _BatchedModulation(ModelHook):

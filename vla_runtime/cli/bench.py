@@ -41,12 +41,16 @@ from vla_runtime.types import Observation, Policy
 
 
 class _Timer(ModelHook):
-    """Wall time spent inside a module (the action head), summed per inference."""
+    """Wall time spent inside a module (the action head), summed per inference; `skip(args, kwargs)` leaves
+    out the calls that are not the head's (SmolVLA's prefix pass through the same module)."""
 
-    def __init__(self):
+    def __init__(self, skip=None):
         self.elapsed_s = 0.0
+        self.skip = skip
 
     def new_forward(self, module, call_next, *args, **kwargs):
+        if self.skip is not None and self.skip(args, kwargs):
+            return call_next(*args, **kwargs)
         started = time.perf_counter()
         try:
             return call_next(*args, **kwargs)
@@ -69,7 +73,8 @@ def measure(accelerator: Accelerator, profiles: list[Profile], sequences: list[l
     frame (visual_kv_reuse) are measured as a control loop would run them."""
     policy = accelerator.policy
     head = action_head(policy)
-    timer = _Timer()
+    denoising = policy.structure.denoising_head
+    timer = _Timer(skip=denoising.is_prefix if denoising is not None else None)
     remove_timer = add_hook(head, "bench_timer", timer) if head is not None else (lambda: None)
     runs = {p.name: {"latency_s": [], "head_s": []} for p in profiles}
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from vla_runtime.plugins import Registry
@@ -28,6 +30,11 @@ def register_policy(name: str, needs_suite: bool = False) -> Callable[[Callable[
         return build
 
     return decorator
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """checkpoints/<name> of the repository, installed as the package data vla_runtime.checkpoints."""
+    return Path(str(resources.files("vla_runtime.checkpoints") / name))
 
 
 def policy_names() -> list[str]:

@@ -21,7 +21,7 @@ import torch
 from vla_runtime.data.lerobot_format import IMAGE_KEY, INSTALL_HINT
 from vla_runtime.hooks import reset_hooks
 from vla_runtime.policies.lerobot.structure import structure_of
-from vla_runtime.policies.registry import register_policy
+from vla_runtime.policies.registry import register_policy, shipped_checkpoint
 from vla_runtime.types import ActionChunk, Observation, PolicySpec
 
 RUNTIME_META = "vla_runtime.json"
@@ -80,7 +80,14 @@ class LeRobotPolicy:
             torch.set_num_threads(num_threads)
         folder = Path(path)
         local = folder.is_dir()
-        config = PreTrainedConfig.from_pretrained(str(path))
+        if local and not (folder / "config.json").exists():
+            raise FileNotFoundError(f"policy.path={path}: no config.json there; a LeRobot policy folder is what "
+                                    "save_pretrained writes (config.json, model.safetensors, policy_*processor.json)")
+        try:
+            config = PreTrainedConfig.from_pretrained(str(path))
+        except Exception as exc:  # huggingface_hub / draccus errors of many kinds: say what was asked
+            where = "a LeRobot policy folder" if local else "a local folder, and the hub could not give it"
+            raise ValueError(f"policy.path={path}: not {where} ({type(exc).__name__}: {exc})") from exc
         config.device = device
         processor_overrides = {"device_processor": {"device": device}}
         if local and (folder / VLM_FOLDER / "config.json").exists():
@@ -132,5 +139,27 @@ def lerobot(path: str | None = None, device: str = "cpu", control_hz: float | No
             num_threads: int | None = None) -> LeRobotPolicy:
     if not path:
         raise ValueError("policy=lerobot needs policy.path=<a folder saved with save_pretrained, or a hub id>")
+    if not Path(path).exists() and shipped_checkpoint(path).is_dir():  # a checkpoint shipped in checkpoints/
+        path = str(shipped_checkpoint(path))
     return LeRobotPolicy.from_pretrained(path, device=device, control_hz=control_hz, noise_seed=noise_seed,
                                          num_threads=num_threads)
+
+
+@register_policy("smolvla_random", needs_suite=True)
+def smolvla_random(suite, size: str = "full", seed: int = 0, num_threads: int | None = None,
+                   **config) -> LeRobotPolicy:
+    """SmolVLA with RANDOM WEIGHTS, built for the suite's robot: for speed benchmarks only, its actions mean
+    nothing. `full`: SmolVLM2-500M's shape as SmolVLA runs it (16 VLM layers, 512 px, 64 visual tokens per
+    camera), SmolVLA's defaults (chunk 50, 10 flow steps); `config`: other SmolVLAConfig fields."""
+    import tempfile
+
+    from vla_runtime.policies.lerobot.smolvlm import random_smolvla
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    spec = suite.spec
+    with tempfile.TemporaryDirectory() as folder:  # read while building: the tokenizer stays in memory
+        parts = random_smolvla(Path(folder) / VLM_FOLDER, [suite.instruction(task) for task in suite.tasks()], size,
+                               spec.cameras, spec.image_size, spec.state_dim, spec.action_dim, **config)
+    return LeRobotPolicy(*parts, control_dt=spec.control_dt)

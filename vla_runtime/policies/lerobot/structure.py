@@ -6,6 +6,7 @@ state) once per inference and fill a KV cache, and an action expert whose layers
 layers, cross-attention between) and run once per flow-matching step. It declares:
 - `vision_encoder` / `visual_tokens`: the connector (pixel-shuffle + projection), whose output is a camera's
   visual tokens as they enter the LM; `preprocess_images` runs the SigLIP encoder it reads from;
+  `vision_resolution` sets the size images are padded and resized to before SigLIP;
 - `language_model`: the VLM's text layers and final norm, without a forward of its own (the policy drives
   the layers, interleaved with the expert), removed together with the expert layer of the same index in
   aligned groups of `self_attn_every_n_layers` (so every expert layer keeps its kind of attention);
@@ -41,20 +42,10 @@ class _ExpertBlocks(Sequence):
         return HeadBlock({"attn": layer.self_attn.o_proj, "mlp": layer.mlp})
 
 
-class _DenoisingStepIndex:
-    """`vlm_with_expert` runs once over the prefix (VLM embeddings, no expert input), then once per flow
-    step (expert input only): the step is the number of expert-only calls since the prefix."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, args: tuple, kwargs: dict) -> int | None:
-        prefix, suffix = kwargs["inputs_embeds"]
-        if prefix is not None:
-            self.count = 0
-            return None
-        self.count += 1
-        return self.count - 1
+def _is_prefix(args: tuple, kwargs: dict) -> bool:
+    """`vlm_with_expert` runs once over the prefix (VLM embeddings, no expert input), then once per flow step
+    (expert input only)."""
+    return kwargs["inputs_embeds"][0] is not None
 
 
 def _remove_layers(vlm_with_expert, group: int):
@@ -101,15 +92,32 @@ def _smolvla(wrapper) -> dict:
         pixels = torch.cat(images).to(dtype=vlm.vision_model.dtype)
         return vlm.vision_model(pixel_values=pixels).last_hidden_state
 
+    def vision_resolution(size: int):
+        """SmolVLA pads and resizes every camera image to `resize_imgs_with_padding`; SigLIP takes any size up
+        to its own (positions are bucketed), the connector's pixel shuffle a whole number of blocks per side."""
+        vision = vlm.vision_model.config
+        block = vision.patch_size * vlm.connector.scale_factor
+        if size % block or not block <= size <= vision.image_size:
+            raise ValueError(f"SmolVLA's vision input must be a multiple of {block} px (patch {vision.patch_size} x "
+                             f"pixel shuffle {vlm.connector.scale_factor}) up to {vision.image_size}, got {size}")
+        original = policy.config.resize_imgs_with_padding
+        policy.config.resize_imgs_with_padding = (size, size)
+
+        def undo() -> None:
+            policy.config.resize_imgs_with_padding = original
+
+        return undo
+
     return {
         "vision_encoder": vlm.connector,
+        "vision_resolution": vision_resolution,
         "visual_tokens": vlm.connector,
         "preprocess_images": preprocess_images,
         "language_model": LanguageModel(layers=text.layers, norm=text.norm, config=text.config, prune_group=group,
                                         remove_layers=_remove_layers(vlm_with_expert, group)),
         "denoising_head": DenoisingHead(step=vlm_with_expert, steps=policy.config.num_steps,
                                         blocks=_ExpertBlocks(vlm_with_expert.lm_expert.layers),
-                                        step_index=_DenoisingStepIndex()),
+                                        is_prefix=_is_prefix),
     }
 
 

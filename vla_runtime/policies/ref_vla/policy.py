@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from vla_runtime.policies.ref_vla.processing_ref_vla import (
     tokenize,
     train_instruction_tokenizer,
 )
-from vla_runtime.policies.registry import register_policy
+from vla_runtime.policies.registry import register_policy, shipped_checkpoint
 from vla_runtime.types import (
     ActionChunk,
     ARDecoder,
@@ -30,11 +29,6 @@ from vla_runtime.types import (
     PolicySpec,
     PolicyStructure,
 )
-
-
-def shipped_checkpoint(name: str) -> Path:
-    """checkpoints/<name> of the repository, installed as the package data vla_runtime.checkpoints."""
-    return Path(str(resources.files("vla_runtime.checkpoints") / name))
 
 
 class RefVLAPolicy:
