@@ -126,8 +126,14 @@ def test_act_loads_from_its_folder(tmp_path):
     policy = make_policy("lerobot", path=str(save(tmp_path, ACTPolicy(config), *make_pre_post_processors(
         config, dataset_stats=stats))))
     assert (policy.spec.chunk_size, policy.spec.actions_per_chunk) == (10, 5)
-    assert chunk(policy, observation()).shape == (10, 4)
-    # ACT declares no hook points yet: methods are refused, naming what is missing.
+    baseline = chunk(policy, observation())
+    assert baseline.shape == (10, 4)
+    # Its ResNet's last stage is the vision encoder: action_reuse's gate sees the same frame as the same.
+    handle = action_reuse.apply(policy, action_reuse.ActionReuseConfig())
+    np.testing.assert_array_equal(chunk(policy, observation()), baseline)
+    assert handle.info["gate"]._token_similarity(observation()) == pytest.approx(1.0)
+    assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
+    handle.remove()
     with pytest.raises(ValueError, match="head_cache needs the hook point 'denoising_head'"):
         head_cache.apply(policy, head_cache.HeadCacheConfig())
 

@@ -53,6 +53,14 @@ class _CaptureTokens(ModelHook):
         self.tokens = None
 
 
+def _token_vectors(features: torch.Tensor) -> torch.Tensor:
+    """One feature vector per visual token: [..., D] as it is; a CNN's feature map [B, C, H, W] (ACT's ResNet)
+    as its H x W locations' C-vectors, not rows of pixels (after a ReLU many of those are all zero)."""
+    if features.dim() == 4:
+        features = features.flatten(2).transpose(1, 2)
+    return features.flatten(0, -2).float()
+
+
 class ActionReuseGate:
     """Implements `vla_runtime.control.reuse.ReuseGate`."""
 
@@ -86,7 +94,7 @@ class ActionReuseGate:
         reference = self.capture.tokens
         if reference is None or reference.shape != tokens.shape:
             return -1.0
-        return float(F.cosine_similarity(tokens.flatten(0, -2).float(), reference.flatten(0, -2).float(), -1).mean())
+        return float(F.cosine_similarity(_token_vectors(tokens), _token_vectors(reference), -1).mean())
 
     def should_reuse(self, obs: Observation, last_chunk: ActionChunk | None) -> bool:
         self.decisions += 1

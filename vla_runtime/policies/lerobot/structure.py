@@ -12,8 +12,8 @@ layers, cross-attention between) and run once per flow-matching step. It declare
   aligned groups of `self_attn_every_n_layers` (so every expert layer keeps its kind of attention);
 - `denoising_head`: the expert's layers as blocks (attention output projection and MLP as branches),
   stepped through `vlm_with_expert`'s calls without a prefix.
-Other types (ACT, diffusion, pi0, ...) declare only their weights for now: methods refuse them, naming the
-hook point they lack.
+ACT declares its ResNet's last stage as the vision encoder (action_reuse). Other types (diffusion, pi0,
+pi0.5, ...) declare only their weights for now: methods refuse them, naming the hook point they lack.
 """
 
 from __future__ import annotations
@@ -121,7 +121,28 @@ def _smolvla(wrapper) -> dict:
     }
 
 
-STRUCTURES = {"smolvla": _smolvla}
+def _act(wrapper) -> dict:
+    """ACT: its ResNet's last stage is the vision encoder (action_reuse compares its feature maps); the rest of
+    the ResNet, on the normalised images, is what it reads. Its transformer is no language model and its
+    head no denoiser, so the other methods do not apply."""
+    policy = wrapper.policy
+    backbone = getattr(policy.model, "backbone", None)
+    if backbone is None:  # an ACT without cameras
+        return {}
+
+    def preprocess_images(obs: Observation) -> torch.Tensor:
+        batch = wrapper.preprocessor(wrapper.batch(obs))
+        features = torch.cat([batch[key] for key in policy.config.image_features])
+        for name, stage in backbone.named_children():
+            if name == "layer4":
+                return features
+            features = stage(features)
+        raise ValueError("ACT's backbone has no layer4: not a torchvision ResNet")
+
+    return {"vision_encoder": backbone.layer4, "preprocess_images": preprocess_images}
+
+
+STRUCTURES = {"smolvla": _smolvla, "act": _act}
 
 
 def structure_of(wrapper, checkpoint_dir: Path | None) -> PolicyStructure:
