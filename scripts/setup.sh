@@ -6,7 +6,7 @@
 #   bash scripts/setup.sh --libero  # users: plus the LIBERO simulator and its assets (~650 MB): sim=libero
 #   bash scripts/setup.sh --simpler # users: plus ManiSkill3 / SAPIEN and a Vulkan driver: sim=simpler_bridge
 #   bash scripts/setup.sh --lerobot # LeRobot policies and datasets: a second venv, .venv-lerobot (Python 3.12,
-#                                   # torch < 2.12, lerobot 0.6.1; ~2.2 GB download), editable, with pytest
+#                                   # torch < 2.12, lerobot 0.6.1; ~2.2 GB download), editable, with pytest and ROS 2
 #   bash scripts/setup.sh --dev     # developers and CI: editable, plus pytest, ruff, ROS 2, LIBERO and SIMPLER
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ if [ "${1:-}" = "--lerobot" ]; then
     python312=$(find_python312)
     [ -x .venv-lerobot/bin/python ] || "$python312" -m venv .venv-lerobot
     .venv-lerobot/bin/python -m pip install -q --upgrade pip
-    .venv-lerobot/bin/python -m pip install -q -e ".[dev,lerobot]"
+    .venv-lerobot/bin/python -m pip install -q -e ".[dev,ros,lerobot]"
     exit 0
 fi
 

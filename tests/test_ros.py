@@ -258,9 +258,10 @@ def test_vla_robot_ends_cleanly_on_sigterm(ros_domain, tmp_path):
     """SIGTERM: the bag is closed (complete MCAP, no truncation), the bridge stopped, the summary printed."""
     bag_path, output = tmp_path / "robot.mcap", tmp_path / "vla-robot.log"
     with open(output, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli.robot", f"log_bag={bag_path}",
-                                    f"output_dir={tmp_path}"], start_new_session=True, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        # policy= names a config group too; vla-robot takes it itself (hydra would refuse it).
+        process = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli.robot", "policy=ref_dit",
+                                    f"log_bag={bag_path}", f"output_dir={tmp_path}"], start_new_session=True,
+                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         # ~3 s of 20 Hz camera frames (49 KB each) after the first: the first chunks are out by then.
         wait_for(lambda: bag_path.exists() and bag_path.stat().st_size > 3_000_000 or process.poll() is not None,
@@ -273,6 +274,7 @@ def test_vla_robot_ends_cleanly_on_sigterm(ros_domain, tmp_path):
     messages = list(read_bag(bag_path))  # raises on a truncated file
     assert any(m.topic == "/vla/action" for m in messages), output.read_text()
     summary = json.loads((tmp_path / "robot.json").read_text())
+    assert summary["command"].endswith("policy=ref_dit")
     # The summary is taken just before the loop stops: the log holds at least those commands.
     assert 0 < summary["control"]["commands_published"] <= sum(m.topic == "/vla/action" for m in messages)
     assert "ticks" in output.read_text()

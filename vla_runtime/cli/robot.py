@@ -138,11 +138,26 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# `policy` is also the name of a config group (configs/policy/, for vla-eval and friends) in the same search
+# path, so hydra reads `policy=X` as a group override and refuses it. vla-robot takes that argument itself.
+_policy_argument: list[str] = []
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="robot", version_base=None)
 @friendly_errors
-def main(cfg: DictConfig) -> None:
-    summary = run(as_dict(cfg), command_line("vla-robot"))
+def _main(cfg: DictConfig) -> None:
+    settings, command = as_dict(cfg), command_line("vla-robot")
+    if _policy_argument:
+        settings["policy"] = _policy_argument[-1]
+        command += f" policy={settings['policy']}"
+    summary = run(settings, command)
     print(describe(summary))
+
+
+def main() -> None:
+    _policy_argument.extend(arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("policy="))
+    sys.argv = [arg for arg in sys.argv if not arg.startswith("policy=")]
+    _main()
 
 
 if __name__ == "__main__":

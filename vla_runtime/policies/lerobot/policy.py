@@ -136,7 +136,9 @@ class LeRobotPolicy:
 
 @register_policy("lerobot")
 def lerobot(path: str | None = None, device: str = "cpu", control_hz: float | None = None, noise_seed: int = 0,
-            num_threads: int | None = None) -> LeRobotPolicy:
+            num_threads: int | None = None, checkpoint: str | None = None) -> LeRobotPolicy:
+    """`checkpoint`: the same as `path`, under the name the other families and the control node use."""
+    path = path or checkpoint
     if not path:
         raise ValueError("policy=lerobot needs policy.path=<a folder saved with save_pretrained, or a hub id>")
     if not Path(path).exists() and shipped_checkpoint(path).is_dir():  # a checkpoint shipped in checkpoints/
