@@ -286,10 +286,14 @@ def test_vla_robot_ends_cleanly_on_sigterm(ros_domain, tmp_path):
 def test_bridge_suite_options_and_camera_topics():
     """The bridge's suite settings arrive as a JSON object (one-line errors otherwise); camera names that
     start with a digit (SIMPLER's) still make legal ROS topic names."""
-    from vla_runtime.ros.common import camera_topic
-    from vla_runtime.ros.sim_bridge import suite_options
+    from vla_runtime.ros import node_parameters, robot_defaults
+    from vla_runtime.ros.common import camera_topic, suite_options
 
     assert suite_options('{"asset_dir": "bundle.tgz"}') == {"asset_dir": "bundle.tgz"} and suite_options("") == {}
+    # vla-robot 'suite_options={asset_dir: bundle.tgz}' arrives parsed by hydra: both nodes get it as JSON.
+    control, bridge = node_parameters({**robot_defaults(), "suite_options": {"asset_dir": "bundle.tgz"}})
+    for node in (control, bridge):
+        assert suite_options(node["suite_options"]) == {"asset_dir": "bundle.tgz"}
     with pytest.raises(ValueError, match="suite_options is not JSON"):
         suite_options("{asset_dir: x}")
     with pytest.raises(ValueError, match="must be a JSON object"):

@@ -10,6 +10,7 @@ which LeRobot has no column for, are kept in `meta/vla_runtime.json`, one entry 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def write_lerobot(episodes: Sequence[Episode], root: str | Path, fps: int, repo_
     root = Path(root)
     repo_id = repo_id or f"local/{root.name}"
     workers = max(1, min(workers, len(episodes)))
+    # The AV1 encoder (SVT-AV1) prints a 40-line banner per episode at its default level; errors only.
+    os.environ.setdefault("SVT_LOG", "1")
     bar = tqdm(total=len(episodes), desc="LeRobotDataset", unit="episode")
     common = dict(fps=fps, use_videos=use_videos, robot_type=robot_type, image_writer_threads=image_writer_threads)
     if workers == 1:

@@ -6,13 +6,18 @@ to the parameters of each node; importing it needs no ROS.
 
 from __future__ import annotations
 
-CONTROL_KEYS = ("policy", "checkpoint", "suite", "accel", "control_hz", "budget_ms", "action_type", "log_bag")
-BRIDGE_KEYS = ("suite", "task", "max_steps", "action_type")
+import json
+
+CONTROL_KEYS = ("policy", "checkpoint", "suite", "suite_options", "accel", "control_hz", "budget_ms", "action_type",
+                "log_bag")
+BRIDGE_KEYS = ("suite", "suite_options", "task", "max_steps", "action_type")
 # Every launch argument of launch/robot.launch.py, with what `ros2 launch ... --show-args` says about it.
 LAUNCH_ARGUMENTS = {
     "policy": "registered policy of the control node (ref_dit, ref_ar, ...)",
     "checkpoint": "checkpoint directory of that policy ('': the shipped one)",
     "suite": "simulator suite of the bridge; also the control node's source of calibration frames",
+    "suite_options": 'more settings of that suite for both nodes, a JSON object (SIMPLER offline: '
+                     '{"asset_dir": "<bundle>"})',
     "accel": "acceleration profile(s), '+'-joined: none, bac, efficientvla, flashvla+bac, ...",
     "control_hz": "control ticks per second; the bridge steps the simulator at the same rate",
     "budget_ms": "latency budget per policy call in ms (0: none); with control.accel_ladder the governor "
@@ -38,6 +43,8 @@ def robot_defaults() -> dict:
 
 def node_parameters(config: dict) -> tuple[dict, dict]:
     """(control node parameters, bridge parameters). The bridge steps the simulator at control_hz."""
+    if isinstance(config.get("suite_options"), dict):  # vla-robot 'suite_options={asset_dir: x}' (hydra parses it)
+        config = {**config, "suite_options": json.dumps(config["suite_options"])}
     control = {key: config[key] for key in CONTROL_KEYS}
     bridge = {key: config[key] for key in BRIDGE_KEYS}
     bridge["step_hz"] = float(config["control_hz"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 
@@ -60,3 +61,14 @@ def spin_node(node_class: Callable[[], Node], args: list[str] | None = None) -> 
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
+
+
+def suite_options(text: str) -> dict:
+    """The `suite_options` parameter: a JSON object of suite settings."""
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"suite_options is not JSON ({exc}): {text!r}") from exc
+    if not isinstance(options, dict):
+        raise ValueError(f"suite_options must be a JSON object of suite settings, got {text!r}")
+    return options

@@ -36,6 +36,7 @@ from vla_runtime.ros.common import (
     camera_topic,
     speed_up_thread_switching,
     spin_node,
+    suite_options,
 )
 from vla_runtime.ros.messages import action_message_class, action_to_msg
 from vla_runtime.ros.profile_manager import ProfileManager
@@ -66,7 +67,7 @@ class ControlNode(Node):
         self.params = p = parameters.declare(self, parameters.CONTROL)
         if p["control_hz"] <= 0:
             raise ValueError(f"control_hz must be positive, got {p['control_hz']}")
-        suite, calibration_tasks = configured_suite(p["suite"])
+        suite, calibration_tasks = configured_suite(p["suite"], **suite_options(p["suite_options"]))
         self.policy = policy if policy is not None else self._build_policy(p, suite)
         spec = self.policy.spec
         if spec.privileged:

@@ -11,6 +11,7 @@ CONTROL = {
     "checkpoint": ("", "checkpoint directory of that policy ('': the shipped one)"),
     "suite": ("metaworld", "simulator suite whose expert episodes calibrate acceleration methods (when the "
                            "checkpoint ships no calibration artifact) and that random-weight policies are shaped for"),
+    "suite_options": ("{}", 'more settings of that suite, a JSON object (SIMPLER offline: {"asset_dir": "<bundle>"})'),
     "accel": ("none", "acceleration profile(s), '+'-joined"),
     "accel_ladder": ([""], "profiles the budget governor picks from, most faithful first (needs budget_ms)"),
     "control_hz": (80.0, "control ticks per second"),

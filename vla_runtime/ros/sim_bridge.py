@@ -26,7 +26,14 @@ from std_srvs.srv import Trigger
 
 from vla_runtime.data.messages import MessageRejected, action_from_msg
 from vla_runtime.ros import parameters
-from vla_runtime.ros.common import LATCHED, answer_trigger, as_parameters, camera_topic, spin_node
+from vla_runtime.ros.common import (
+    LATCHED,
+    answer_trigger,
+    as_parameters,
+    camera_topic,
+    spin_node,
+    suite_options,
+)
 from vla_runtime.ros.messages import action_message_class, image_to_msg, state_to_joint_state
 from vla_runtime.sim.suite import Env, configured_suite
 
@@ -194,17 +201,6 @@ class SimBridgeNode(Node):
         if self._sim_thread is not None:
             self._sim_thread.join(timeout=5.0)
         super().destroy_node()
-
-
-def suite_options(text: str) -> dict:
-    """The `suite_options` parameter: a JSON object of suite settings."""
-    try:
-        options = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"suite_options is not JSON ({exc}): {text!r}") from exc
-    if not isinstance(options, dict):
-        raise ValueError(f"suite_options must be a JSON object of suite settings, got {text!r}")
-    return options
 
 
 def main(args: list[str] | None = None) -> None:

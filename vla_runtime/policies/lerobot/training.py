@@ -50,9 +50,8 @@ def run_lerobot_train(args: list[str], log: Path) -> list[tuple[float, int]]:
     with subprocess.Popen([sys.executable, "-m", "lerobot.scripts.lerobot_train", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as child, open(log, "a") as file:
         for line in child.stdout:
-            if not line.startswith("Svt["):  # the AV1 encoder's banner, if a dataset is video
-                sys.stdout.write(line)
-                file.write(line)
+            sys.stdout.write(line)
+            file.write(line)
             match = LOGGED_STEP.search(line)
             if match:
                 logged.append((time.monotonic() - started, int(match.group(1))))
