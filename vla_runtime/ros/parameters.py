@@ -47,7 +47,7 @@ BRIDGE = {
     "camera_names": ([""], "cameras to render (default: the suite's)"),
     "image_size": (0, "image size in pixels (0: the suite's)"),
     "step_hz": (0.0, "simulator steps per second (0: the suite's real-time rate)"),
-    "camera_hz": (20.0, "images published per second"),
+    "camera_hz": (0.0, "images published per second (0: every step up to 20 Hz)"),
     "max_steps": (0, "steps before an episode is cut off (0: the suite's)"),
     "auto_reset": (True, "start the next episode when one ends"),
     "start_on_command": (True, "wait for the first action command before stepping"),

@@ -37,6 +37,8 @@ from vla_runtime.ros.common import (
 from vla_runtime.ros.messages import action_message_class, image_to_msg, state_to_joint_state
 from vla_runtime.sim.suite import Env, configured_suite
 
+DEFAULT_CAMERA_HZ = 20.0  # a camera frame every step up to this rate (SIMPLER steps at 5 Hz, Meta-World at 80)
+
 
 class SimBridgeNode(Node):
     def __init__(self, parameter_overrides: dict | None = None, node_name: str = "vla_sim_bridge"):
@@ -56,9 +58,10 @@ class SimBridgeNode(Node):
         self.task = self.suite.resolve_task(p["task"])
         self.seeds = self.suite.seeds("eval")  # never a seed a policy was trained on
         self.step_hz = p["step_hz"] or 1.0 / self.spec.control_dt
-        if p["camera_hz"] <= 0 or p["camera_hz"] > self.step_hz:
-            raise ValueError(f"camera_hz must be in (0, step_hz={self.step_hz:g}], got {p['camera_hz']}")
-        self.steps_per_frame = max(1, round(self.step_hz / p["camera_hz"]))
+        camera_hz = p["camera_hz"] or min(DEFAULT_CAMERA_HZ, self.step_hz)
+        if camera_hz < 0 or camera_hz > self.step_hz:
+            raise ValueError(f"camera_hz must be in (0, step_hz={self.step_hz:g}], got {camera_hz}")
+        self.steps_per_frame = max(1, round(self.step_hz / camera_hz))
 
         self._lock = threading.Lock()
         self.command: np.ndarray | None = None
