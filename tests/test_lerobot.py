@@ -138,6 +138,33 @@ def test_act_loads_from_its_folder(tmp_path):
         head_cache.apply(policy, head_cache.HeadCacheConfig())
 
 
+def test_diffusion_loads_from_its_folder_and_one_with_an_observation_history_is_refused(tmp_path):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    def saved(folder: Path, n_obs_steps: int) -> Path:
+        config = DiffusionConfig(
+            input_features={"observation.images.corner4": PolicyFeature(FeatureType.VISUAL, (3, 128, 128)),
+                            "observation.state": PolicyFeature(FeatureType.STATE, (4,))},
+            output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))}, device="cpu",
+            pretrained_backbone_weights=None, use_group_norm=True, crop_shape=None, horizon=16, n_action_steps=8,
+            down_dims=(32, 64), diffusion_step_embed_dim=32, num_inference_steps=5, n_obs_steps=n_obs_steps)
+        unit = {"mean": torch.zeros(4), "std": torch.ones(4), "min": -torch.ones(4), "max": torch.ones(4)}
+        stats = {"observation.state": unit, "action": unit, "observation.images.corner4": {
+            "mean": torch.zeros(3, 1, 1), "std": torch.ones(3, 1, 1)}}
+        return save(folder, DiffusionPolicy(config), *make_pre_post_processors(config, dataset_stats=stats))
+
+    policy = make_policy("lerobot", path=str(saved(tmp_path / "one", n_obs_steps=1)))
+    assert (policy.spec.chunk_size, policy.spec.actions_per_chunk) == (8, 8)  # the horizon's executed part
+    actions = chunk(policy, observation())
+    assert actions.shape == (8, 4) and np.isfinite(actions).all()
+    np.testing.assert_array_equal(chunk(policy, observation()), actions)  # its noise comes from our generator
+    with pytest.raises(ValueError, match="reads the last 2 observations"):
+        make_policy("lerobot", path=str(saved(tmp_path / "two", n_obs_steps=2)))
+
+
 @pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
                                     "action_reuse", "vision_resolution"])
 def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):

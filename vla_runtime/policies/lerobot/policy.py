@@ -53,7 +53,8 @@ def spec_of(config, control_dt: float | None) -> PolicySpec:
         raise ValueError(f"LeRobot policy has no 'action' output (outputs: {list(config.output_features)})")
     return PolicySpec(action_dim=int(action.shape[0]), state_dim=int(state.shape[0]) if state else 0,
                       cameras=tuple(cameras), image_size=sizes.pop() if sizes else None,
-                      chunk_size=int(getattr(config, "chunk_size", None) or getattr(config, "horizon", 1)),
+                      # Diffusion predicts a horizon and returns its n_action_steps: that is its chunk.
+                      chunk_size=int(getattr(config, "chunk_size", None) or config.n_action_steps),
                       control_dt=control_dt, actions_per_chunk=int(config.n_action_steps))
 
 
@@ -62,14 +63,24 @@ class LeRobotPolicy:
                  noise_seed: int = 0, checkpoint_dir: Path | None = None):
         self.policy = policy.eval()
         self.config = policy.config
+        history = getattr(self.config, "n_obs_steps", 1)
+        if history != 1:
+            # LeRobot's select_action sees every step and stacks the last n; this runtime asks a policy once
+            # per chunk with the newest observation, so the history such a policy was trained on is not there.
+            raise ValueError(f"This {self.config.type} policy reads the last {history} observations "
+                             f"(n_obs_steps={history}); the runtime gives a policy one observation per chunk: "
+                             "policies with n_obs_steps=1 only, for now")
         self.preprocessor, self.postprocessor = preprocessor, postprocessor
         self.device = torch.device(self.config.device or "cpu")
         self.spec = spec_of(self.config, control_dt)
         self.noise_seed = noise_seed
-        # Flow-matching policies (SmolVLA, pi0) take their initial noise as an argument: drawing it from our
-        # own generator makes an evaluation or replay reproducible without touching torch's global RNG.
+        # Flow-matching and diffusion policies take their initial noise as an argument: drawn from our own
+        # generator. What they sample besides (DDPM's per-step noise; pi0, which takes no noise argument) comes
+        # from torch's RNG, seeded per call from a second generator inside a fork of it (predict_chunk). So an
+        # evaluation or replay is reproducible (reset = the same sequences) and the global RNG is left alone.
         self._takes_noise = "noise" in inspect.signature(policy.predict_action_chunk).parameters
         self.generator = torch.Generator().manual_seed(noise_seed)
+        self.sampling_seeds = torch.Generator().manual_seed(noise_seed + 1)
         self.structure = structure_of(self, checkpoint_dir)
 
     @classmethod
@@ -102,8 +113,9 @@ class LeRobotPolicy:
                    checkpoint_dir=folder if local else None)
 
     def reset(self) -> None:
-        # The same noise sequence every episode: evaluations and replays are reproducible.
+        # The same noise sequences every episode: evaluations and replays are reproducible.
         self.generator.manual_seed(self.noise_seed)
+        self.sampling_seeds.manual_seed(self.noise_seed + 1)
         self.policy.reset()
         reset_hooks(self.policy)
 
@@ -124,11 +136,21 @@ class LeRobotPolicy:
     @torch.inference_mode()
     def predict_chunk(self, obs: Observation) -> ActionChunk:
         batch = self.preprocessor(self.batch(obs))
+        if self.config.type == "diffusion" and batch.get("observation.state") is not None:
+            # Called for a chunk directly, diffusion takes the state as [B, n_obs_steps, S] (its images get that
+            # axis inside); n_obs_steps is 1 here.
+            batch["observation.state"] = batch["observation.state"][:, None]
         options = {}
         if self._takes_noise:
-            shape = (1, self.config.chunk_size, self.config.max_action_dim)
-            options["noise"] = torch.randn(shape, generator=self.generator).to(self.device)
-        actions = self.postprocessor(self.policy.predict_action_chunk(batch, **options))
+            # The whole predicted sequence (diffusion: its horizon) over the model's action width (SmolVLA pads
+            # to max_action_dim).
+            steps = getattr(self.config, "chunk_size", None) or self.config.horizon
+            width = getattr(self.config, "max_action_dim", None) or self.config.action_feature.shape[0]
+            options["noise"] = torch.randn((1, steps, width), generator=self.generator).to(self.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.sampling_seeds))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            actions = self.postprocessor(self.policy.predict_action_chunk(batch, **options))
         actions = actions[0, :, : self.spec.action_dim].float().cpu().numpy()
         # dt 0 for a policy without a rate: the robot's clock alone times its actions (as for every policy).
         return ActionChunk(actions, t0=obs.timestamp, dt=self.spec.control_dt or 0.0)
