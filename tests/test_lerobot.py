@@ -259,3 +259,39 @@ def test_an_eval_saved_as_a_lerobot_dataset_replays_to_the_actions_it_executed(t
     report = json.loads((tmp_path / "replay" / "replay.json").read_text())
     assert report["steps"] == 12
     assert report["profiles"]["none"]["action_mse_vs_logged"] < 1e-10
+
+
+def test_vla_convert_writes_a_lerobot_dataset_and_refuses_to_overwrite_one(tmp_path):
+    import subprocess
+    import sys
+
+    from vla_runtime.data.episodes import EpisodeStore
+
+    store = EpisodeStore(tmp_path / "native", make_suite("metaworld").settings(), create=True)
+    episodes = [synthetic_episode(seed) for seed in range(2)]
+    for episode in episodes:
+        store.write(episode)
+    command = [sys.executable, "-m", "vla_runtime.cli.convert", f"source={tmp_path / 'native'}",
+               f"output_dir={tmp_path / 'lerobot'}", "use_videos=false", "workers=1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    back = list(logged_episodes(tmp_path / "lerobot"))
+    assert [e.seed for e in back] == [0, 1]
+    np.testing.assert_array_equal(back[1].images["corner4"], episodes[1].images["corner4"])
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "LeRobot refuses to overwrite" in again.stderr
+
+
+def test_vla_collect_format_lerobot_writes_both_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vla_runtime.cli.collect", "format=lerobot", "lerobot_video=false",
+                           "tasks=[drawer-close-v3]", "episodes_per_task=1", "workers=1",
+                           f"output_dir={tmp_path / 'demos'}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    native = list(logged_episodes(tmp_path / "demos"))
+    lerobot = list(logged_episodes(tmp_path / "demos" / "lerobot"))
+    assert len(native) == len(lerobot) == 1 and lerobot[0].task == "drawer-close-v3"
+    np.testing.assert_array_equal(lerobot[0].action, native[0].action)
+    np.testing.assert_array_equal(lerobot[0].images["corner4"], native[0].images["corner4"])
