@@ -74,7 +74,6 @@ class _StepCounter(ModelHook):
 
     def reset_state(self, module) -> None:
         self.modulations = None
-        self.step = 0
 
 
 class _BatchedModulation(ModelHook):

@@ -28,13 +28,14 @@ INSTALL_HINT = ("`bash scripts/setup.sh --lerobot` makes a Python 3.12 environme
                 "(README, LeRobot)")
 
 
-def require_lerobot(why: str):
-    """lerobot's LeRobotDataset, or an error saying what needed it and how to install it."""
+def require_lerobot(why: str, module: str = "lerobot.datasets.lerobot_dataset"):
+    """A module of lerobot, or an error saying what needed it and how to install it."""
+    import importlib
+
     try:
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+        return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(f"{why} needs the lerobot library ({exc}): {INSTALL_HINT}") from exc
-    return LeRobotDataset
 
 
 def features_of(episode: Episode, use_videos: bool) -> dict:
@@ -50,7 +51,7 @@ def features_of(episode: Episode, use_videos: bool) -> dict:
 def _write_shard(episodes: Iterable[Episode], root: Path, fps: int, repo_id: str, use_videos: bool,
                  robot_type: str | None, image_writer_threads: int, done) -> None:
     """One LeRobotDataset from `episodes`; `done()` is called after each episode (progress)."""
-    LeRobotDataset = require_lerobot("Writing a LeRobotDataset")
+    LeRobotDataset = require_lerobot("Writing a LeRobotDataset").LeRobotDataset
     dataset, features, extra = None, None, []
     for episode in episodes:
         if dataset is None:

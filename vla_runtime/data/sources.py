@@ -176,7 +176,7 @@ def _lerobot_episodes(path: Path, keys: LeRobotKeys) -> Iterator[Episode]:
     from vla_runtime.data.lerobot_format import EPISODES_META, IMAGE_KEY, require_lerobot
 
     try:
-        LeRobotDataset = require_lerobot(f"{path} is a LeRobot dataset; reading it")
+        LeRobotDataset = require_lerobot(f"{path} is a LeRobot dataset; reading it").LeRobotDataset
     except ImportError as exc:
         raise SourceError(str(exc)) from exc
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_runtime.data.lerobot_format import IMAGE_KEY, INSTALL_HINT
+from vla_runtime.data.lerobot_format import IMAGE_KEY, require_lerobot
 from vla_runtime.hooks import reset_hooks
 from vla_runtime.policies.lerobot.structure import structure_of
 from vla_runtime.policies.registry import register_policy, shipped_checkpoint
@@ -26,15 +26,6 @@ from vla_runtime.types import ActionChunk, Observation, PolicySpec
 
 RUNTIME_META = "vla_runtime.json"
 VLM_FOLDER = "vlm"
-
-
-def _require_lerobot():
-    try:
-        from lerobot.configs.policies import PreTrainedConfig
-        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
-    except ImportError as exc:
-        raise ImportError(f"policy=lerobot needs the lerobot library ({exc}): {INSTALL_HINT}") from exc
-    return PreTrainedConfig, get_policy_class, make_pre_post_processors
 
 
 def spec_of(config, control_dt: float | None) -> PolicySpec:
@@ -86,7 +77,8 @@ class LeRobotPolicy:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", control_hz: float | None = None,
                         noise_seed: int = 0, num_threads: int | None = None) -> LeRobotPolicy:
-        PreTrainedConfig, get_policy_class, make_pre_post_processors = _require_lerobot()
+        PreTrainedConfig = require_lerobot("policy=lerobot", "lerobot.configs.policies").PreTrainedConfig
+        factory = require_lerobot("policy=lerobot", "lerobot.policies.factory")
         if num_threads:
             torch.set_num_threads(num_threads)
         folder = Path(path)
@@ -104,9 +96,9 @@ class LeRobotPolicy:
         if local and (folder / VLM_FOLDER / "config.json").exists():
             config.vlm_model_name = str(folder / VLM_FOLDER)
             processor_overrides["tokenizer_processor"] = {"tokenizer_name": config.vlm_model_name}
-        policy = get_policy_class(config.type).from_pretrained(str(path), config=config)
-        preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=str(path),
-                                                               preprocessor_overrides=processor_overrides)
+        policy = factory.get_policy_class(config.type).from_pretrained(str(path), config=config)
+        preprocessor, postprocessor = factory.make_pre_post_processors(config, pretrained_path=str(path),
+                                                                       preprocessor_overrides=processor_overrides)
         meta = json.loads((folder / RUNTIME_META).read_text()) if local and (folder / RUNTIME_META).exists() else {}
         control_dt = 1 / control_hz if control_hz else meta.get("control_dt")
         return cls(policy, preprocessor, postprocessor, control_dt=control_dt, noise_seed=noise_seed,
