@@ -145,3 +145,18 @@ def test_rejected_seeds_survive_a_torn_line(tmp_path):
     with open(Path(tmp_path) / "rejected.txt", "a") as f:
         f.write("reach-v3 ")  # killed mid-line
     assert store.rejected() == {("reach-v3", 4)}
+
+
+def test_an_unknown_dataset_format_is_named_and_lerobot_says_how_to_install():
+    import importlib.util
+
+    from vla_runtime.data.lerobot_format import check_format
+
+    with pytest.raises(ValueError, match="Unknown dataset format 'parquet'; choose one of native, lerobot"):
+        check_format("parquet")
+    assert check_format("native") == "native"
+    if importlib.util.find_spec("lerobot") is None:  # the main environment (Python 3.11)
+        with pytest.raises(ImportError, match=r"format=lerobot needs the lerobot library .*setup.sh --lerobot"):
+            check_format("lerobot")
+    else:
+        assert check_format("lerobot") == "lerobot"
