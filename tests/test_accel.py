@@ -245,6 +245,7 @@ def test_token_select_strategies(strategy):
 
 
 def test_token_select_selection_is_k_distinct_visual_tokens():
+    from vla_runtime.accel.attention import allowed_attention
     from vla_runtime.accel.token_select import TokenSelectConfig, select_visual_tokens
 
     policy = untrained("dit")
@@ -252,10 +253,10 @@ def test_token_select_selection_is_k_distinct_visual_tokens():
     layer = lm.layers[1]
     hidden = torch.randn(2, 82, 32)
     rotary = lm.rotary_emb(hidden, torch.arange(82)[None].expand(2, -1))
-    mask = torch.ones(2, 82, dtype=torch.long)
+    allowed = allowed_attention(torch.ones(2, 82, dtype=torch.long), hidden)
     for strategy in ("efficientvla", "dart", "attention_topk", "random"):
         chosen = select_visual_tokens(TokenSelectConfig(keep=10, strategy=strategy), layer, hidden, rotary, (0, 64),
-                                      mask, torch.Generator().manual_seed(0))
+                                      allowed, torch.Generator().manual_seed(0))
         assert chosen.shape == (2, 10)
         assert all(len(set(row.tolist())) == 10 and row.min() >= 0 and row.max() < 64 for row in chosen)
     with pytest.raises(ValueError, match="Unknown token_select strategy 'best'"):

@@ -1,6 +1,6 @@
-"""LeRobot policies and datasets: tiny SmolVLA / ACT built offline, saved and loaded as `policy=lerobot`,
-the acceleration methods on SmolVLA's structure, LeRobotDataset written and read back, an evaluation saved
-as a LeRobotDataset that replays to the actions it executed.
+"""LeRobot policies and datasets: tiny SmolVLA / ACT built offline, saved and loaded as `policy=lerobot`, the
+acceleration methods on the structures of SmolVLA, pi0 / pi0.5 and diffusion, LeRobotDataset written and read
+back, an evaluation saved as a LeRobotDataset that replays to the actions it executed.
 
 lerobot needs Python >= 3.12: these tests run in `.venv-lerobot` (`bash scripts/setup.sh --lerobot`; CI runs
 them there with VLA_REQUIRE_LEROBOT=1, where a missing lerobot fails instead of skipping)."""
@@ -23,7 +23,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
-from vla_runtime.accel import action_reuse, head_cache, layer_prune, token_select, vision_resolution  # noqa: E402
+from vla_runtime.accel import (  # noqa: E402
+    action_reuse,
+    head_cache,
+    layer_prune,
+    token_select,
+    vision_resolution,
+    visual_kv_reuse,
+)
 from vla_runtime.accel.profiles import compatible_methods, load_profile  # noqa: E402
 from vla_runtime.data.episodes import Episode  # noqa: E402
 from vla_runtime.data.lerobot_format import EPISODES_META, write_lerobot  # noqa: E402
@@ -138,7 +145,7 @@ def test_act_loads_from_its_folder(tmp_path):
         head_cache.apply(policy, head_cache.HeadCacheConfig())
 
 
-def test_diffusion_loads_from_its_folder_and_one_with_an_observation_history_is_refused(tmp_path):
+def test_diffusion_loads_from_its_folder_declares_its_unet_and_one_with_an_observation_history_is_refused(tmp_path):
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
@@ -163,6 +170,23 @@ def test_diffusion_loads_from_its_folder_and_one_with_an_observation_history_is_
     np.testing.assert_array_equal(chunk(policy, observation()), actions)  # its noise comes from our generator
     with pytest.raises(ValueError, match="reads the last 2 observations"):
         make_policy("lerobot", path=str(saved(tmp_path / "two", n_obs_steps=2)))
+
+    # Its UNet's residual blocks are cached across denoising steps; the step comes from the scheduler's timestep.
+    head = policy.structure.denoising_head
+    assert len(head.blocks) == 4 and head.steps == 5  # two down levels, the middle, one up level
+    handle = head_cache.apply(policy, head_cache.HeadCacheConfig(interval=2))
+    cached = chunk(policy, observation())
+    branches = handle.info["branches"].values()
+    assert sum(b.computed for b in branches) == 3 * 8 and sum(b.reused for b in branches) == 2 * 8  # steps 0, 2, 4
+    assert not np.array_equal(cached, actions)
+    handle.remove()
+    np.testing.assert_array_equal(chunk(policy, observation()), actions)
+    gate = action_reuse.apply(policy, action_reuse.ActionReuseConfig()).info["gate"]
+    np.testing.assert_array_equal(chunk(policy, observation()), actions)  # a gate: the chunk is the policy's own
+    assert gate._token_similarity(observation()) == pytest.approx(1.0)
+    assert gate._token_similarity(observation(2)) < 0.99
+    with pytest.raises(ValueError, match="layer_prune needs the hook point 'language_model'"):
+        layer_prune.calibrate(policy, [observation()])
 
 
 @pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
@@ -213,6 +237,66 @@ def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvl
         compatible_methods(smolvla, load_profile("vlacache"), "smolvla")
     full = [method.name for method in compatible_methods(smolvla, load_profile("full"), "smolvla")]
     assert full == ["layer_prune", "head_cache", "action_reuse"]
+
+
+@pytest.fixture(scope="module", params=["pi0", "pi05"])
+def pi(request) -> LeRobotPolicy:
+    """A tiny pi0 / pi0.5 with random weights for Meta-World's robot (built by patching lerobot's internals)."""
+    return make_policy("pi0_random", suite=make_suite("metaworld"), kind=request.param, size="tiny", chunk_size=8,
+                       n_action_steps=4)
+
+
+@pytest.mark.parametrize("method", ["head_cache_bac", "layer_prune", "token_select", "action_reuse"])
+def test_acceleration_methods_change_pi0_and_their_removal_restores_it_exactly(pi, method):
+    obs = observation(1)
+    baseline = chunk(pi, obs)
+    structure = pi.structure
+    assert structure.available() == ["vision_encoder", "preprocess_images", "visual_tokens", "language_model",
+                                     "denoising_head"]
+    if method == "head_cache_bac":
+        handle = head_cache.apply(pi, head_cache.HeadCacheConfig(mode="bac", updates=3),
+                                  head_cache.calibrate(pi, [obs]))
+    elif method == "layer_prune":
+        calibration = layer_prune.calibrate(pi, [obs])
+        assert len(calibration["similarity"]) == 2 and all(-1 <= s <= 1 for s in calibration["similarity"])
+        handle = layer_prune.apply(pi, layer_prune.LayerPruneConfig(num_layers=1), calibration)
+        # The VLM layer leaves with the expert layer that reads its keys / values.
+        assert len(structure.language_model.layers) == 1 and len(structure.denoising_head.blocks) == 1
+    elif method == "token_select":  # before the LM: its prefix fills the KV cache every expert layer reads
+        handle = token_select.apply(pi, token_select.TokenSelectConfig(layer=0, keep=4, strategy="dart"))
+    else:
+        handle = action_reuse.apply(pi, action_reuse.ActionReuseConfig())
+    accelerated = chunk(pi, obs)
+    if method == "action_reuse":
+        np.testing.assert_array_equal(accelerated, baseline)
+        assert handle.info["gate"]._token_similarity(obs) == pytest.approx(1.0)
+        assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
+    else:
+        assert not np.array_equal(accelerated, baseline)
+    if method == "token_select":
+        assert handle.info["hook"].kept_tokens == [4]  # of 16 (32 px, patch 8)
+    handle.remove()
+    np.testing.assert_array_equal(chunk(pi, obs), baseline)
+
+
+def test_visual_kv_reuse_fills_pi0s_prefix_cache_for_every_token(pi):
+    """The same frame twice: the second prefix pass reuses the keys / values of every visual token but the
+    relevant quarter, and the expert reading that cache gives the full pass's actions."""
+    obs = observation(1)
+    pi.reset()
+    full = [pi.predict_chunk(obs).actions for _ in range(2)]
+    handle = visual_kv_reuse.apply(pi, visual_kv_reuse.VisualKVReuseConfig(similarity=0.99, relevant_share=0.25))
+    pi.reset()
+    reused = [pi.predict_chunk(obs).actions for _ in range(2)]
+    assert handle.info["hook"].reused_tokens == [0, 12]
+    np.testing.assert_array_equal(reused[0], full[0])
+    np.testing.assert_allclose(reused[1], full[1], atol=1e-5)
+    assert not np.array_equal(full[0], full[1])  # the second call's noise differs: not a vacuous comparison
+    handle.remove()
+    with pytest.raises(ValueError, match="fills a KV cache that its action expert reads"):
+        token_select.apply(pi, token_select.TokenSelectConfig(layer=1, strategy="efficientvla"))
+    with pytest.raises(ValueError, match="vision_resolution.*does not declare"):
+        vision_resolution.apply(pi, vision_resolution.VisionResolutionConfig(size=16))
 
 
 def synthetic_episode(seed: int, length: int = 6) -> Episode:

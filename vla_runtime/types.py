@@ -119,9 +119,10 @@ class LanguageModel:
     layers: nn.ModuleList  # decoder layers, in order; methods may shrink the list in place
     norm: nn.Module  # the final norm
     config: Any  # its config; `num_hidden_layers` (and `layer_types`) follow the layer list
-    # The LM as one module, forward(inputs_embeds=, attention_mask=, ...) -> output with `last_hidden_state`,
-    # and what methods that replace that forward read. None where the policy drives the layers itself
-    # (SmolVLA, pi0: the VLM's and the action expert's layers interleave): those methods are refused.
+    # The LM as one module, forward(inputs_embeds=, attention_mask= (2-D padding: causal; or 4-D), ...) ->
+    # output with `last_hidden_state`, and what methods that replace that forward read. None where the policy
+    # drives the layers itself (SmolVLA: the VLM's and the action expert's layers interleave): those methods
+    # are refused.
     module: nn.Module | None = None
     rotary_emb: Callable[[Any, Any], tuple[Any, Any]] | None = None  # (hidden, position_ids) -> (cos, sin)
     visual_token_span: Callable[[], tuple[int, int]] | None = None  # [start, end) of the visual tokens
@@ -130,6 +131,9 @@ class LanguageModel:
     # the policy must do more than shrink `layers` (None: layer_prune's own).
     prune_group: int = 1
     remove_layers: Callable[[list[int]], Callable[[], None]] | None = None
+    # Its prefix pass fills a KV cache that the action head attends to (pi0): a method replacing `module`'s
+    # forward must fill it for every prefix token, and no layer may drop tokens the others keep.
+    caches_prefix: bool = False
 
 
 @dataclass
@@ -147,6 +151,7 @@ class DenoisingHead:
     """A diffusion / flow-matching action head."""
 
     step: nn.Module  # called once per denoising step: forward(noisy_actions, t, cognition), t = s / steps
+    # (or as `is_prefix` / `step_index` say)
     steps: int
     blocks: Sequence[HeadBlock]
     # (t [N], cognition [N, D]) -> what every block's modulation reads; lets methods batch all steps
@@ -154,6 +159,9 @@ class DenoisingHead:
     # For a `step` module that is also called for the prefix (SmolVLA's VLM-with-expert): (args, kwargs) of a
     # call -> whether it is that prefix pass. Then the steps are counted from it rather than read from t.
     is_prefix: Callable[[tuple, dict], bool] | None = None
+    # (args, kwargs) of a call -> which denoising step it is, for a `step` that is not called with
+    # t = s / steps (a DDPM / DDIM UNet takes the scheduler's integer timestep).
+    step_index: Callable[[tuple, dict], int] | None = None
 
 
 @dataclass

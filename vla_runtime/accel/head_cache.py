@@ -62,6 +62,9 @@ class _StepCounter(ModelHook):
         if self.head.is_prefix is not None:
             self.step = -1 if self.head.is_prefix(args, kwargs) else self.step + 1
             return args, kwargs
+        if self.head.step_index is not None:
+            self.step = self.head.step_index(args, kwargs)
+            return args, kwargs
         noisy, t, cognition = args
         self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
         if self.batched and self.step == 0:

@@ -84,27 +84,31 @@ def calibrate(policy: Policy, observations: list[Observation], config: LayerPrun
 
 def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
     lm = policy.structure.require("language_model", "layer_prune")
+    keep = [i for i in range(len(lm.layers)) if i not in set(indices)]
     if lm.remove_layers is not None:
-        keep = [i for i in range(len(lm.layers)) if i not in set(indices)]
         undo = lm.remove_layers(sorted(indices))
-        return Handle("layer_prune", [undo], info={"removed": sorted(indices), "kept": keep})
-    layers, config = lm.layers, lm.config
+    else:
+        undo = drop_layers(lm.layers, lm.config, keep)
+    return Handle("layer_prune", [undo], info={"removed": sorted(indices), "kept": keep})
+
+
+def drop_layers(layers, config, keep: list[int]):
+    """Keeps only `keep` (indices) of a decoder's `layers`, in place, and returns the undo: everything holding the
+    list sees the shorter model; each kept layer's attention is renumbered (a KV cache is indexed by position in
+    the list) and the config's `num_hidden_layers` / `layer_types` follow."""
     original = list(layers)
     original_count = config.num_hidden_layers
     original_types = list(getattr(config, "layer_types", None) or [])
     original_idx = [layer.self_attn.layer_idx for layer in original]
-    keep = [i for i in range(len(original)) if i not in set(indices)]
     if not keep:
         raise ValueError("layer_prune would remove every layer of the language model")
-
-    def shrink() -> None:
-        del layers[:]  # in place: everything holding this ModuleList sees the shorter model
-        layers.extend(original[i] for i in keep)
-        for new_index, layer in enumerate(layers):
-            layer.self_attn.layer_idx = new_index  # the KV cache is indexed by position in the list
-        config.num_hidden_layers = len(keep)
-        if original_types:
-            config.layer_types = [original_types[i] for i in keep]
+    del layers[:]
+    layers.extend(original[i] for i in keep)
+    for new_index, layer in enumerate(layers):
+        layer.self_attn.layer_idx = new_index
+    config.num_hidden_layers = len(keep)
+    if original_types:
+        config.layer_types = [original_types[i] for i in keep]
 
     def restore() -> None:
         del layers[:]
@@ -115,8 +119,7 @@ def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
         if original_types:
             config.layer_types = original_types
 
-    shrink()
-    return Handle("layer_prune", [restore], info={"removed": sorted(indices), "kept": keep})
+    return restore
 
 
 def _grouped_order(similarity: list[float], group: int) -> list[int]:

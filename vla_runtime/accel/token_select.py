@@ -14,9 +14,10 @@ Strategies:
 - `random`: K uniformly random visual tokens (a baseline every study needs).
 Keeping every visual token leaves the original forward untouched.
 
-A policy whose language model cannot be cut into at a layer (SmolVLA: the VLM's and the action expert's
-layers interleave; `LanguageModel.module` is None) selects before it, `layer=0`, on the output of its
-`visual_tokens` module (per camera), with the strategies that need no attention: `dart`, `random`.
+A policy whose language model cannot be cut into at a layer selects before it, `layer=0`, on the output of
+its `visual_tokens` module (per camera), with the strategies that need no attention: `dart`, `random`. So do
+SmolVLA (the VLM's and the action expert's layers interleave; `LanguageModel.module` is None) and pi0 (its
+prefix fills a KV cache the expert reads: every layer must keep the same tokens).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from vla_runtime.accel.attention import visual_relevance
+from vla_runtime.accel.attention import allowed_attention, visual_relevance
 from vla_runtime.accel.method import AccelMethod, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.transformers_compat import CACHE_ARG
@@ -70,15 +71,16 @@ def _farthest_points(features: torch.Tensor, chosen: list[int], count: int) -> l
 
 
 def select_visual_tokens(config: TokenSelectConfig, layer, hidden: torch.Tensor, position_embeddings,
-                         span: tuple[int, int], mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """-> [B, keep] indices into the visual span, sorted (`layer`, `position_embeddings` and `mask` are read
-    by the strategies that score relevance by attention only)."""
+                         span: tuple[int, int], allowed: torch.Tensor | None,
+                         generator: torch.Generator) -> torch.Tensor:
+    """-> [B, keep] indices into the visual span, sorted (`layer`, `position_embeddings` and `allowed`, the
+    [B, 1, T, T] attention mask, are read by the strategies that score relevance by attention only)."""
     start, end = span
     visual = hidden[:, start:end]
     keep = min(config.keep, end - start)
     chosen_rows = []
     if config.strategy in ("attention_topk", "efficientvla"):
-        relevance = visual_relevance(layer, hidden, position_embeddings, span, mask)
+        relevance = visual_relevance(layer, hidden, position_embeddings, span, allowed)
     for row in range(hidden.shape[0]):
         if config.strategy == "random":
             chosen = torch.randperm(end - start, generator=generator)[:keep].tolist()
@@ -118,8 +120,8 @@ class TokenSelectHook(ModelHook):
             raise ValueError("token_select prunes the prefix pass of a policy without a KV cache (the DiT "
                              "variant); with a KV cache each layer would need its own mask")
 
-        def selector(layer, hidden, rotary, mask):
-            chosen = select_visual_tokens(self.config, layer, hidden, rotary, (start, end), mask, self.generator)
+        def selector(layer, hidden, rotary, allowed):
+            chosen = select_visual_tokens(self.config, layer, hidden, rotary, (start, end), allowed, self.generator)
             self.kept_tokens.append(chosen.shape[1])
             return chosen + start
 
@@ -138,7 +140,7 @@ def run_with_selection(lm: LanguageModel, embeds: torch.Tensor, attention_mask: 
     positions = torch.arange(length, device=hidden.device)[None].expand(batch, -1)
     for index, layer in enumerate(lm.layers):
         if index == at_layer:
-            chosen = selector(layer, hidden, lm.rotary_emb(hidden, positions), mask)
+            chosen = selector(layer, hidden, lm.rotary_emb(hidden, positions), allowed_attention(mask, hidden))
             before = torch.arange(0, start, device=hidden.device)[None].expand(batch, -1)
             after = torch.arange(end, length, device=hidden.device)[None].expand(batch, -1)
             order = torch.cat([before, chosen, after], dim=1)
@@ -146,8 +148,7 @@ def run_with_selection(lm: LanguageModel, embeds: torch.Tensor, attention_mask: 
             mask, positions = mask.gather(1, order), positions.gather(1, order)
         if index in (0, at_layer):
             # Causal over the kept order (the original order, minus dropped tokens); padding masked out.
-            causal = torch.ones(hidden.shape[1], hidden.shape[1], dtype=torch.bool, device=hidden.device).tril()
-            attention = (causal[None] & mask[:, None, :].bool())[:, None]
+            attention = allowed_attention(mask, hidden)
             rotary = lm.rotary_emb(hidden, positions)
         hidden = layer(hidden, attention_mask=attention, position_embeddings=rotary, position_ids=positions)
     return lm.norm(hidden)
@@ -183,7 +184,7 @@ def _apply_at_input(policy: Policy, config: TokenSelectConfig) -> Handle:
 
 def apply(policy: Policy, config: TokenSelectConfig, artifact: dict | None = None) -> Handle:
     lm = policy.structure.language_model
-    if lm is None or lm.module is None:
+    if not _cuts_into(lm):
         return _apply_at_input(policy, config)
     if config.layer >= len(lm.layers):
         raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(lm.layers)} layers")
@@ -196,16 +197,23 @@ def _stats(info: dict) -> dict:
     return {"kept_visual_tokens": int(np.mean(kept)) if kept else None}
 
 
+def _cuts_into(lm: LanguageModel | None) -> bool:
+    """Whether tokens can be dropped at a layer inside the LM: it has a forward to replace, and no later reader
+    needs every layer's keys / values for every token."""
+    return lm is not None and lm.module is not None and not lm.caches_prefix
+
+
 def _unsupported(structure, config: TokenSelectConfig) -> str | None:
     lm = structure.language_model
-    if lm is not None and lm.module is not None:
+    if _cuts_into(lm):
         return None
     if structure.visual_tokens is None:
         return "it needs a language model it can cut into at a layer, or a `visual_tokens` hook point"
     if config.layer != 0 or config.strategy not in INPUT_STRATEGIES:
-        return (f"its language model runs interleaved with its action expert, so tokens are selected before it: "
-                f"layer=0 and strategy {' or '.join(INPUT_STRATEGIES)} (got layer={config.layer}, "
-                f"strategy={config.strategy})")
+        why = ("runs interleaved with its action expert" if lm is None or lm.module is None
+               else "fills a KV cache that its action expert reads at every layer")
+        return (f"its language model {why}, so tokens are selected before it: layer=0 and strategy "
+                f"{' or '.join(INPUT_STRATEGIES)} (got layer={config.layer}, strategy={config.strategy})")
     return None
 
 

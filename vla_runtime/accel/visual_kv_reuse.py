@@ -9,8 +9,10 @@ last full pass are always recomputed (task-relevant regions, e.g. the gripper an
 meaning even when their pixels barely move), and every `refresh_every` frames a full pass refreshes
 the whole cache so stale entries cannot pile up.
 
-It serves the cache-free prefix pass of the DiT variant; the output holds the recomputed tokens only,
-in their original order (the cognition token stays last). `similarity > 1` never reuses: the baseline.
+It serves a policy's prefix pass: ref_dit's, cache-free, whose output holds the recomputed tokens only, in
+their original order (the cognition token stays last); and pi0's, whose action expert reads the KV cache the
+pass fills (`LanguageModel.caches_prefix`): a partial pass fills it for every token, the static ones with the
+keys / values reused. `similarity > 1` never reuses: the baseline.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from vla_runtime.accel.attention import visual_relevance
+from vla_runtime.accel.attention import allowed_attention, normed, visual_relevance
 from vla_runtime.accel.method import AccelMethod, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.transformers_compat import CACHE_ARG
@@ -69,25 +72,29 @@ class VisualKVReuseHook(ModelHook):
 
     def new_forward(self, lm, call_next, input_ids=None, attention_mask=None, position_ids=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
-        if use_cache or kwargs.get(CACHE_ARG) is not None or inputs_embeds is None or position_ids is not None:
-            raise ValueError("visual_kv_reuse serves the cache-free prefix pass of a policy (the DiT variant)")
+        if kwargs.get(CACHE_ARG) is not None or inputs_embeds is None or kwargs.get("adarms_cond") is not None:
+            raise ValueError("visual_kv_reuse serves a policy's prefix pass: input embeddings, no cache to extend, "
+                             "no adaptive norm conditioning")
+        if use_cache and not self.lm.caches_prefix:
+            raise ValueError("visual_kv_reuse: this policy asked its LM for a KV cache without declaring that its "
+                             "prefix fills one (LanguageModel.caches_prefix)")
         span = self.lm.visual_token_span()
-        batch, length = inputs_embeds.shape[:2]
-        mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(batch, length, dtype=torch.long)
+        length = inputs_embeds.shape[1]
+        positions = torch.arange(length, device=inputs_embeds.device)[None] if position_ids is None else position_ids
+        allowed = allowed_attention(attention_mask, inputs_embeds)
         static = self._static_tokens(inputs_embeds, span)
         if static is None:
-            output = self._full_pass(call_next, inputs_embeds, mask, span)
+            output = self._full_pass(call_next, inputs_embeds, attention_mask, position_ids, use_cache, allowed, span)
             self.frames_since_full = 0
             self.reused_tokens.append(0)
         else:
-            hidden = self._partial_pass(inputs_embeds, mask, span, static)
-            output = BaseModelOutputWithPast(last_hidden_state=hidden)
+            output = self._partial_pass(inputs_embeds, positions, allowed, span, static, use_cache)
             self.frames_since_full += 1
             self.reused_tokens.append(int(static.sum()))
         self.previous_embeds = inputs_embeds.detach()
         return output
 
-    def _full_pass(self, call_next, embeds, mask, span):
+    def _full_pass(self, call_next, embeds, attention_mask, position_ids, use_cache, allowed, span):
         """The original forward (bit-identical output), recording every layer's keys / values and the
         instruction's attention to the visual tokens."""
         lm = self.lm
@@ -100,7 +107,7 @@ class VisualKVReuseHook(ModelHook):
 
         def relevance(layer, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            scores = visual_relevance(layer, hidden, kwargs["position_embeddings"], span, mask)
+            scores = visual_relevance(layer, hidden, kwargs["position_embeddings"], span, allowed)
             share = max(1, round(self.config.relevant_share * scores.shape[1])) if self.config.relevant_share else 0
             relevant = torch.zeros_like(scores, dtype=torch.bool)
             if share:
@@ -112,44 +119,50 @@ class VisualKVReuseHook(ModelHook):
             handles.append(layer.self_attn.v_proj.register_forward_hook(store(values, index)))
         relevance_layer = lm.layers[min(self.config.relevance_layer, len(lm.layers) - 1)]
         handles.append(relevance_layer.register_forward_pre_hook(relevance, with_kwargs=True))
+        options = {"position_ids": position_ids} if position_ids is not None else {}
+        if use_cache is not None:
+            options["use_cache"] = use_cache
         try:
-            output = call_next(inputs_embeds=embeds, attention_mask=mask)
+            output = call_next(inputs_embeds=embeds, attention_mask=attention_mask, **options)
         finally:
             for handle in handles:
                 handle.remove()
         self.keys, self.values = keys, values
         return output
 
-    def _partial_pass(self, embeds, mask, span, static):
+    def _partial_pass(self, embeds, positions, allowed, span, static, use_cache):
+        """Recomputes every token but the static ones, with the keys / values of all; the output holds the
+        recomputed tokens (and, for a policy whose prefix fills a KV cache, that cache for every token)."""
         lm = self.lm
         start, end = span
         batch, length = embeds.shape[:2]
         recompute = torch.ones(length, dtype=torch.bool, device=embeds.device)
         recompute[start:end] = ~static
         rows = recompute.nonzero().squeeze(1)
-        positions = torch.arange(length, device=embeds.device)[None]
         cos, sin = lm.rotary_emb(embeds, positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()[rows]
-        allowed = (causal[None] & mask[:, None, :].bool())[:, None]  # [B, 1, |rows|, T]
-        hidden = embeds[:, rows]
+        allowed = allowed[:, :, rows]  # [B, 1, |rows|, T]
+        cache = DynamicCache() if use_cache else None
+        hidden = embeds[:, rows].to(lm.layers[0].self_attn.q_proj.weight.dtype)  # as the LM casts its input
         for index, layer in enumerate(lm.layers):
             attention = layer.self_attn
-            normed = layer.input_layernorm(hidden)
-            queries = attention.q_proj(normed).view(batch, len(rows), -1, attention.head_dim).transpose(1, 2)
+            inputs = normed(layer.input_layernorm, hidden)
+            queries = attention.q_proj(inputs).view(batch, len(rows), -1, attention.head_dim).transpose(1, 2)
             keys, values = self.keys[index].clone(), self.values[index].clone()
-            keys[:, rows], values[:, rows] = attention.k_proj(normed), attention.v_proj(normed)
+            keys[:, rows], values[:, rows] = attention.k_proj(inputs), attention.v_proj(inputs)
             # Static tokens keep their old entries: the next frame may reuse them again (until a refresh).
             self.keys[index], self.values[index] = keys, values
             keys = keys.view(batch, length, -1, attention.head_dim).transpose(1, 2)
             values = values.view(batch, length, -1, attention.head_dim).transpose(1, 2)
             queries = apply_rotary_pos_emb(queries, queries, cos[:, rows], sin[:, rows])[0]
             keys = apply_rotary_pos_emb(keys, keys, cos, sin)[0]
+            if cache is not None:
+                cache.update(keys, values, index)
             groups = queries.shape[1] // keys.shape[1]
             attended = F.scaled_dot_product_attention(queries, repeat_kv(keys, groups), repeat_kv(values, groups),
                                                       attn_mask=allowed, scale=attention.scaling)
             hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, len(rows), -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return lm.norm(hidden)
+            hidden = hidden + layer.mlp(normed(layer.post_attention_layernorm, hidden))
+        return BaseModelOutputWithPast(last_hidden_state=normed(lm.norm, hidden), past_key_values=cache)
 
 
 def apply(policy: Policy, config: VisualKVReuseConfig | None = None, artifact: dict | None = None) -> Handle:

@@ -179,3 +179,22 @@ def smolvla_random(suite, size: str = "full", seed: int = 0, num_threads: int | 
         parts = random_smolvla(Path(folder) / VLM_FOLDER, [suite.instruction(task) for task in suite.tasks()], size,
                                spec.cameras, spec.image_size, spec.state_dim, spec.action_dim, **config)
     return LeRobotPolicy(*parts, control_dt=spec.control_dt)
+
+
+@register_policy("pi0_random", needs_suite=True)
+def pi0_random(suite, kind: str = "pi0", size: str = "full", seed: int = 0, num_threads: int | None = None,
+               **config) -> LeRobotPolicy:
+    """pi0 (`kind=pi0`) or pi0.5 (`kind=pi05`) with RANDOM WEIGHTS, built for the suite's robot: for speed
+    benchmarks and tests only. `full`: lerobot's shape (~3.3 B); `tiny`: seconds to build. `config`: other
+    PI0Config / PI05Config fields. Built by patching lerobot internals (see paligemma.py)."""
+    from vla_runtime.policies.lerobot.paligemma import random_pi
+
+    if kind not in ("pi0", "pi05"):
+        raise ValueError(f"Unknown pi0_random kind '{kind}'; choose pi0 or pi05")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    spec = suite.spec
+    parts = random_pi(kind, [suite.instruction(task) for task in suite.tasks()], size, spec.cameras, spec.image_size,
+                      spec.state_dim, spec.action_dim, **config)
+    return LeRobotPolicy(*parts, control_dt=spec.control_dt)

@@ -12,8 +12,21 @@ layers, cross-attention between) and run once per flow-matching step. It declare
   aligned groups of `self_attn_every_n_layers` (so every expert layer keeps its kind of attention);
 - `denoising_head`: the expert's layers as blocks (attention output projection and MLP as branches),
   stepped through `vlm_with_expert`'s calls without a prefix.
-ACT declares its ResNet's last stage as the vision encoder (action_reuse). Other types (diffusion, pi0,
-pi0.5, ...) declare only their weights for now: methods refuse them, naming the hook point they lack.
+pi0 / pi0.5 (`lerobot/policies/pi0`, `pi05`): a PaliGemma whose Gemma runs once over the prefix (images,
+instruction; pi0.5: the state as text too) and fills a KV cache, and a Gemma action expert run once per flow
+step on that cache (layer i reads VLM layer i's keys / values). Not interleaved in the layers, so it declares:
+- `vision_encoder` / `visual_tokens`: the multi-modal projector (SigLIP's output projected into the LM), per
+  camera; `preprocess_images` runs SigLIP on the policy's resized images;
+- `language_model`: the VLM's Gemma as a module (`caches_prefix`: visual_kv_reuse fills the cache;
+  token_select selects before it), its layers removed together with the expert layer of the same index;
+- `denoising_head`: the expert's layers as blocks, stepped through `paligemma_with_expert`'s calls without
+  a prefix (as SmolVLA's).
+Diffusion (`lerobot/policies/diffusion`): its ResNet's last stage as the vision encoder (action_reuse; the
+first camera's where each camera has its own encoder, lerobot's default), and
+its 1-D UNet as the denoising head, each residual block a cached branch (head_cache: a block not updated at
+a step returns its output of the last step that was, DeepCache-style), the step read from the scheduler's
+timestep. ACT declares its ResNet's last stage as the vision encoder (action_reuse). Other types declare
+only their weights: methods refuse them, naming the hook point they lack.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from vla_runtime.accel.layer_prune import drop_layers
 from vla_runtime.types import DenoisingHead, HeadBlock, LanguageModel, Observation, PolicyStructure
 
 
@@ -43,8 +57,8 @@ class _ExpertBlocks(Sequence):
 
 
 def _is_prefix(args: tuple, kwargs: dict) -> bool:
-    """`vlm_with_expert` runs once over the prefix (VLM embeddings, no expert input), then once per flow step
-    (expert input only)."""
+    """SmolVLA's `vlm_with_expert` and pi0's `paligemma_with_expert` run once over the prefix (VLM embeddings,
+    no expert input), then once per flow step (expert input only)."""
     return kwargs["inputs_embeds"][0] is not None
 
 
@@ -121,6 +135,15 @@ def _smolvla(wrapper) -> dict:
     }
 
 
+def _before(last_stage, backbone, images: torch.Tensor) -> torch.Tensor:
+    """What a CNN's `last_stage` reads: the images through every stage of `backbone` before it."""
+    for stage in backbone.children():
+        if stage is last_stage:
+            return images
+        images = stage(images)
+    raise ValueError(f"{type(last_stage).__name__} is not a stage of the vision backbone")
+
+
 def _act(wrapper) -> dict:
     """ACT: its ResNet's last stage is the vision encoder (action_reuse compares its feature maps); the rest of
     the ResNet, on the normalised images, is what it reads. Its transformer is no language model and its
@@ -132,17 +155,84 @@ def _act(wrapper) -> dict:
 
     def preprocess_images(obs: Observation) -> torch.Tensor:
         batch = wrapper.preprocessor(wrapper.batch(obs))
-        features = torch.cat([batch[key] for key in policy.config.image_features])
-        for name, stage in backbone.named_children():
-            if name == "layer4":
-                return features
-            features = stage(features)
-        raise ValueError("ACT's backbone has no layer4: not a torchvision ResNet")
+        return _before(backbone.layer4, backbone, torch.cat([batch[key] for key in policy.config.image_features]))
 
     return {"vision_encoder": backbone.layer4, "preprocess_images": preprocess_images}
 
 
-STRUCTURES = {"smolvla": _smolvla, "act": _act}
+def _diffusion(wrapper) -> dict:
+    policy = wrapper.policy
+    model = policy.diffusion
+    unet, scheduler = model.unet, model.noise_scheduler
+    blocks = [HeadBlock({"res1": first, "res2": second}) for first, second, _ in unet.down_modules]
+    blocks.append(HeadBlock({f"res{i + 1}": block for i, block in enumerate(unet.mid_modules)}))
+    blocks += [HeadBlock({"res1": first, "res2": second}) for first, second, _ in unet.up_modules]
+
+    def step_index(args: tuple, kwargs: dict) -> int:
+        """The UNet takes the scheduler's timestep (counting down); the step is its place in the schedule."""
+        return int((scheduler.timesteps == int(args[1].reshape(-1)[0])).nonzero()[0, 0])
+
+    points = {"denoising_head": DenoisingHead(step=unet, steps=model.num_inference_steps, blocks=blocks,
+                                              step_index=step_index)}
+    if not policy.config.image_features:
+        return points
+    # One encoder for every camera, or (lerobot's default) one per camera: then the first camera's decides.
+    separate = isinstance(model.rgb_encoder, torch.nn.ModuleList)
+    encoder = model.rgb_encoder[0] if separate else model.rgb_encoder
+    cameras = list(policy.config.image_features)[:1] if separate else list(policy.config.image_features)
+
+    def preprocess_images(obs: Observation) -> torch.Tensor:
+        batch = wrapper.preprocessor(wrapper.batch(obs))
+        images = torch.cat([batch[key] for key in cameras])
+        images = encoder.resize(images) if encoder.resize is not None else images
+        images = encoder.center_crop(images) if encoder.do_crop else images  # as at evaluation
+        return _before(encoder.backbone[-1], encoder.backbone, images)
+
+    points.update(vision_encoder=encoder.backbone[-1], preprocess_images=preprocess_images)
+    return points
+
+
+def _pi(wrapper) -> dict:
+    policy = wrapper.policy
+    with_expert = policy.model.paligemma_with_expert
+    paligemma = with_expert.paligemma.model
+    lm, expert = paligemma.language_model, with_expert.gemma_expert.model
+    vision = paligemma.vision_tower.config
+    tokens_per_image = (vision.image_size // vision.patch_size) ** 2
+
+    def preprocess_images(obs: Observation) -> torch.Tensor:
+        """SigLIP's output for the policy's cameras, stacked on the batch axis: what the projector reads."""
+        images, _ = policy._preprocess_images(wrapper.preprocessor(wrapper.batch(obs)))  # lerobot has no public one
+        return paligemma.vision_tower(pixel_values=torch.cat(images)).last_hidden_state
+
+    def remove_layers(indices: list[int]):
+        if len(lm.layers) != len(expert.layers):
+            raise ValueError(f"layer_prune removes a VLM layer with its expert layer; this {policy.config.type} "
+                             f"has {len(expert.layers)} expert layers for {len(lm.layers)} VLM layers")
+        keep = [i for i in range(len(lm.layers)) if i not in set(indices)]
+        restores = [drop_layers(lm.layers, lm.config, keep), drop_layers(expert.layers, expert.config, keep)]
+
+        def undo() -> None:
+            for restore in reversed(restores):
+                restore()
+
+        return undo
+
+    # The prefix: every camera's visual tokens (cameras the batch lacks are padded in, masked), then the text.
+    cameras = len(policy.config.image_features)
+    return {
+        "vision_encoder": paligemma.multi_modal_projector,
+        "visual_tokens": paligemma.multi_modal_projector,
+        "preprocess_images": preprocess_images,
+        "language_model": LanguageModel(layers=lm.layers, norm=lm.norm, config=lm.config, module=lm,
+                                        rotary_emb=lm.rotary_emb, caches_prefix=True, remove_layers=remove_layers,
+                                        visual_token_span=lambda: (0, cameras * tokens_per_image)),
+        "denoising_head": DenoisingHead(step=with_expert, steps=policy.config.num_inference_steps,
+                                        blocks=_ExpertBlocks(expert.layers), is_prefix=_is_prefix),
+    }
+
+
+STRUCTURES = {"smolvla": _smolvla, "act": _act, "diffusion": _diffusion, "pi0": _pi, "pi05": _pi}
 
 
 def structure_of(wrapper, checkpoint_dir: Path | None) -> PolicyStructure:
