@@ -30,7 +30,7 @@ class PiSize:
 
 SIZES = {
     "full": PiSize(None, None, None),
-    "tiny": PiSize((64, 2, 128, 2, 1, 32), (32, 2, 64, 2, 1, 32),
+    "tiny": PiSize((64, 4, 128, 2, 1, 32), (32, 4, 64, 2, 1, 32),
                    {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
                     "patch_size": 8}, image_size=32),
 }
