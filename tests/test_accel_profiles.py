@@ -176,7 +176,7 @@ def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
     assert rows["bac"]["flops_ratio"] < 1 and rows["bac"]["latency_samples"] == 2 * 2 * 2
     assert 0 < rows["bac"]["methods"]["head_cache"]["branch_updates_share"] < 1
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
-    assert "| `bac` | head_cache |" in (tmp_path / "out" / "bench.md").read_text()
+    assert "| `bac` | eager | head_cache |" in (tmp_path / "out" / "bench.md").read_text()
 
 
 def test_visual_kv_reuse_on_an_unchanged_frame_matches_a_full_pass_and_threshold_above_one_is_exact():

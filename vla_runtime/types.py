@@ -194,6 +194,9 @@ class PolicyStructure:
     language_model: LanguageModel | None = None
     denoising_head: DenoisingHead | None = None
     ar_decoder: ARDecoder | None = None
+    # What an execution backend compiles (vla_runtime/execution.py); None: the vision encoder, the language
+    # model's module and the denoising step, where declared.
+    hot_paths: Sequence[nn.Module] | None = None
     weights: nn.Module | None = None  # every weight of the policy: names calibration artifacts
     checkpoint_dir: Path | None = None  # where its weights came from (None: random weights); artifacts go here
 

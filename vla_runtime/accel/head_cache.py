@@ -181,7 +181,7 @@ def choose_update_steps(similarity: np.ndarray, updates: int) -> list[int]:
                     best[k][b], choice[k][b] = value, a
     chosen, b = [], steps
     for k in range(updates, 1, -1):
-        b = choice[k][b]
+        b = int(choice[k][b])  # Python ints: a compiled head specialises on them
         chosen.append(b)
     return sorted([0, *chosen])
 

@@ -35,6 +35,7 @@ import yaml
 
 from vla_runtime.accel.calibration import load_artifact, save_artifact
 from vla_runtime.accel.method import METHODS, AccelMethod, exclusion_reason, methods_in_order
+from vla_runtime.execution import ExecConfig, apply_execution
 from vla_runtime.hooks import Handle
 from vla_runtime.types import Observation, Policy
 
@@ -149,9 +150,10 @@ class ProfileHandle:
     """The applied profile: `remove()` undoes every method, last applied first. `reuse_gate` is the
     control loop's gate when the profile has action_reuse, else None."""
 
-    def __init__(self, profile: Profile, handles: list[Handle]):
+    def __init__(self, profile: Profile, handles: list[Handle], execution: Handle | None = None):
         self.profile = profile
         self.handles = handles
+        self.execution = execution  # the execution backend, over the methods' hooks (vla_runtime/execution.py)
         gates = [h.info["gate"] for h in handles if "gate" in h.info]
         self.reuse_gate = gates[0] if gates else None
 
@@ -160,6 +162,8 @@ class ProfileHandle:
         return {h.method: METHODS.get(h.method).stats(h.info) for h in self.handles}
 
     def remove(self) -> None:
+        if self.execution is not None:
+            self.execution.remove()
         for handle in reversed(self.handles):
             handle.remove()
 
@@ -178,12 +182,15 @@ class Accelerator:
 
     `observations()` gives the calibration set; it is called once, the first time a method needs data
     that the calibration directory does not hold. The directory is `calibration_dir`, else
-    `<checkpoint>/calibration` when writable, else a temporary one for this process.
+    `<checkpoint>/calibration` when writable, else a temporary one for this process. `execution`: the backend
+    every profile runs on (None: eager), built over the profile's hooks after its calibration.
     """
 
     def __init__(self, policy: Policy, observations: Callable[[], list[Observation]] | None,
-                 calibration_dir: str | Path | None = None, policy_name: str = "this policy"):
+                 calibration_dir: str | Path | None = None, policy_name: str = "this policy",
+                 execution: ExecConfig | None = None):
         self.policy = policy
+        self.execution = execution  # every profile runs on this backend, compiled over its hooks
         self.policy_name = policy_name
         self._observations = observations
         self._calibration_set: list[Observation] | None = None
@@ -205,7 +212,8 @@ class Accelerator:
             self.active.remove()
             self.active = None
 
-    def _calibration(self) -> list[Observation]:
+    def calibration_set(self) -> list[Observation]:
+        """The calibration observations (also what a compiled backend warms up on)."""
         if self._calibration_set is None:
             if self._observations is None:
                 raise ValueError("this profile needs calibration observations, and no source was given")
@@ -228,7 +236,8 @@ class Accelerator:
                     if path.exists():
                         artifact = load_artifact(path, method.name)
                     else:
-                        artifact = {**method.calibrate(policy, self._calibration(), config), "applied_before": applied}
+                        measured = method.calibrate(policy, self.calibration_set(), config)
+                        artifact = {**measured, "applied_before": applied}
                         save_artifact(path, artifact)
                 handles.append(method.apply(policy, config, artifact))
                 applied = [*applied, {method.name: asdict(config)}]
@@ -236,4 +245,6 @@ class Accelerator:
             for handle in reversed(handles):
                 handle.remove()
             raise
-        return ProfileHandle(profile, handles)
+        # Calibration above ran eager; the backend is built over the hooks just applied.
+        execution = apply_execution(policy, self.execution) if self.execution else None
+        return ProfileHandle(profile, handles, execution)

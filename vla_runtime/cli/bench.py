@@ -1,15 +1,16 @@
 """vla-bench: what each acceleration profile buys (latency, FLOPs) and costs (action deviation, success).
 
-Latency is measured in one process, rounds interleaved over the profiles (the starting profile rotates
-every round) so that drift of a noisy machine hits every profile alike; speedups are ratios of
-medians within this run. Action deviation is against the `none` profile on the same observations with
-the same noise seed.
+Latency is measured in one process, rounds interleaved over the rows (a profile on an execution backend:
+`exec=[eager,compile]`; the starting row rotates every round) so that drift of a noisy machine hits every
+row alike; speedups are ratios of medians within this run. Action deviation is against the eager `none`
+profile on the same observations with the same noise seed.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -32,6 +33,7 @@ from vla_runtime.cli.common import (
     write_json,
 )
 from vla_runtime.cli.eval import realtime_options, worker_accel
+from vla_runtime.execution import CompileStats, ExecConfig, exec_config
 from vla_runtime.hooks import ModelHook, add_hook
 from vla_runtime.sim.metrics import summarize, wilson_interval
 from vla_runtime.sim.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
@@ -42,20 +44,23 @@ from vla_runtime.types import Observation, Policy
 
 class _Timer(ModelHook):
     """Wall time spent inside a module (the action head), summed per inference; `skip(args, kwargs)` leaves
-    out the calls that are not the head's (SmolVLA's prefix pass through the same module)."""
+    out the calls that are not the head's (SmolVLA's prefix pass through the same module). Before and after
+    the call, not around it: a hook that replaces a forward makes an execution backend compile the module's
+    children too."""
 
     def __init__(self, skip=None):
         self.elapsed_s = 0.0
         self.skip = skip
+        self.started: float | None = None
 
-    def new_forward(self, module, call_next, *args, **kwargs):
-        if self.skip is not None and self.skip(args, kwargs):
-            return call_next(*args, **kwargs)
-        started = time.perf_counter()
-        try:
-            return call_next(*args, **kwargs)
-        finally:
-            self.elapsed_s += time.perf_counter() - started
+    def pre_forward(self, module, *args, **kwargs):
+        self.started = None if self.skip is not None and self.skip(args, kwargs) else time.perf_counter()
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.started is not None:
+            self.elapsed_s += time.perf_counter() - self.started
+        return output
 
 
 def action_head(policy: Policy):
@@ -66,38 +71,75 @@ def action_head(policy: Policy):
     return structure.ar_decoder.loop if structure.ar_decoder is not None else None
 
 
-def measure(accelerator: Accelerator, profiles: list[Profile], sequences: list[list[Observation]],
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: a profile on an execution backend."""
+
+    name: str
+    profile: Profile
+    execution: ExecConfig
+
+
+def entries(profiles: list[Profile], backends: list[ExecConfig]) -> list[Entry]:
+    """Every profile on every backend; eager rows keep the profile's name, the others get `@<backend>`. The
+    baseline, eager `none`, is always there."""
+    if not any(execution.backend == "eager" and not execution.dtype for execution in backends):
+        backends = [ExecConfig(), *backends]
+    rows = []
+    for execution in backends:
+        eager = execution.backend == "eager" and not execution.dtype
+        rows += [Entry(p.name if eager else f"{p.name}@{execution.label}", p, execution) for p in profiles]
+    return rows
+
+
+def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Observation]],
             rounds: int) -> dict[str, dict]:
-    """Per profile: latency and head-time samples (interleaved rounds), FLOPs of one inference, actions.
-    The policy is reset at the start of each sequence only, so methods that carry state from frame to
-    frame (visual_kv_reuse) are measured as a control loop would run them."""
+    """Per row: latency and head-time samples (interleaved rounds), FLOPs of one inference (eager: a compiled
+    graph computes the same), actions, and for a compiled row its warm-up (compile time, frames compiled)
+    apart from latency and the frames compiled during measurement (recompilations; 0 when shapes are
+    static). The policy is reset at the start of each sequence only, so methods that carry state from frame
+    to frame (visual_kv_reuse) are measured as a control loop would run them."""
     policy = accelerator.policy
     head = action_head(policy)
     denoising = policy.structure.denoising_head
     timer = _Timer(skip=denoising.is_prefix if denoising is not None else None)
     remove_timer = add_hook(head, "bench_timer", timer) if head is not None else (lambda: None)
-    runs = {p.name: {"latency_s": [], "head_s": []} for p in profiles}
+    runs = {row.name: {"latency_s": [], "head_s": [], "recompiled_frames": 0} for row in rows}
+
+    def apply(row: Entry, execution: ExecConfig | None = None):
+        accelerator.execution = execution if execution is not None else row.execution
+        return accelerator.apply(row.profile)
+
     try:
-        for profile in tqdm(profiles, desc="actions and FLOPs", unit="profile"):
-            handle = accelerator.apply(profile)
+        for row in tqdm(rows, desc="actions, FLOPs, warm-up", unit="row"):
+            apply(row, ExecConfig())
             try:
-                actions = []
-                for sequence in sequences:
-                    policy.reset()
-                    actions += [policy.predict_chunk(obs).actions for obs in sequence]
                 policy.reset()
                 with FlopCounterMode(display=False) as flops:
                     for obs in sequences[0]:
                         policy.predict_chunk(obs)
-                runs[profile.name].update(actions=np.stack(actions), flops=flops.get_total_flops(),
-                                          methods=handle.stats())
             finally:
                 accelerator.remove()
-        bar = tqdm(total=rounds * len(profiles), desc="latency (interleaved)", unit="profile-round")
+            handle = apply(row)
+            try:
+                actions = []
+                frames, started = CompileStats.frames(), time.perf_counter()
+                for sequence in sequences:  # for a compiled row, its warm-up: compiles every shape it meets
+                    policy.reset()
+                    actions += [policy.predict_chunk(obs).actions for obs in sequence]
+                units = handle.execution.info["compiled_units"] if handle.execution else []
+                runs[row.name].update(actions=np.stack(actions), flops=flops.get_total_flops(),
+                                      methods=handle.stats(), backend=row.execution.label, compiled_units=units,
+                                      warm_up_s=time.perf_counter() - started,
+                                      warm_up_frames=CompileStats.frames() - frames)
+            finally:
+                accelerator.remove()
+        bar = tqdm(total=rounds * len(rows), desc="latency (interleaved)", unit="row-round")
         for round_index in range(rounds):
-            start = round_index % len(profiles)
-            for profile in profiles[start:] + profiles[:start]:
-                accelerator.apply(profile)
+            start = round_index % len(rows)
+            for row in rows[start:] + rows[:start]:
+                apply(row)
+                frames = CompileStats.frames()
                 try:
                     for sequence in sequences:
                         policy.reset()
@@ -105,14 +147,16 @@ def measure(accelerator: Accelerator, profiles: list[Profile], sequences: list[l
                             timer.elapsed_s = 0.0
                             started = time.perf_counter()
                             policy.predict_chunk(obs)
-                            runs[profile.name]["latency_s"].append(time.perf_counter() - started)
-                            runs[profile.name]["head_s"].append(timer.elapsed_s)
+                            runs[row.name]["latency_s"].append(time.perf_counter() - started)
+                            runs[row.name]["head_s"].append(timer.elapsed_s)
                 finally:
                     accelerator.remove()
+                runs[row.name]["recompiled_frames"] += CompileStats.frames() - frames
                 bar.update()
         bar.close()
     finally:
         remove_timer()
+        accelerator.execution = None
     return runs
 
 
@@ -133,25 +177,27 @@ def summarize_runs(runs: dict[str, dict], has_head: bool) -> dict[str, dict]:
             "flops": run["flops"], "flops_ratio": run["flops"] / base["flops"],
             "action_mse": mse, "action_mse_rel_variance": mse / action_variance if action_variance else None,
             "actions_identical": bool(np.array_equal(run["actions"], base["actions"])),
-            "methods": run["methods"], "latency_samples": len(run["latency_s"]),
+            "methods": run["methods"], "latency_samples": len(run["latency_s"]), "backend": run["backend"],
+            "compiled_units": run["compiled_units"], "warm_up_s": run["warm_up_s"],
+            "warm_up_frames": run["warm_up_frames"], "recompiled_frames": run["recompiled_frames"],
         }
     return table
 
 
-def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, profiles: list[Profile],
+def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, rows: list[Entry],
                  tasks: list[str], calibration_dir: str) -> dict[str, dict]:
-    out: dict[str, dict] = {p.name: {} for p in profiles}
-    for profile in profiles:
-        accel = worker_accel(profile, cfg, policy_name, tasks, calibration_dir)
+    out: dict[str, dict] = {row.name: {} for row in rows}
+    for row in rows:
+        accel = worker_accel(row.profile, cfg, policy_name, tasks, calibration_dir, row.execution)
         for mode in cfg.success_modes:
             runtime = OmegaConf.merge(cfg.runtime, {"mode": mode})
-            print(f"success: {profile.name}, {mode}")
+            print(f"success: {row.name}, {mode}")
             episodes = evaluate(factory, sim, tasks,
                                 positive_int(cfg, "episodes_per_task"), workers=positive_int(cfg, "workers"),
                                 realtime=realtime_options(runtime), accel=accel, policy_name=policy_name)
             summary = summarize(episodes, tasks)
             successes = sum(task["successes"] for task in summary["per_task"].values())
-            out[profile.name][mode] = {
+            out[row.name][mode] = {
                 "success_rate": summary["success_rate"], "ci95": list(wilson_interval(successes, len(episodes))),
                 "episodes": len(episodes), "policy_calls": summary["policy_calls"],
                 "latency_ms": summary["latency_ms"], "control_loop": summary["control_loop"],
@@ -161,7 +207,8 @@ def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, profile
 
 def markdown_table(bench: dict) -> str:
     modes = bench["success_modes"] if bench["with_success"] else []
-    header = ["profile", "methods", "p50 ms", "p95 ms", "speedup", "head speedup", "FLOPs", "action MSE / var"]
+    header = ["profile", "backend", "methods", "p50 ms", "p95 ms", "speedup", "head speedup", "FLOPs",
+              "action MSE / var"]
     header += [f"success ({mode})" for mode in modes]
     if "realtime" in modes:
         header.append("policy calls (realtime)")
@@ -169,7 +216,7 @@ def markdown_table(bench: dict) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in bench["profiles"].items():
         head = f"{row['head_speedup']:.2f}x" if row["head_speedup"] else "-"
-        cells = [f"`{name}`", ", ".join(row["methods"]) or "-", f"{row['latency_ms_p50']:.1f}",
+        cells = [f"`{name}`", row["backend"], ", ".join(row["methods"]) or "-", f"{row['latency_ms_p50']:.1f}",
                  f"{row['latency_ms_p95']:.1f}", f"**{row['speedup']:.2f}x**", head,
                  f"{100 * row['flops_ratio']:.0f} %",
                  "identical" if row["actions_identical"] else f"{row['action_mse_rel_variance']:.4f}"]
@@ -184,7 +231,16 @@ def markdown_table(bench: dict) -> str:
               f"interleaved rounds, {bench['num_threads']} torch threads; consecutive frames of expert episodes "
               "(4 steps apart), the policy reset per sequence. FLOPs: torch.utils.flop_counter over one "
               "sequence, relative to `none`. Action MSE over the measurement observations, relative to the "
-              "variance of the baseline's actions.", "", f"Command: `{bench['command']}`", ""]
+              "variance of the baseline's actions."]
+    compiled = {name: row for name, row in bench["profiles"].items() if row["compiled_units"]}
+    if compiled:
+        lines += ["", "Compiled rows, outside the latency: warm-up (the first pass over the measurement frames, "
+                  "which compiles) and frames compiled; frames compiled again while latency was measured "
+                  "(recompilations) should be 0."]
+        lines += [f"- `{name}`: warm-up {row['warm_up_s']:.1f} s, {row['warm_up_frames']} frames; recompiled "
+                  f"{row['recompiled_frames']}; compiled: {', '.join(row['compiled_units'])}"
+                  for name, row in compiled.items()]
+    lines += ["", f"Command: `{bench['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -237,18 +293,21 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         accelerator.check(profile)
     sequences = expert_sequences(sim, tasks, positive_int(cfg, "measurement_per_task"),
                                  seeds_from=MEASUREMENT_SEEDS, frames=positive_int(cfg, "frames_per_sequence"))
-    runs = measure(accelerator, profiles, sequences, positive_int(cfg, "rounds"))
+    backends = [exec_config(spec) for spec in (as_dict(cfg.exec) if not isinstance(cfg.exec, str) else [cfg.exec])]
+    rows = entries(profiles, backends)
+    runs = measure(accelerator, rows, sequences, positive_int(cfg, "rounds"))
     table = summarize_runs(runs, action_head(policy) is not None)
     if cfg.with_success:
         # The workers find the artifacts calibrated above in the same directory.
         calibration_dir = str(accelerator.calibration_dir)
-        for name, success in success_runs(cfg, sim, factory, policy_name, profiles, tasks, calibration_dir).items():
+        for name, success in success_runs(cfg, sim, factory, policy_name, rows, tasks, calibration_dir).items():
             table[name]["success"] = success
     bench = {"command": command, "policy": policy_name, "sim": cfg.sim.name + (f" ({sim.label})" if sim.label else ""),
              "tasks": tasks,
              "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
              "num_threads": torch.get_num_threads(), "rounds": cfg.rounds,
              "latency_samples_per_profile": cfg.rounds * sum(len(s) for s in sequences),
+             "backends": [b.label for b in backends],
              "with_success": bool(cfg.with_success), "success_modes": list(cfg.success_modes),
              "episodes_per_task": cfg.episodes_per_task if cfg.with_success else None,
              "profile_methods": {p.name: p.methods for p in profiles}, "profiles": table}

@@ -20,6 +20,7 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
+from vla_runtime.execution import ExecConfig, exec_config
 from vla_runtime.sim.metrics import markdown_summary, summarize
 from vla_runtime.sim.runner import evaluate
 from vla_runtime.sim.suite import Suite
@@ -41,18 +42,22 @@ def realtime_options(runtime: DictConfig) -> dict | None:
 
 
 def worker_accel(profile: Profile, cfg: DictConfig, policy_name: str, tasks: list[str],
-                 calibration_dir: str | None) -> dict | None:
-    """What EpisodeWorker needs to apply `profile` (None when it has no methods)."""
-    if not profile.methods:
+                 calibration_dir: str | None, execution: ExecConfig | None = None) -> dict | None:
+    """What EpisodeWorker needs to apply `profile` on `execution` (None when there is nothing to apply)."""
+    execution = execution if execution is not None and execution != ExecConfig() else None
+    if not profile.methods and execution is None:
         return None
     return {"profile": profile, "calibration_dir": calibration_dir, "calibration_tasks": tasks,
-            "calibration_per_task": positive_int(cfg, "calibration_per_task"), "policy_name": policy_name}
+            "calibration_per_task": positive_int(cfg, "calibration_per_task"), "policy_name": policy_name,
+            "execution": execution}
 
 
 def accel_options(cfg: DictConfig, policy_name: str, tasks: list[str]) -> dict | None:
-    """`accel=` / `accel_options=` as EpisodeWorker takes them (None for `none`)."""
+    """`accel=` / `accel_options=` / `exec=` as EpisodeWorker takes them (None for `none` on eager)."""
     spec = as_dict(cfg.accel) if not isinstance(cfg.accel, str) else cfg.accel
-    return worker_accel(load_profile(spec, as_dict(cfg.accel_options)), cfg, policy_name, tasks, cfg.calibration_dir)
+    execution = exec_config(cfg.exec if isinstance(cfg.exec, str) else as_dict(cfg.exec))
+    return worker_accel(load_profile(spec, as_dict(cfg.accel_options)), cfg, policy_name, tasks, cfg.calibration_dir,
+                        execution)
 
 
 def episode_dataset(cfg: DictConfig, sim: Suite, output_dir: Path) -> str | None:

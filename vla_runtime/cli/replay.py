@@ -42,6 +42,7 @@ from vla_runtime.control.loop import percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.data.episodes import Episode
 from vla_runtime.data.sources import LeRobotKeys, SourceError, TopicMap, logged_episodes
+from vla_runtime.execution import ExecConfig, exec_config
 from vla_runtime.types import Observation, Policy
 
 matplotlib.use("Agg")
@@ -91,13 +92,13 @@ class Replayer:
     see frames of the first episode."""
 
     def __init__(self, policy: Policy, policy_name: str, profiles: list[Profile], calibration_dir: str,
-                 calibration_count: int, query_every: int):
+                 calibration_count: int, query_every: int, execution: ExecConfig | None = None):
         self.policy = policy
         self.profiles = profiles
         self.query_every = query_every
         self._first_episode: Episode | None = None
         self.accelerator = Accelerator(policy, lambda: calibration_frames(self._first_episode, calibration_count),
-                                       calibration_dir, policy_name)
+                                       calibration_dir, policy_name, execution)
 
     def run(self, episode: Episode) -> dict[str, ProfileReplay]:
         self._first_episode = self._first_episode or episode
@@ -289,8 +290,9 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     calibration_dir = cfg.calibration_dir or default_calibration_dir(policy) or tempfile.mkdtemp(
         prefix="calibration-", dir=output_dir)
+    execution = exec_config(cfg.exec if isinstance(cfg.exec, str) else as_dict(cfg.exec))
     replayer = Replayer(policy, policy_name, profiles, calibration_dir, positive_int(cfg, "calibration_frames"),
-                        query_every)
+                        query_every, execution if execution.backend != "eager" or execution.dtype else None)
     for profile in profiles:  # every incompatibility is reported before any replay
         replayer.accelerator.check(profile)
     topics = TopicMap(**{**as_dict(cfg.topics), "action_dim": cfg.topics.action_dim or policy.spec.action_dim})

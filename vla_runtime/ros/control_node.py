@@ -27,6 +27,7 @@ from vla_runtime.control.inference import ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, LoopMetrics, RuntimeConfig, percentiles_ms
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
+from vla_runtime.execution import exec_config
 from vla_runtime.ros import parameters
 from vla_runtime.ros.bag_logger import STATUS_TYPE, BagLogger, status_array
 from vla_runtime.ros.common import (
@@ -73,7 +74,8 @@ class ControlNode(Node):
         if spec.privileged:
             raise ValueError(f"Policy '{p['policy']}' reads simulator state; a ROS node has only topics")
         self.profiles = ProfileManager(self.policy, p["policy"], p["accel"], [n.strip() for n in p["accel_ladder"]],
-                                       p["budget_ms"], calibration_source(suite, calibration_tasks, 2))
+                                       p["budget_ms"], calibration_source(suite, calibration_tasks, 2),
+                                       exec_config(p["exec"]))
         self.action_dim = spec.action_dim
         if p["action_type"] == "twist" and self.action_dim > 6:
             raise ValueError(f"action_type=twist carries at most 6 dimensions; the policy outputs {self.action_dim}")

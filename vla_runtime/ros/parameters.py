@@ -14,6 +14,8 @@ CONTROL = {
     "suite_options": ("{}", 'more settings of that suite, a JSON object (SIMPLER offline: {"asset_dir": "<bundle>"})'),
     "accel": ("none", "acceleration profile(s), '+'-joined"),
     "accel_ladder": ([""], "profiles the budget governor picks from, most faithful first (needs budget_ms)"),
+    "exec": ("eager", "execution backend: eager | compile | cuda_graphs; every profile the node may use is "
+                      "compiled (warmed up on the calibration frames) before its loop starts"),
     "control_hz": (80.0, "control ticks per second"),
     "budget_ms": (0.0, "latency budget per policy call (0: none)"),
     "camera_names": ([""], "cameras the policy reads (default: its spec's)"),

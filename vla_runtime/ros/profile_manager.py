@@ -8,20 +8,31 @@ from collections.abc import Callable
 from vla_runtime.accel.profiles import Accelerator, ProfileHandle, load_profiles
 from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
+from vla_runtime.execution import ExecConfig
 from vla_runtime.types import Observation, Policy
 
 
 class ProfileManager:
     def __init__(self, policy: Policy, policy_name: str, accel: str, ladder: list[str], budget_ms: float,
-                 calibration: Callable[[], list[Observation]]):
+                 calibration: Callable[[], list[Observation]], execution: ExecConfig | None = None):
         if ladder and budget_ms <= 0:
             raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
-        self.accelerator = Accelerator(policy, calibration, policy_name=policy_name)
+        self.policy = policy
+        compiled = execution is not None and execution.backend != "eager"
+        self.accelerator = Accelerator(policy, calibration, policy_name=policy_name,
+                                       execution=execution if compiled else None)
         # No latency priors: every profile "fits" until measured, so the governor starts with the most
         # faithful (the first) and steps down the ladder only while measured p95 exceeds the budget.
         self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(ladder)],
                                        budget_ms) if ladder else None
         self.active = ""
+        if compiled:  # every graph the node may need, built now: never inside a control tick
+            for spec in reversed(ladder or [accel]):
+                self.set(spec)
+                for obs in self.accelerator.calibration_set():
+                    policy.reset()
+                    policy.predict_chunk(obs)
+            policy.reset()
         self.set(ladder[0] if ladder else accel)
 
     @property
@@ -32,7 +43,7 @@ class ProfileManager:
         """Replace the active profile ("a+b" composes). Called between policy calls only."""
         (profile,) = load_profiles(spec.replace(" ", ""), with_baseline=False)
         self.accelerator.remove()
-        if profile.methods:
+        if profile.methods or self.accelerator.execution is not None:
             self.accelerator.apply(profile)
         self.active = spec
 

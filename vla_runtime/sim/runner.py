@@ -159,8 +159,9 @@ class EpisodeWorker:
     `realtime`: None for the synchronous protocol, else {"loop": RuntimeConfig options,
     "latency_model": LatencyModel options, "reuse_gate": name} for latency in the loop.
     `accel`: None, or {"profile": a `Profile`, "calibration_dir", "calibration_tasks", "calibration_per_task",
-    "policy_name"}: the acceleration profile applied to the policy, calibrated (when a method needs it) on
-    the suite's expert observations (its reuse gate, if any, replaces the named one).
+    "policy_name", "execution": an `ExecConfig` or None}: the acceleration profile applied to the policy,
+    calibrated (when a method needs it) on the suite's expert observations (its reuse gate, if any, replaces
+    the named one), on that execution backend.
     `episodes_dir`: an existing episode dataset (EpisodeStore) each episode is written to (sync only).
     `policy_name`: what errors call the policy (a policy that does not fit the suite).
     """
@@ -191,7 +192,8 @@ class EpisodeWorker:
 
     def _accelerate(self, accel: dict):
         source = calibration_source(self.suite, accel["calibration_tasks"], accel["calibration_per_task"])
-        accelerator = Accelerator(self.policy, source, accel["calibration_dir"], accel["policy_name"])
+        accelerator = Accelerator(self.policy, source, accel["calibration_dir"], accel["policy_name"],
+                                  execution=accel.get("execution"))
         return accelerator.apply(accel["profile"])
 
     def _safety(self, options: dict) -> SafetyConfig:

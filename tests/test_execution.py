@@ -1,0 +1,102 @@
+"""Execution backends: compiled policies match eager ones, compile only while warming up, switch between
+warmed-up profiles without compiling, and refuse what needs a GPU on the CPU."""
+
+import numpy as np
+import pytest
+from test_accel import actions, observations, untrained
+
+from vla_runtime.accel.profiles import Accelerator, load_profile, load_profiles
+from vla_runtime.cli.bench import entries
+from vla_runtime.execution import CompileStats, ExecConfig, apply_execution, compile_units, exec_config
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return untrained("dit")
+
+
+def test_compiled_none_matches_eager_and_compiles_nothing_after_its_warm_up(policy, tmp_path):
+    obs = observations(3)
+    eager = actions(policy, obs)
+    accelerator = Accelerator(policy, lambda: observations(2), tmp_path, execution=ExecConfig("compile"))
+    handle = accelerator.apply(load_profile("none"))
+    assert handle.execution.info["compiled_units"] == ["VisionEncoder", "LlamaModel", "DiTActionHead"]
+    compiled = actions(policy, obs)  # the warm-up: compiles
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+    assert not np.array_equal(compiled[0], compiled[1])  # different observations: not a constant
+    frames = CompileStats.frames()
+    for _ in range(50 // len(obs)):
+        actions(policy, obs)
+    assert CompileStats.frames() == frames  # static shapes: no recompilation
+    accelerator.remove()
+    assert "forward" not in vars(policy.model.dit) and "forward" not in vars(policy.model.lm)
+    np.testing.assert_array_equal(actions(policy, obs), eager)  # removal restores eager exactly
+
+
+def test_a_switch_between_warmed_up_profiles_compiles_nothing(policy, tmp_path):
+    """The governor's case: each profile compiled once ahead (its own hooks, its own graphs), then switching
+    back and forth reuses them."""
+    obs = observations(2)
+    accelerator = Accelerator(policy, lambda: observations(2), tmp_path, execution=ExecConfig("compile"))
+    profiles = [load_profile("none"), load_profile("bac")]
+    results = {}
+    for profile in profiles:  # warm-up, ahead of the control loop
+        accelerator.apply(profile)
+        results[profile.name] = actions(policy, obs)
+    frames = CompileStats.frames()
+    for profile in profiles * 2:
+        accelerator.apply(profile)
+        np.testing.assert_allclose(actions(policy, obs), results[profile.name], atol=1e-5)
+    assert CompileStats.frames() == frames
+    accelerator.remove()
+
+
+def test_the_control_nodes_profiles_are_compiled_before_its_loop_and_the_governor_switches_without_compiling(
+        policy):
+    from vla_runtime.ros.profile_manager import ProfileManager
+
+    obs = observations(1)[0]
+    manager = ProfileManager(policy, "ref_dit", "none", ["none", "bac"], 50.0, lambda: observations(2),
+                             ExecConfig("compile"))
+    assert manager.active == "none" and manager.handle.execution is not None
+    frames = CompileStats.frames()
+    for spec in ("bac", "none", "bac"):  # what the governor does between two ticks
+        manager.set(spec)
+        policy.reset()
+        policy.predict_chunk(obs)
+    assert CompileStats.frames() == frames
+    manager.accelerator.remove()
+
+
+def test_a_method_that_replaces_the_lm_forward_gets_the_lm_layers_compiled_beneath_it(policy, tmp_path):
+    """token_select runs its own loop over the LM's layers: they are compiled one by one, the selection
+    (Python, data-dependent) is not."""
+    accelerator = Accelerator(policy, lambda: observations(2), tmp_path)
+    accelerator.apply(load_profile("token_select", {"token_select": {"layer": 1, "keep": 4}}))
+    try:
+        units = [name for name, _ in compile_units(policy.model.lm)]
+        assert units == ["", "embed_tokens", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "rotary_emb"]
+        assert [name for name, _ in compile_units(policy.model.dit)] == [""]
+    finally:
+        accelerator.remove()
+
+
+def test_cuda_graphs_and_half_precision_need_a_cuda_device_and_bad_settings_are_named(policy):
+    with pytest.raises(ValueError, match="cuda_graphs needs the policy on a CUDA device; it is on cpu"):
+        apply_execution(policy, ExecConfig("cuda_graphs"))
+    with pytest.raises(ValueError, match="dtype=bf16 needs the policy on a CUDA device"):
+        apply_execution(policy, ExecConfig("compile", dtype="bf16"))
+    with pytest.raises(ValueError, match="Unknown execution backend 'tensorrt'; choose one of eager, compile, "
+                                         "cuda_graphs"):
+        exec_config("tensorrt")
+    with pytest.raises(ValueError, match="Unknown dtype 'int8'"):
+        exec_config({"backend": "compile", "dtype": "int8"})
+    assert "forward" not in vars(policy.model.dit)  # nothing was applied
+
+
+def test_bench_rows_are_every_profile_on_every_backend_with_eager_none_as_the_baseline():
+    rows = entries(load_profiles(["bac"]), [exec_config("compile")])
+    assert [row.name for row in rows] == ["none", "bac", "none@compile", "bac@compile"]
+    rows = entries(load_profiles(["bac"]), [exec_config("eager"), exec_config({"backend": "compile",
+                                                                                  "freezing": False})])
+    assert [row.name for row in rows] == ["none", "bac", "none@compile-unfrozen", "bac@compile-unfrozen"]
