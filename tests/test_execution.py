@@ -43,11 +43,12 @@ def test_a_switch_between_warmed_up_profiles_compiles_nothing(policy, tmp_path):
     for profile in profiles:  # warm-up, ahead of the control loop
         accelerator.apply(profile)
         results[profile.name] = actions(policy, obs)
-    frames = CompileStats.frames()
+    frames, fallbacks = CompileStats.frames(), CompileStats.fallbacks()
     for profile in profiles * 2:
         accelerator.apply(profile)
         np.testing.assert_allclose(actions(policy, obs), results[profile.name], atol=1e-5)
     assert CompileStats.frames() == frames
+    assert CompileStats.fallbacks() == fallbacks == 0  # and none of it ran eager for want of graphs
     accelerator.remove()
 
 

@@ -73,13 +73,22 @@ def exec_config(spec: str | dict | ExecConfig | None) -> ExecConfig:
 
 
 class CompileStats:
-    """Frames torch.compile has compiled, process-wide (dynamo's own counter)."""
+    """What torch.compile did, process-wide (dynamo's own counters)."""
 
     @staticmethod
     def frames() -> int:
+        """Frames compiled."""
         from torch._dynamo.utils import counters
 
-        return int(sum(counters["frames"].values())) if "frames" in counters else 0
+        return int(counters["frames"]["ok"])
+
+    @staticmethod
+    def fallbacks() -> int:
+        """Calls that hit the recompile limit and ran eager instead: a compiled unit that keeps recompiling
+        (a guard on something that changes every call) ends there, silently but for this count."""
+        from torch._dynamo.utils import counters
+
+        return int(sum(count for reason, count in counters["unimplemented"].items() if "recompile limit" in reason))
 
 
 def policy_device(policy: Policy) -> torch.device:

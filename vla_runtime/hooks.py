@@ -1,6 +1,7 @@
 """A small hook mechanism in the spirit of diffusers' `hooks/`: a `ModelHook` changes what one module's
 forward does; a per-module `HookRegistry` chains the hooks of that module and restores the original
-forward, exactly, when the last one is removed.
+forward, exactly, when the last one is removed. `drop_layers` is the one structural change methods make (a
+decoder's layer list shortened in place), with the undo that restores it.
 """
 
 from __future__ import annotations
@@ -116,3 +117,33 @@ def add_hook(module: nn.Module, name: str, hook: ModelHook) -> Any:
     registry = HookRegistry.of(module)
     registry.register(name, hook)
     return lambda: HookRegistry.of(module).remove(name) if HookRegistry.find(module) else None
+
+
+def drop_layers(layers, config, keep: list[int]):
+    """Keeps only `keep` (indices) of a decoder's `layers`, in place, and returns the undo: everything holding the
+    list sees the shorter model; each kept layer's attention is renumbered (a KV cache is indexed by position in
+    the list) and the config's `num_hidden_layers` / `layer_types` follow."""
+    original = list(layers)
+    original_count = config.num_hidden_layers
+    original_types = list(getattr(config, "layer_types", None) or [])
+    original_idx = [layer.self_attn.layer_idx for layer in original]
+    if not keep:
+        raise ValueError("layer_prune would remove every layer of the language model")
+    del layers[:]
+    layers.extend(original[i] for i in keep)
+    for new_index, layer in enumerate(layers):
+        layer.self_attn.layer_idx = new_index
+    config.num_hidden_layers = len(keep)
+    if original_types:
+        config.layer_types = [original_types[i] for i in keep]
+
+    def restore() -> None:
+        del layers[:]
+        layers.extend(original)
+        for layer, index in zip(original, original_idx, strict=True):
+            layer.self_attn.layer_idx = index
+        config.num_hidden_layers = original_count
+        if original_types:
+            config.layer_types = original_types
+
+    return restore

@@ -21,6 +21,7 @@ modulations up to float rounding; a schedule without skips leaves the head untou
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,16 @@ class _StepCounter(ModelHook):
         self.step = 0
         self.batched = batched
         self.modulations: list[torch.Tensor] | None = None  # per block [steps, batch, 6 * dim]
+        # Calls per step, for the statistics. Counted here, outside the head's forward: a compiled head would
+        # specialise (and recompile) on a counter its branches incremented.
+        self.calls: Counter[int] = Counter()
 
     def pre_forward(self, module, *args, **kwargs):
+        args, kwargs = self._locate(args, kwargs)
+        self.calls[self.step] += 1
+        return args, kwargs
+
+    def _locate(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.head.is_prefix is not None:
             self.step = -1 if self.head.is_prefix(args, kwargs) else self.step + 1
             return args, kwargs
@@ -98,17 +107,21 @@ class _CachedBranch(ModelHook):
         self.counter = counter
         self.update_steps = update_steps | {0}
         self.cached: torch.Tensor | None = None
-        self.computed = 0
-        self.reused = 0
 
     def new_forward(self, module, call_next, *args, **kwargs):
         fresh = self.counter.step in self.update_steps
         if fresh or self.cached is None or self.cached.shape[0] != args[0].shape[0]:
             self.cached = call_next(*args, **kwargs)
-            self.computed += 1
-        else:
-            self.reused += 1
         return self.cached
+
+    @property
+    def computed(self) -> int:
+        """Calls that computed this branch since it was applied (by its schedule: step 0 always updates)."""
+        return sum(calls for step, calls in self.counter.calls.items() if step in self.update_steps)
+
+    @property
+    def reused(self) -> int:
+        return sum(calls for step, calls in self.counter.calls.items() if step >= 0 and step not in self.update_steps)
 
     def reset_state(self, module) -> None:
         self.cached = None

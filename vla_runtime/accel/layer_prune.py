@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vla_runtime.accel.method import AccelMethod, register_method
-from vla_runtime.hooks import Handle
+from vla_runtime.hooks import Handle, drop_layers
 from vla_runtime.types import Observation, Policy
 
 
@@ -90,36 +90,6 @@ def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
     else:
         undo = drop_layers(lm.layers, lm.config, keep)
     return Handle("layer_prune", [undo], info={"removed": sorted(indices), "kept": keep})
-
-
-def drop_layers(layers, config, keep: list[int]):
-    """Keeps only `keep` (indices) of a decoder's `layers`, in place, and returns the undo: everything holding the
-    list sees the shorter model; each kept layer's attention is renumbered (a KV cache is indexed by position in
-    the list) and the config's `num_hidden_layers` / `layer_types` follow."""
-    original = list(layers)
-    original_count = config.num_hidden_layers
-    original_types = list(getattr(config, "layer_types", None) or [])
-    original_idx = [layer.self_attn.layer_idx for layer in original]
-    if not keep:
-        raise ValueError("layer_prune would remove every layer of the language model")
-    del layers[:]
-    layers.extend(original[i] for i in keep)
-    for new_index, layer in enumerate(layers):
-        layer.self_attn.layer_idx = new_index
-    config.num_hidden_layers = len(keep)
-    if original_types:
-        config.layer_types = [original_types[i] for i in keep]
-
-    def restore() -> None:
-        del layers[:]
-        layers.extend(original)
-        for layer, index in zip(original, original_idx, strict=True):
-            layer.self_attn.layer_idx = index
-        config.num_hidden_layers = original_count
-        if original_types:
-            config.layer_types = original_types
-
-    return restore
 
 
 def _grouped_order(similarity: list[float], group: int) -> list[int]:

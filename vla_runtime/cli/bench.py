@@ -104,7 +104,7 @@ def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Ob
     denoising = policy.structure.denoising_head
     timer = _Timer(skip=denoising.is_prefix if denoising is not None else None)
     remove_timer = add_hook(head, "bench_timer", timer) if head is not None else (lambda: None)
-    runs = {row.name: {"latency_s": [], "head_s": [], "recompiled_frames": 0} for row in rows}
+    runs = {row.name: {"latency_s": [], "head_s": [], "recompiled_frames": 0, "eager_fallbacks": 0} for row in rows}
 
     def apply(row: Entry, execution: ExecConfig | None = None):
         accelerator.execution = execution if execution is not None else row.execution
@@ -139,7 +139,7 @@ def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Ob
             start = round_index % len(rows)
             for row in rows[start:] + rows[:start]:
                 apply(row)
-                frames = CompileStats.frames()
+                frames, fallbacks = CompileStats.frames(), CompileStats.fallbacks()
                 try:
                     for sequence in sequences:
                         policy.reset()
@@ -152,6 +152,7 @@ def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Ob
                 finally:
                     accelerator.remove()
                 runs[row.name]["recompiled_frames"] += CompileStats.frames() - frames
+                runs[row.name]["eager_fallbacks"] += CompileStats.fallbacks() - fallbacks
                 bar.update()
         bar.close()
     finally:
@@ -180,6 +181,7 @@ def summarize_runs(runs: dict[str, dict], has_head: bool) -> dict[str, dict]:
             "methods": run["methods"], "latency_samples": len(run["latency_s"]), "backend": run["backend"],
             "compiled_units": run["compiled_units"], "warm_up_s": run["warm_up_s"],
             "warm_up_frames": run["warm_up_frames"], "recompiled_frames": run["recompiled_frames"],
+            "eager_fallbacks": run["eager_fallbacks"],
         }
     return table
 
@@ -236,10 +238,10 @@ def markdown_table(bench: dict) -> str:
     if compiled:
         lines += ["", "Compiled rows, outside the latency: warm-up (the first pass over the measurement frames, "
                   "which compiles) and frames compiled; frames compiled again while latency was measured "
-                  "(recompilations) should be 0."]
+                  "(recompilations) and calls that ran eager at the recompile limit should be 0."]
         lines += [f"- `{name}`: warm-up {row['warm_up_s']:.1f} s, {row['warm_up_frames']} frames; recompiled "
-                  f"{row['recompiled_frames']}; compiled: {', '.join(row['compiled_units'])}"
-                  for name, row in compiled.items()]
+                  f"{row['recompiled_frames']}, ran eager at the recompile limit {row['eager_fallbacks']}; "
+                  f"compiled: {', '.join(row['compiled_units'])}" for name, row in compiled.items()]
     lines += ["", f"Command: `{bench['command']}`", ""]
     return "\n".join(lines)
 

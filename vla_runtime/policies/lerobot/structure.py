@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from vla_runtime.accel.layer_prune import drop_layers
+from vla_runtime.hooks import drop_layers
 from vla_runtime.types import DenoisingHead, HeadBlock, LanguageModel, Observation, PolicyStructure
 
 
