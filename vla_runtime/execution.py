@@ -11,16 +11,16 @@
   with static input buffers. A CUDA device only.
 `dtype` (bf16 / fp16) casts the policy's weights, on a CUDA device only.
 
-Compilation is lazy: the first calls with each input shape compile (warm-up, timed by `warm_up`), later calls
-reuse the graphs while the guards hold. `CompileStats` counts the frames compiled; a steady profile compiles
-nothing after its warm-up (tested). Applying a profile removes the backend first and re-applies it over the new
-hooks; torch keeps each compiled code's graphs, so a profile that was warmed up before compiles nothing when
-the governor comes back to it.
+Compilation is lazy: the first calls with each input shape compile. `Accelerator.warm_up` makes those calls on
+the calibration frames, before episodes (vla-eval) or the control loop (the node, every profile of its
+ladder); vla-bench times the warm-up apart from latency. Later calls reuse the graphs while the guards hold:
+`CompileStats` counts the frames compiled, and a steady profile compiles nothing after its warm-up (tested).
+Applying a profile removes the backend first and re-applies it over the new hooks; torch keeps each compiled
+code's graphs, so a profile that was warmed up before compiles nothing when the governor comes back to it.
 """
 
 from __future__ import annotations
 
-import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,11 +192,3 @@ def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
                 units.append(f"{type(path).__name__}{'.' + name if name else ''}")
     return Handle("execution", undo, info={"config": config, "compiled_units": units})
 
-
-def warm_up(predict: Callable[[], object], calls: int = 2) -> dict:
-    """Calls `predict` `calls` times: the time it took and the frames compiled, reported apart from latency
-    (the first call with a new profile or input shape compiles)."""
-    before, started = CompileStats.frames(), time.perf_counter()
-    for _ in range(calls):
-        predict()
-    return {"warm_up_s": time.perf_counter() - started, "frames_compiled": CompileStats.frames() - before}

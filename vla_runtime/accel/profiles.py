@@ -212,6 +212,14 @@ class Accelerator:
             self.active.remove()
             self.active = None
 
+    def warm_up(self) -> None:
+        """Runs the applied profile over the calibration observations: a compiled backend builds its graphs
+        now, not in the first policy call of an episode or a control tick."""
+        for obs in self.calibration_set():
+            self.policy.reset()
+            self.policy.predict_chunk(obs)
+        self.policy.reset()
+
     def calibration_set(self) -> list[Observation]:
         """The calibration observations (also what a compiled backend warms up on)."""
         if self._calibration_set is None:

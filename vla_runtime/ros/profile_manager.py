@@ -17,7 +17,6 @@ class ProfileManager:
                  calibration: Callable[[], list[Observation]], execution: ExecConfig | None = None):
         if ladder and budget_ms <= 0:
             raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
-        self.policy = policy
         compiled = execution is not None and execution.backend != "eager"
         self.accelerator = Accelerator(policy, calibration, policy_name=policy_name,
                                        execution=execution if compiled else None)
@@ -29,10 +28,7 @@ class ProfileManager:
         if compiled:  # every graph the node may need, built now: never inside a control tick
             for spec in reversed(ladder or [accel]):
                 self.set(spec)
-                for obs in self.accelerator.calibration_set():
-                    policy.reset()
-                    policy.predict_chunk(obs)
-            policy.reset()
+                self.accelerator.warm_up()
         self.set(ladder[0] if ladder else accel)
 
     @property

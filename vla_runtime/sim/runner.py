@@ -194,7 +194,10 @@ class EpisodeWorker:
         source = calibration_source(self.suite, accel["calibration_tasks"], accel["calibration_per_task"])
         accelerator = Accelerator(self.policy, source, accel["calibration_dir"], accel["policy_name"],
                                   execution=accel.get("execution"))
-        return accelerator.apply(accel["profile"])
+        handle = accelerator.apply(accel["profile"])
+        if handle.execution is not None:  # compiled before the first episode: its latency is the policy's own
+            accelerator.warm_up()
+        return handle
 
     def _safety(self, options: dict) -> SafetyConfig:
         """The runtime's safety settings, with the suite's action limits and held dimensions by default."""
