@@ -189,29 +189,31 @@ def test_diffusion_loads_from_its_folder_declares_its_unet_and_one_with_an_obser
         layer_prune.calibrate(policy, [observation()])
 
 
-@pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
-                                    "action_reuse", "vision_resolution"])
-def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
+def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -> None:
+    """Applies `method` to a tiny policy of 4 VLM layers: the actions change (action_reuse, a gate for the
+    control loop, leaves them and tells frames apart), and removing it restores them bit for bit."""
     obs = observation(1)
-    baseline = chunk(smolvla, obs)
+    baseline = chunk(policy, obs)
     if method == "head_cache_static":
-        handle = head_cache.apply(smolvla, head_cache.HeadCacheConfig(interval=2))
+        handle = head_cache.apply(policy, head_cache.HeadCacheConfig(interval=2))
     elif method == "head_cache_bac":
-        handle = head_cache.apply(smolvla, head_cache.HeadCacheConfig(mode="bac", updates=3),
-                                  head_cache.calibrate(smolvla, [obs]))
+        handle = head_cache.apply(policy, head_cache.HeadCacheConfig(mode="bac", updates=3),
+                                  head_cache.calibrate(policy, [obs]))
     elif method == "layer_prune":
-        calibration = layer_prune.calibrate(smolvla, [obs])
+        calibration = layer_prune.calibrate(policy, [obs])
         assert len(calibration["similarity"]) == 4 and all(-1 <= s <= 1 for s in calibration["similarity"])
-        handle = layer_prune.apply(smolvla, layer_prune.LayerPruneConfig(num_layers=2), calibration)
-        assert len(smolvla.structure.language_model.layers) == 2 and len(smolvla.structure.denoising_head.blocks) == 2
+        handle = layer_prune.apply(policy, layer_prune.LayerPruneConfig(num_layers=4 - layers_kept), calibration)
+        # A VLM layer leaves with the expert layer that reads its keys / values.
+        structure = policy.structure
+        assert len(structure.language_model.layers) == len(structure.denoising_head.blocks) == layers_kept
     elif method == "token_select":
-        handle = token_select.apply(smolvla, token_select.TokenSelectConfig(layer=0, keep=2, strategy="dart"))
+        handle = token_select.apply(policy, token_select.TokenSelectConfig(layer=0, keep=tokens_kept, strategy="dart"))
     elif method == "vision_resolution":  # the tiny SigLIP takes 32 px, in blocks of 16 (patch 8, shuffle 2)
-        handle = vision_resolution.apply(smolvla, vision_resolution.VisionResolutionConfig(size=16))
+        handle = vision_resolution.apply(policy, vision_resolution.VisionResolutionConfig(size=16))
     else:
-        handle = action_reuse.apply(smolvla, action_reuse.ActionReuseConfig())
-    accelerated = chunk(smolvla, obs)
-    if method == "action_reuse":  # a gate for the control loop: the chunk is the policy's own
+        handle = action_reuse.apply(policy, action_reuse.ActionReuseConfig())
+    accelerated = chunk(policy, obs)
+    if method == "action_reuse":
         np.testing.assert_array_equal(accelerated, baseline)
         assert handle.info["gate"]._token_similarity(obs) == pytest.approx(1.0)
         assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
@@ -220,9 +222,15 @@ def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exact
     if method.startswith("head_cache"):
         assert sum(branch.reused for branch in handle.info["branches"].values()) > 0
     if method == "token_select":
-        assert handle.info["hook"].kept_tokens == [2]
+        assert handle.info["hook"].kept_tokens == [tokens_kept]
     handle.remove()
-    np.testing.assert_array_equal(chunk(smolvla, obs), baseline)
+    np.testing.assert_array_equal(chunk(policy, obs), baseline)
+
+
+@pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
+                                    "action_reuse", "vision_resolution"])
+def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
+    method_round_trip(smolvla, method, layers_kept=2, tokens_kept=2)  # layers leave in aligned pairs
 
 
 def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvla):
@@ -248,35 +256,10 @@ def pi(request) -> LeRobotPolicy:
 
 @pytest.mark.parametrize("method", ["head_cache_bac", "layer_prune", "token_select", "action_reuse"])
 def test_acceleration_methods_change_pi0_and_their_removal_restores_it_exactly(pi, method):
-    obs = observation(1)
-    baseline = chunk(pi, obs)
-    structure = pi.structure
-    assert structure.available() == ["vision_encoder", "preprocess_images", "visual_tokens", "language_model",
-                                     "denoising_head"]
-    if method == "head_cache_bac":
-        handle = head_cache.apply(pi, head_cache.HeadCacheConfig(mode="bac", updates=3),
-                                  head_cache.calibrate(pi, [obs]))
-    elif method == "layer_prune":
-        calibration = layer_prune.calibrate(pi, [obs])
-        assert len(calibration["similarity"]) == 4 and all(-1 <= s <= 1 for s in calibration["similarity"])
-        handle = layer_prune.apply(pi, layer_prune.LayerPruneConfig(num_layers=1), calibration)
-        # The VLM layer leaves with the expert layer that reads its keys / values.
-        assert len(structure.language_model.layers) == 3 and len(structure.denoising_head.blocks) == 3
-    elif method == "token_select":  # before the LM: its prefix fills the KV cache every expert layer reads
-        handle = token_select.apply(pi, token_select.TokenSelectConfig(layer=0, keep=4, strategy="dart"))
-    else:
-        handle = action_reuse.apply(pi, action_reuse.ActionReuseConfig())
-    accelerated = chunk(pi, obs)
-    if method == "action_reuse":
-        np.testing.assert_array_equal(accelerated, baseline)
-        assert handle.info["gate"]._token_similarity(obs) == pytest.approx(1.0)
-        assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
-    else:
-        assert not np.array_equal(accelerated, baseline)
-    if method == "token_select":
-        assert handle.info["hook"].kept_tokens == [4]  # of 16 (32 px, patch 8)
-    handle.remove()
-    np.testing.assert_array_equal(chunk(pi, obs), baseline)
+    assert pi.structure.available() == ["vision_encoder", "preprocess_images", "visual_tokens", "language_model",
+                                        "denoising_head"]
+    # token_select before the LM: its prefix fills the KV cache every expert layer reads; 4 of 16 tokens
+    method_round_trip(pi, method, layers_kept=3, tokens_kept=4)
 
 
 def test_visual_kv_reuse_fills_pi0s_prefix_cache_for_every_token(pi):
