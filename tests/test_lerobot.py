@@ -35,6 +35,7 @@ from vla_runtime.accel.profiles import compatible_methods, load_profile  # noqa:
 from vla_runtime.data.episodes import Episode  # noqa: E402
 from vla_runtime.data.lerobot_format import EPISODES_META, write_lerobot  # noqa: E402
 from vla_runtime.data.sources import logged_episodes  # noqa: E402
+from vla_runtime.execution import ExecConfig, apply_execution  # noqa: E402
 from vla_runtime.policies.lerobot.policy import RUNTIME_META, LeRobotPolicy  # noqa: E402
 from vla_runtime.policies.lerobot.smolvlm import random_smolvla  # noqa: E402
 from vla_runtime.policies.registry import make_policy  # noqa: E402
@@ -231,6 +232,20 @@ def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -
                                     "action_reuse", "vision_resolution"])
 def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
     method_round_trip(smolvla, method, layers_kept=2, tokens_kept=2)  # layers leave in aligned pairs
+
+
+def test_compiled_smolvla_gives_its_eager_actions_and_removal_restores_eager(smolvla):
+    obs = observation(1)
+    eager = chunk(smolvla, obs)
+    handle = apply_execution(smolvla, ExecConfig("compile"))
+    try:
+        # SigLIP, the connector and the VLM-with-expert (its prefix pass and every flow step)
+        assert handle.info["compiled_units"] == ["SmolVLMVisionTransformer", "SmolVLMConnector",
+                                                 "SmolVLMWithExpertModel"]
+        np.testing.assert_allclose(chunk(smolvla, obs), eager, atol=1e-4)
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(chunk(smolvla, obs), eager)
 
 
 def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvla):

@@ -132,6 +132,8 @@ def _smolvla(wrapper) -> dict:
         "denoising_head": DenoisingHead(step=vlm_with_expert, steps=policy.config.num_steps,
                                         blocks=_ExpertBlocks(vlm_with_expert.lm_expert.layers),
                                         is_prefix=_is_prefix),
+        # SigLIP (the largest share of full-size SmolVLA's time), the connector, the VLM-with-expert.
+        "hot_paths": (vlm.vision_model, vlm.connector, vlm_with_expert),
     }
 
 
@@ -229,6 +231,7 @@ def _pi(wrapper) -> dict:
                                         visual_token_span=lambda: (0, cameras * tokens_per_image)),
         "denoising_head": DenoisingHead(step=with_expert, steps=policy.config.num_inference_steps,
                                         blocks=_ExpertBlocks(expert.layers), is_prefix=_is_prefix),
+        "hot_paths": (paligemma.vision_tower, paligemma.multi_modal_projector, lm, with_expert),
     }
 
 
