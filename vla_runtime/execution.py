@@ -2,11 +2,12 @@
 
 - `eager`: as written.
 - `compile`: `torch.compile` (inductor) of the policy's hot paths (`PolicyStructure.hot_paths`: by default its
-  vision encoder, language model and one denoising step), built from the hooked model. A hot path with no
-  acceleration hook inside it is compiled whole (its own hooks, if any, stay Python around the compiled
-  forward); one with hooks inside is not compiled itself, its children are, recursively. So a method's control
-  flow (a head cache's step schedule, token selection's loop over layers, a reuse gate, a Jacobi check) stays
-  Python and the tensors-in / tensors-out pieces it calls are compiled (`compiled_units` names them).
+  vision encoder, language model and one denoising step), built from the hooked model, beneath each hot path's
+  own hooks (they stay Python around the compiled forward). The hooks inside a hot path are traced: their
+  state becomes guards and graph inputs (a head cache compiles one graph per denoising step). Where a hot
+  path's own hook replaces its forward (token selection's loop over the LM's layers, VLA-Cache's partial
+  pass), its children are compiled too, and the hook's data-dependent control flow stays Python
+  (`compiled_units` names what was compiled).
 - `cuda_graphs`: the same units compiled with `mode="reduce-overhead"`: inductor captures them as CUDA graphs
   with static input buffers. A CUDA device only.
 `dtype` (bf16 / fp16) casts the policy's weights, on a CUDA device only.
@@ -52,6 +53,11 @@ class ExecConfig:
             raise ValueError(f"Unknown execution backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)} (or none)")
+
+    @property
+    def changes_nothing(self) -> bool:
+        """Plain eager in the weights' own dtype: nothing to apply."""
+        return self.backend == "eager" and not self.dtype
 
     @property
     def compile_mode(self) -> str:
@@ -151,13 +157,11 @@ def _compile_in_place(module: nn.Module, compile_fn: Callable, config: ExecConfi
         def undo() -> None:
             module.__dict__.pop("forward", None)
     else:
-        original = registry._original_forward
-        registry._original_forward = compile_fn(_own_code(original, config))
-        registry._rebuild()
+        original = registry.original_forward
+        registry.set_original_forward(compile_fn(_own_code(original, config)))
 
         def undo() -> None:
-            registry._original_forward = original
-            registry._rebuild()
+            registry.set_original_forward(original)
 
     return undo
 
@@ -172,9 +176,16 @@ def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
             raise ValueError(f"{what} needs the policy on a CUDA device; it is on {device}")
     if config.dtype:
         weights = policy.structure.require("weights", f"dtype={config.dtype}")
-        original = next(weights.parameters()).dtype
+        original_dtype = next(weights.parameters()).dtype
+        # Kept on the CPU: a round trip through half precision would not give the weights back.
+        saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.state_dict().items()}
         weights.to(DTYPES[config.dtype])
-        undo.append(lambda: weights.to(original))
+
+        def restore() -> None:
+            weights.to(original_dtype)
+            weights.load_state_dict(saved)
+
+        undo.append(restore)
     units: list[str] = []
     if config.backend != "eager":
         # A head cache's schedule specialises one graph per denoising step, and every same-class layer shares

@@ -51,6 +51,15 @@ class HookRegistry:
     def find(module: nn.Module) -> HookRegistry | None:
         return module.__dict__.get(_REGISTRY_ATTRIBUTE)
 
+    @property
+    def original_forward(self) -> Any:
+        return self._original_forward
+
+    def set_original_forward(self, forward: Any) -> None:
+        """What the hooks wrap: the class's forward, or a compiled version of it (execution backends)."""
+        self._original_forward = forward
+        self._rebuild()
+
     def register(self, name: str, hook: ModelHook) -> None:
         if name in self.hooks:
             raise ValueError(f"A hook named '{name}' is already on {type(self.module).__name__}")

@@ -254,5 +254,6 @@ class Accelerator:
                 handle.remove()
             raise
         # Calibration above ran eager; the backend is built over the hooks just applied.
-        execution = apply_execution(policy, self.execution) if self.execution else None
+        plain = self.execution is None or self.execution.changes_nothing
+        execution = None if plain else apply_execution(policy, self.execution)
         return ProfileHandle(profile, handles, execution)

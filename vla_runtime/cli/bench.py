@@ -83,12 +83,12 @@ class Entry:
 def entries(profiles: list[Profile], backends: list[ExecConfig]) -> list[Entry]:
     """Every profile on every backend; eager rows keep the profile's name, the others get `@<backend>`. The
     baseline, eager `none`, is always there."""
-    if not any(execution.backend == "eager" and not execution.dtype for execution in backends):
+    if not any(execution.changes_nothing for execution in backends):
         backends = [ExecConfig(), *backends]
     rows = []
     for execution in backends:
-        eager = execution.backend == "eager" and not execution.dtype
-        rows += [Entry(p.name if eager else f"{p.name}@{execution.label}", p, execution) for p in profiles]
+        plain = execution.changes_nothing
+        rows += [Entry(p.name if plain else f"{p.name}@{execution.label}", p, execution) for p in profiles]
     return rows
 
 

@@ -44,7 +44,7 @@ def realtime_options(runtime: DictConfig) -> dict | None:
 def worker_accel(profile: Profile, cfg: DictConfig, policy_name: str, tasks: list[str],
                  calibration_dir: str | None, execution: ExecConfig | None = None) -> dict | None:
     """What EpisodeWorker needs to apply `profile` on `execution` (None when there is nothing to apply)."""
-    execution = execution if execution is not None and execution != ExecConfig() else None
+    execution = None if execution is None or execution.changes_nothing else execution
     if not profile.methods and execution is None:
         return None
     return {"profile": profile, "calibration_dir": calibration_dir, "calibration_tasks": tasks,

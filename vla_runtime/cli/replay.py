@@ -292,7 +292,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         prefix="calibration-", dir=output_dir)
     execution = exec_config(cfg.exec if isinstance(cfg.exec, str) else as_dict(cfg.exec))
     replayer = Replayer(policy, policy_name, profiles, calibration_dir, positive_int(cfg, "calibration_frames"),
-                        query_every, execution if execution.backend != "eager" or execution.dtype else None)
+                        query_every, execution)
     for profile in profiles:  # every incompatibility is reported before any replay
         replayer.accelerator.check(profile)
     topics = TopicMap(**{**as_dict(cfg.topics), "action_dim": cfg.topics.action_dim or policy.spec.action_dim})

@@ -17,15 +17,14 @@ class ProfileManager:
                  calibration: Callable[[], list[Observation]], execution: ExecConfig | None = None):
         if ladder and budget_ms <= 0:
             raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
-        compiled = execution is not None and execution.backend != "eager"
-        self.accelerator = Accelerator(policy, calibration, policy_name=policy_name,
-                                       execution=execution if compiled else None)
+        self.accelerator = Accelerator(policy, calibration, policy_name=policy_name, execution=execution)
         # No latency priors: every profile "fits" until measured, so the governor starts with the most
         # faithful (the first) and steps down the ladder only while measured p95 exceeds the budget.
         self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(ladder)],
                                        budget_ms) if ladder else None
         self.active = ""
-        if compiled:  # every graph the node may need, built now: never inside a control tick
+        if execution is not None and execution.backend != "eager":  # every graph the node may need, built now:
+            # never inside a control tick
             for spec in reversed(ladder or [accel]):
                 self.set(spec)
                 self.accelerator.warm_up()
@@ -39,7 +38,8 @@ class ProfileManager:
         """Replace the active profile ("a+b" composes). Called between policy calls only."""
         (profile,) = load_profiles(spec.replace(" ", ""), with_baseline=False)
         self.accelerator.remove()
-        if profile.methods or self.accelerator.execution is not None:
+        execution = self.accelerator.execution
+        if profile.methods or (execution is not None and not execution.changes_nothing):
             self.accelerator.apply(profile)
         self.active = spec
 
