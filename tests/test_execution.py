@@ -99,5 +99,5 @@ def test_bench_rows_are_every_profile_on_every_backend_with_eager_none_as_the_ba
     rows = entries(load_profiles(["bac"]), [exec_config("compile")])
     assert [row.name for row in rows] == ["none", "bac", "none@compile", "bac@compile"]
     rows = entries(load_profiles(["bac"]), [exec_config("eager"), exec_config({"backend": "compile",
-                                                                                  "freezing": False})])
-    assert [row.name for row in rows] == ["none", "bac", "none@compile-unfrozen", "bac@compile-unfrozen"]
+                                                                                  "freezing": True})])
+    assert [row.name for row in rows] == ["none", "bac", "none@compile-frozen", "bac@compile-frozen"]
