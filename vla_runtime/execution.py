@@ -45,9 +45,8 @@ class ExecConfig:
     dtype: str | None = None  # None: the weights' own; bf16 | fp16 (CUDA only)
     dynamic: bool | None = False  # torch.compile's `dynamic`: static shapes per profile by default
     # Inductor's weight freezing (constant-folded, pre-packed weights); with `mode` set, the mode's own options
-    # instead (torch takes one or the other). Off by default: at 2 threads it made ref_dit's DiT step 2x faster
-    # alone and SmolVLA 8 % faster (47 vs 51 ms), at 1 thread (each vla-eval worker) SmolVLA 3x slower (198 vs
-    # 67 ms).
+    # instead (torch takes one or the other). Off by default: on SmolVLA it bought nothing measurable (1.90x vs
+    # 1.93x at 2 threads, 1.70x vs 1.78x at 1; benchmarks/accel/smolvla_mt10_compile_*threads).
     freezing: bool = False
 
     def __post_init__(self) -> None:
