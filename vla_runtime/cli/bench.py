@@ -110,16 +110,19 @@ def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Ob
         accelerator.execution = execution if execution is not None else row.execution
         return accelerator.apply(row.profile)
 
+    flops: dict[str, int] = {}  # per profile, counted eager once: every backend computes the same
     try:
         for row in tqdm(rows, desc="actions, FLOPs, warm-up", unit="row"):
-            apply(row, ExecConfig())
-            try:
-                policy.reset()
-                with FlopCounterMode(display=False) as flops:
-                    for obs in sequences[0]:
-                        policy.predict_chunk(obs)
-            finally:
-                accelerator.remove()
+            if row.profile.name not in flops:
+                apply(row, ExecConfig())
+                try:
+                    policy.reset()
+                    with FlopCounterMode(display=False) as counter:
+                        for obs in sequences[0]:
+                            policy.predict_chunk(obs)
+                    flops[row.profile.name] = counter.get_total_flops()
+                finally:
+                    accelerator.remove()
             handle = apply(row)
             try:
                 actions = []
@@ -128,7 +131,7 @@ def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Ob
                     policy.reset()
                     actions += [policy.predict_chunk(obs).actions for obs in sequence]
                 units = handle.execution.info["compiled_units"] if handle.execution else []
-                runs[row.name].update(actions=np.stack(actions), flops=flops.get_total_flops(),
+                runs[row.name].update(actions=np.stack(actions), flops=flops[row.profile.name],
                                       methods=handle.stats(), backend=row.execution.label, compiled_units=units,
                                       warm_up_s=time.perf_counter() - started,
                                       warm_up_frames=CompileStats.frames() - frames)

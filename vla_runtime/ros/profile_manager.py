@@ -23,12 +23,14 @@ class ProfileManager:
         self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(ladder)],
                                        budget_ms) if ladder else None
         self.active = ""
-        if execution is not None and execution.backend != "eager":  # every graph the node may need, built now:
-            # never inside a control tick
-            for spec in reversed(ladder or [accel]):
+        profiles = ladder or [accel]
+        if execution is not None and execution.backend != "eager":
+            # Every graph the node may need, built now, never inside a control tick; the first profile last.
+            for spec in reversed(profiles):
                 self.set(spec)
                 self.accelerator.warm_up()
-        self.set(ladder[0] if ladder else accel)
+        else:
+            self.set(profiles[0])
 
     @property
     def handle(self) -> ProfileHandle | None:
