@@ -60,10 +60,11 @@ class HookRegistry:
         self._original_forward = forward
         self._rebuild()
 
-    def register(self, name: str, hook: ModelHook) -> None:
+    def register(self, name: str, hook: ModelHook, outermost: bool = False) -> None:
+        """`outermost`: before the hooks already there (else after them, innermost)."""
         if name in self.hooks:
             raise ValueError(f"A hook named '{name}' is already on {type(self.module).__name__}")
-        self.hooks[name] = hook
+        self.hooks = {name: hook, **self.hooks} if outermost else {**self.hooks, name: hook}
         self._rebuild()
 
     def remove(self, name: str) -> None:
@@ -121,10 +122,10 @@ def reset_hooks(root: nn.Module) -> None:
             registry.reset()
 
 
-def add_hook(module: nn.Module, name: str, hook: ModelHook) -> Any:
-    """Register `hook` on `module`; returns the function that removes it."""
+def add_hook(module: nn.Module, name: str, hook: ModelHook, outermost: bool = False) -> Any:
+    """Register `hook` on `module` (innermost, or `outermost`); returns the function that removes it."""
     registry = HookRegistry.of(module)
-    registry.register(name, hook)
+    registry.register(name, hook, outermost)
     return lambda: HookRegistry.of(module).remove(name) if HookRegistry.find(module) else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,30 @@ class Observation:
     instruction: str
     timestamp: float  # seconds, monotonic (simulated time in the simulator)
     privileged_state: np.ndarray | None = None
+    # Real-time chunking: what the robot will still execute of its current chunk while this request is computed
+    # (the control loop fills it with `runtime.chunking=rtc`; a policy without RTC ignores it).
+    prefix: ChunkPrefix | None = None
 
     def without_privileged_state(self) -> Observation:
-        return Observation(self.images, self.state, self.instruction, self.timestamp, None)
+        return dataclasses.replace(self, privileged_state=None)
+
+
+@dataclass(frozen=True)
+class ChunkPrefix:
+    """The current chunk's actions from the request's tick on, [L, A] (the new chunk's first L actions are meant
+    for the same ticks), and `delay`: how many of them run before the new chunk can arrive (the inference
+    latency in control ticks): the new chunk's first `delay` actions are never executed, the previous chunk's
+    are."""
+
+    actions: np.ndarray
+    delay: int
+
+    def __post_init__(self) -> None:
+        actions = np.asarray(self.actions)
+        if actions.ndim != 2 or len(actions) == 0 or not np.all(np.isfinite(actions)):
+            raise ValueError(f"ChunkPrefix.actions must be a finite, non-empty [L, A] array, got shape {actions.shape}")
+        if self.delay < 0:
+            raise ValueError(f"ChunkPrefix.delay must be >= 0 control ticks, got {self.delay}")
 
 
 @dataclass
@@ -162,6 +184,10 @@ class DenoisingHead:
     # (args, kwargs) of a call -> which denoising step it is, for a `step` that is not called with
     # t = s / steps (a DDPM / DDIM UNet takes the scheduler's integer timestep).
     step_index: Callable[[tuple, dict], int] | None = None
+    # Actions as the robot takes them [L, A] (numpy) -> the head's action space [L, A] (torch, normalised): what
+    # real-time chunking guides the chunk towards. Only for a `step` that predicts the flow-matching velocity of
+    # the Euler loop x <- x + v / steps from noise at t = 0 to actions at t = 1.
+    actions_in: Callable[[np.ndarray], Any] | None = None
 
 
 @dataclass

@@ -31,6 +31,9 @@ def realtime_options(runtime: DictConfig) -> dict | None:
     if runtime.mode not in ("sync", "realtime"):
         raise ValueError(f"runtime.mode must be 'sync' or 'realtime', got '{runtime.mode}'")
     if runtime.mode == "sync":
+        if runtime.get("chunking", "naive") != "naive":
+            raise ValueError(f"runtime.chunking={runtime.chunking} acts on latency in the loop: it needs "
+                             "runtime.mode=realtime (the synchronous protocol has no latency)")
         return None
     options = as_dict(runtime)
     latency_model = {"kind": options.pop("latency_model"), "latency_ms": options.pop("latency_ms"),

@@ -72,6 +72,14 @@ class ActionQueue:
                 slot.predictions += 1
         return late
 
+    def upcoming(self, tick: int) -> np.ndarray:
+        """The actions queued for `tick`, `tick + 1`, ... up to the first tick with none, [L, A] (L may be 0)."""
+        actions = []
+        while tick in self._slots:
+            actions.append(self._slots[tick].action)
+            tick += 1
+        return np.stack(actions) if actions else np.zeros((0, 0), dtype=np.float32)
+
     def pop(self, tick: int) -> np.ndarray | None:
         """The action for `tick`, or None (a deadline miss). Actions for earlier ticks are dropped."""
         for stale in [t for t in self._slots if t < tick]:

@@ -5,7 +5,8 @@ accumulates):
   1. take the chunk the inference worker finished, if any, and merge it into the action queue
      (actions whose tick already passed are discarded);
   2. when few actions are left and no inference is in flight, let the reuse gate extend the last chunk,
-     or ask the worker for a new chunk from the newest observation;
+     or ask the worker for a new chunk from the newest observation (with `chunking=rtc`, the observation
+     carries what is left of the current chunk and the expected delay in ticks: real-time chunking);
   3. pop this tick's action; an empty queue is a deadline miss (before the first chunk ever arrives, a
      startup hold);
   4. the safety layer turns it into a command (the safe action on a miss, NaN, stale observation or
@@ -15,6 +16,7 @@ Nothing the policy or the worker raises stops the loop: errors are counted and t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,8 +29,11 @@ from vla_runtime.control.action_queue import ActionQueue
 from vla_runtime.control.governor import BudgetGovernor
 from vla_runtime.control.inference import InferenceResult
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
+from vla_runtime.control.rtc import DelayEstimator, RTCConfig
 from vla_runtime.control.safety import SafetyConfig, SafetyLayer
-from vla_runtime.types import ActionChunk, Observation
+from vla_runtime.types import ActionChunk, ChunkPrefix, Observation
+
+CHUNKING = ("naive", "rtc")
 
 
 class Robot(Protocol):
@@ -85,11 +90,23 @@ class RuntimeConfig:
     merge: str = "replace"
     ensemble_decay: float = 0.01
     old_weight: float = 0.3
+    # naive: a new chunk is computed from the observation alone; rtc: conditioned on the actions that still
+    # run meanwhile (the policy must be wrapped in control.rtc.RealTimeChunking with `rtc`'s settings).
+    chunking: str = "naive"
+    rtc: RTCConfig = field(default_factory=RTCConfig)
+    warmup_calls: int = 1  # first policy calls of a process left out of the delay estimate (rtc)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.safety, dict):
             self.safety = SafetyConfig(**self.safety)
+        if isinstance(self.rtc, dict):
+            self.rtc = RTCConfig(**self.rtc)
+        if self.chunking not in CHUNKING:
+            raise ValueError(f"Unknown chunking '{self.chunking}'; choose one of {', '.join(CHUNKING)}")
+        if self.chunking == "rtc" and self.merge != "replace":
+            raise ValueError(f"chunking=rtc makes the new chunk agree with the queued actions itself; it takes "
+                             f"merge=replace, not '{self.merge}'")
         if self.control_hz <= 0:
             raise ValueError(f"control_hz must be positive, got {self.control_hz}")
         if self.request_when not in ("count", "latency"):
@@ -108,6 +125,10 @@ class LoopMetrics:
     safety_events: Counter = field(default_factory=Counter)
     discarded_actions: int = 0
     profile_switches: list[dict] = field(default_factory=list)
+    # |a - a_prev| (L2) between the last action executed from one chunk and the first from the next
+    boundary_jumps: list[float] = field(default_factory=list)
+    rtc_delays: list[int] = field(default_factory=list)  # the delay (ticks) sent with each rtc request
+    rtc_delay_clamped: int = 0  # requests whose estimated delay reached the chunk's length
 
     @property
     def policy_calls(self) -> int:
@@ -127,6 +148,11 @@ class LoopMetrics:
             "stale_holds": self.safety_events["stale"], "clipped": self.safety_events["clipped"],
             "reuses": self.reuses, "discarded_actions": self.discarded_actions,
             "profile_switches": self.profile_switches,
+            "boundary_jump": {"mean": float(np.mean(self.boundary_jumps)) if self.boundary_jumps else None,
+                              "p99": float(np.percentile(self.boundary_jumps, 99)) if self.boundary_jumps else None,
+                              "count": len(self.boundary_jumps)},
+            "rtc_delay_ticks_p50": float(np.median(self.rtc_delays)) if self.rtc_delays else None,
+            "rtc_delay_clamped": self.rtc_delay_clamped,
         }
 
 
@@ -140,7 +166,8 @@ def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:
 class ControlLoop:
     def __init__(self, robot: Robot, worker: InferenceWorker, config: RuntimeConfig,
                  clock: MonotonicClock | SimulatedClock | None = None, reuse_gate: ReuseGate | None = None,
-                 governor: BudgetGovernor | None = None, set_profile: Callable[[str], None] | None = None):
+                 governor: BudgetGovernor | None = None, set_profile: Callable[[str], None] | None = None,
+                 delays: DelayEstimator | None = None):
         self.robot = robot
         self.worker = worker
         self.config = config
@@ -153,8 +180,12 @@ class ControlLoop:
         self.safety = SafetyLayer(config.safety)
         self.metrics = LoopMetrics()
         self.metrics.safety_events = self.safety.events  # live: diagnostics read it while the loop runs
+        # The delay estimate outlives one run when given (an evaluation's episodes share the process's warm-up).
+        self.delays = delays or DelayEstimator(self.period, config.warmup_calls)
         self.last_chunk: ActionChunk | None = None
         self._requested_observation: Observation | None = None
+        self._last_action: np.ndarray | None = None  # the last action executed, for the boundary jumps
+        self._chunk_changed = False  # a chunk was queued since the last executed action
         self._stop = False
 
     def estop(self) -> None:
@@ -181,6 +212,33 @@ class ControlLoop:
 
     def _queue(self, first_tick: int, chunk: ActionChunk, now: int) -> None:
         self.action_queue.merge(first_tick, chunk.actions[: self.config.execute_horizon], now)
+        self._chunk_changed = True
+
+    def _with_prefix(self, obs: Observation, tick: int) -> Observation:
+        """rtc: the request carries the actions queued from this tick on and the delay expected before its
+        chunk arrives (kept below the chunk's length: a longer one would leave the new chunk nothing to do)."""
+        leftover = self.action_queue.upcoming(tick)
+        if self.config.chunking != "rtc" or not len(leftover) or self.last_chunk is None:
+            return obs
+        delay = self.delays.ticks()
+        horizon = len(self.last_chunk.actions)
+        if delay >= horizon:
+            delay = horizon - 1
+            self.metrics.rtc_delay_clamped += 1
+        self.metrics.rtc_delays.append(delay)
+        return dataclasses.replace(obs, prefix=ChunkPrefix(leftover, delay))
+
+    def _execute(self, action: np.ndarray | None) -> None:
+        """Bookkeeping of the action this tick executes (None: a miss)."""
+        if action is None and self.last_chunk is None:
+            self.metrics.startup_holds += 1  # waiting for the very first chunk is not a missed deadline
+        elif action is None:
+            self.metrics.misses += 1
+        else:
+            if self._chunk_changed and self._last_action is not None:
+                self.metrics.boundary_jumps.append(float(np.linalg.norm(action - self._last_action)))
+            self._chunk_changed = False
+            self._last_action = action
 
     def _collect(self, tick: int) -> None:
         result = self.worker.poll(tick)
@@ -190,6 +248,7 @@ class ControlLoop:
             self.metrics.policy_errors.append(result.error or "policy returned no chunk")
             return
         self.metrics.inference_latency_s.append(result.latency_s)
+        self.delays.observe(result.latency_s)
         self.last_chunk = result.chunk
         self.reuse_gate.on_inference(self._requested_observation, result.chunk)
         self._queue(result.request_tick, result.chunk, now=tick)
@@ -217,15 +276,12 @@ class ControlLoop:
                 if self.last_chunk is not None and self.reuse_gate.should_reuse(obs, self.last_chunk):
                     self.metrics.reuses += 1
                     self._queue(tick, self.last_chunk, now=tick)
-                elif self.worker.request(obs, tick):
+                elif self.worker.request(self._with_prefix(obs, tick), tick):
                     self._requested_observation = obs
                     self._collect(tick)  # a worker with no latency answers within the tick
 
             action = self.action_queue.pop(tick)
-            if action is None and self.last_chunk is None:
-                self.metrics.startup_holds += 1  # waiting for the very first chunk is not a missed deadline
-            elif action is None:
-                self.metrics.misses += 1
+            self._execute(action)
             command, _ = self.safety.filter(action, self.robot.observation_age_s())
             if self.safety.estopped:
                 break  # e-stop: not one more command

@@ -25,6 +25,7 @@ from std_srvs.srv import Trigger
 
 from vla_runtime.control.inference import ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, LoopMetrics, RuntimeConfig, percentiles_ms
+from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking, RTCConfig
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
 from vla_runtime.execution import exec_config
@@ -82,6 +83,10 @@ class ControlNode(Node):
         self.action_names = list(p["action_names"] or [f"action_{i}" for i in range(self.action_dim)])
         self.robot = self._robot(p, suite)
         self.runtime = self._runtime(p, suite)
+        if self.runtime.chunking == "rtc":  # outermost on the head's step: every profile runs inside the guidance
+            self.policy = RealTimeChunking(self.policy, self.runtime.rtc)
+        # One estimate for the node's life: the warm-up calls it leaves out are the process's first.
+        self.delays = DelayEstimator(1.0 / self.runtime.control_hz, self.runtime.warmup_calls)
         if p["log_bag"]:
             self.bag = BagLogger(p["log_bag"], self.get_clock(), p["policy"])
         self._connect(p)
@@ -122,6 +127,7 @@ class ControlNode(Node):
         return RuntimeConfig(
             control_hz=p["control_hz"], request_when=p["request_when"], request_threshold=p["request_threshold"],
             execute_horizon=p["execute_horizon"] or self.policy.spec.actions_per_chunk,
+            chunking=p["chunking"], rtc=RTCConfig(max_guidance=p["rtc_max_guidance"]),
             safety=SafetyConfig(action_low=limits[0], action_high=limits[1],
                                 stale_observation_s=p["stale_observation_s"],
                                 hold_dims=[d for d in hold if 0 <= d < self.action_dim]))
@@ -198,7 +204,7 @@ class ControlNode(Node):
             return "already running"
         self._worker = ThreadedInferenceWorker(self.policy)
         self.loop = ControlLoop(self.robot, self._worker, self.runtime, reuse_gate=self.profiles.reuse_gate(),
-                                governor=self.profiles.governor, set_profile=self.set_profile)
+                                governor=self.profiles.governor, set_profile=self.set_profile, delays=self.delays)
         self.run_metrics.append(self.loop.metrics)
         self._loop_thread = threading.Thread(target=self._run_loop, args=(self.loop,), name="control-loop",
                                              daemon=True)

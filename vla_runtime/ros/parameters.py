@@ -34,6 +34,9 @@ CONTROL = {
     "request_when": ("latency", "count | latency: when to ask for the next chunk"),
     "request_threshold": (0, "request_when=count: ask when this many actions are left"),
     "execute_horizon": (0, "actions of each chunk executed (0: the policy's choice)"),
+    "chunking": ("naive", "naive | rtc: real-time chunking, each chunk guided towards the actions still queued "
+                          "(flow-matching heads)"),
+    "rtc_max_guidance": (5.0, "chunking=rtc: the cap of the guidance weight (RTC's beta)"),
     "hold_dims": ([-1], "action dimensions the safe action keeps at their last command ([-1]: the suite's)"),
     "num_threads": (0, "torch threads (0: torch's default)"),
     "diagnostics_hz": (1.0, "rate of /diagnostics"),

@@ -21,6 +21,7 @@ from vla_runtime.control.executor import SyncExecutor, policy_view
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
 from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
+from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.episodes import Episode, EpisodeStore
 from vla_runtime.sim.observations import calibration_source
@@ -119,9 +120,11 @@ class SimRobot:
 
 
 def run_episode_realtime(env: Env, policy: Policy, seed: int, runtime: RuntimeConfig,
-                         latency_model: LatencyModel, reuse_gate: ReuseGate | None = None) -> EpisodeResult:
+                         latency_model: LatencyModel, reuse_gate: ReuseGate | None = None,
+                         delays: DelayEstimator | None = None) -> EpisodeResult:
     """Latency in the loop: the simulator advances one step per control tick, in simulated time, and
-    keeps executing queued actions while a chunk is being computed (`latency_model` says how long)."""
+    keeps executing queued actions while a chunk is being computed (`latency_model` says how long).
+    `delays`: the real-time chunking delay estimate, shared by the episodes of a process."""
     if not np.isclose(runtime.control_hz * env.dt, 1.0):
         raise ValueError(f"runtime.control_hz={runtime.control_hz} but the simulator steps at {1 / env.dt:g} Hz")
     env.reset(seed, render=False)
@@ -131,7 +134,7 @@ def run_episode_realtime(env: Env, policy: Policy, seed: int, runtime: RuntimeCo
     reuse_gate.reset()
     robot = SimRobot(env, policy)
     loop = ControlLoop(robot, SimulatedInferenceWorker(policy, latency_model, env.dt), runtime,
-                       clock=SimulatedClock(), reuse_gate=reuse_gate)
+                       clock=SimulatedClock(), reuse_gate=reuse_gate, delays=delays)
     metrics = loop.run(env.max_steps, done=lambda: robot.done)
     return EpisodeResult(env.task, seed, robot.success, env.steps, metrics.inference_latency_s,
                          loop=metrics.summary(), measures=dict(getattr(env, "measures", {})))
@@ -187,7 +190,10 @@ class EpisodeWorker:
                                     "safety": self._safety(realtime["loop"].get("safety") or {})})
             profile_gate = self.accel.reuse_gate if self.accel else None
             gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
-            self.realtime = (loop, LatencyModel(**realtime["latency_model"]), gate)
+            if loop.chunking == "rtc":
+                self.policy = RealTimeChunking(self.policy, loop.rtc)
+            self.realtime = (loop, LatencyModel(**realtime["latency_model"]), gate,
+                             DelayEstimator(1.0 / loop.control_hz, loop.warmup_calls))
         self.envs: dict[str, Env] = {}
 
     def _accelerate(self, accel: dict):

@@ -6,6 +6,7 @@ tokenizer.json; a training run's directory adds optimizer.safetensors + train_st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,15 +44,35 @@ def save_model(directory: Path, model: RefVLA, normalizer: Normalizer, tokenizer
     tokenizer.save(str(directory / "tokenizer.json"))
 
 
-def load_model(directory: str | Path) -> tuple[RefVLA, Normalizer, Tokenizer]:
+# What a fine-tuning run may change in a saved model's config (`load_model(..., rechunk=)`): the chunk.
+RECHUNK_FIELDS = ("chunk_size", "actions_per_chunk")
+
+
+def _resample_positions(position: torch.Tensor, length: int) -> torch.Tensor:
+    """A DiT's learned position embedding [1, H, D] resampled (linearly, along time) to `length` steps."""
+    return torch.nn.functional.interpolate(position.transpose(1, 2), size=length, mode="linear",
+                                           align_corners=True).transpose(1, 2).contiguous()
+
+
+def load_model(directory: str | Path, rechunk: dict | None = None) -> tuple[RefVLA, Normalizer, Tokenizer]:
+    """`rechunk`: new values of RECHUNK_FIELDS, to fine-tune a saved model for another chunk length (the DiT's
+    position embedding is resampled to it; nothing else depends on the chunk)."""
     directory = Path(directory)
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"Checkpoint {directory} is missing {', '.join(missing)}")
     config = RefVLAConfig.from_json(directory / "config.json")
+    if rechunk:
+        unknown = sorted(set(rechunk) - set(RECHUNK_FIELDS))
+        if unknown:
+            raise CheckpointError(f"Cannot change {', '.join(unknown)} of the saved model {directory}: only "
+                                  f"{', '.join(RECHUNK_FIELDS)} can differ from its config.json")
+        config = dataclasses.replace(config, **rechunk)
     model = RefVLA(config)
     expected = model.state_dict()
     weights = match_vit_layout(_load_tensors(directory / "model.safetensors"), expected)
+    if "dit.position" in weights and weights["dit.position"].shape[1] != config.chunk_size:
+        weights["dit.position"] = _resample_positions(weights["dit.position"], config.chunk_size)
     problems = [f"missing {k}" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [f"{k}: {tuple(weights[k].shape)} in file, {tuple(v.shape)} in model"

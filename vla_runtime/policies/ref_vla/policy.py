@@ -55,6 +55,7 @@ class RefVLAPolicy:
             denoising_head=DenoisingHead(
                 step=model.dit, steps=config.denoising_steps, condition=model.dit.condition,
                 blocks=[HeadBlock({"attn": block.attn, "mlp": block.mlp}, block.adaln) for block in model.dit.blocks],
+                actions_in=lambda actions: normalizer.action(torch.as_tensor(actions, dtype=torch.float32)),
             ) if config.head == "dit" else None,
             ar_decoder=ARDecoder(loop=model.decode_loop, num_tokens=config.num_action_tokens, forward=model.lm_step,
                                  embed_tokens=model.embed_action_tokens, logits=model.action_logits)

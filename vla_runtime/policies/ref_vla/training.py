@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vla_runtime.data.torch_dataset import ActionChunkDataset
-from vla_runtime.policies.ref_vla.checkpoint import load_model, load_train_state, save_model, save_train_state
+from vla_runtime.policies.ref_vla.checkpoint import (
+    RECHUNK_FIELDS,
+    load_model,
+    load_train_state,
+    save_model,
+    save_train_state,
+)
 from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
 from vla_runtime.policies.ref_vla.modeling_ref_vla import RefVLA
 from vla_runtime.policies.ref_vla.processing_ref_vla import (
@@ -75,8 +81,12 @@ def train(cfg: Any, dataset: ActionChunkDataset, instructions: Iterable[str], mo
     if resume:
         model, normalizer, tokenizer = load_model(out)
     elif cfg.init_from:
-        # Fine-tune a saved model with a fresh optimizer (e.g. a shipped checkpoint, which has no train state).
-        model, normalizer, tokenizer = load_model(cfg.init_from)
+        # Fine-tune a saved model with a fresh optimizer (e.g. a shipped checkpoint, which has no train state),
+        # for another chunk length when the model options ask for one.
+        saved = RefVLAConfig.from_json(Path(cfg.init_from) / "config.json")
+        rechunk = {name: model_options[name] for name in RECHUNK_FIELDS
+                   if name in model_options and model_options[name] != getattr(saved, name)}
+        model, normalizer, tokenizer = load_model(cfg.init_from, rechunk)
     else:
         tokenizer = train_instruction_tokenizer(instructions)
         config = RefVLAConfig(**model_options, text_vocab_size=tokenizer.get_vocab_size())
