@@ -55,6 +55,15 @@ def test_replay_over_a_collected_dataset(tmp_path, dataset):
     assert "| none |" in (tmp_path / "out" / "replay.md").read_text()
 
 
+def test_replay_plays_latency_in_and_real_time_chunking_smooths_the_boundaries(tmp_path, dataset):
+    naive = replay(tmp_path / "naive", dataset, "latency_ticks=2")["profiles"]["none"]
+    rtc = replay(tmp_path / "rtc", dataset, "latency_ticks=2", "chunking=rtc")["profiles"]["none"]
+    assert naive["policy_calls"] == rtc["policy_calls"] and naive["boundary_jump_mean"] > 0
+    assert rtc["boundary_jump_mean"] < naive["boundary_jump_mean"]
+    with pytest.raises(UsageError, match="latency_ticks"):
+        replay(tmp_path / "bad", dataset, "chunking=rtc")
+
+
 def write_mcap_bag(path: Path, episode, image_encoding: str = "rgb8", skip_topic: str | None = None) -> None:
     """The episode as the control node logs it: image + joint state, then the action taken."""
     from builtin_interfaces.msg import Time

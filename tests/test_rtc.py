@@ -11,6 +11,7 @@ from test_control import HZ, ChunkPolicy, FakeRobot, simulated_loop
 
 from vla_runtime.accel.head_cache import HeadCacheConfig
 from vla_runtime.accel.head_cache import apply as apply_head_cache
+from vla_runtime.control.executor import SyncExecutor
 from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking, RTCConfig, guidance_weight, prefix_weights
 from vla_runtime.policies.ref_vla.policy import random_init_policy
 from vla_runtime.sim.metaworld import INSTRUCTIONS
@@ -149,3 +150,17 @@ def test_guided_step_runs_compiled():
         handle.remove()
     assert np.allclose(compiled, eager, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_the_open_loop_executor_plays_latency_in_and_sends_the_prefix():
+    # vla-replay's executor: 4 of 8 actions per call, 2 ticks of latency: the 2 steps after a call still run
+    # the previous chunk (actions 4 and 5), then the new chunk from its action 2 on.
+    policy = PrefixRecorder(horizon=8)
+    executor = SyncExecutor(policy, actions_per_chunk=4, latency_ticks=2)
+    executor.reset()
+    obs = FakeRobot().observe()
+    executed = [executor.act(obs)[0] for _ in range(12)]
+    assert np.allclose(executed, [0.01] * 4 + [0.01] * 2 + [0.02] * 2 + [0.02] * 2 + [0.03] * 2)
+    assert policy.prefixes[0] is None
+    assert all(p.delay == 2 and len(p.actions) == 4 for p in policy.prefixes[1:])
+    assert np.allclose(executor.boundary_jumps, 0.02)

@@ -38,8 +38,9 @@ from vla_runtime.cli.common import (
 )
 from vla_runtime.control.executor import SyncExecutor
 from vla_runtime.control.governor import BudgetGovernor, Candidate
-from vla_runtime.control.loop import percentiles_ms
+from vla_runtime.control.loop import CHUNKING, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
+from vla_runtime.control.rtc import RealTimeChunking, RTCConfig
 from vla_runtime.data.episodes import Episode
 from vla_runtime.data.sources import LeRobotKeys, SourceError, TopicMap, logged_episodes
 from vla_runtime.execution import ExecConfig, exec_config
@@ -59,6 +60,7 @@ class ProfileReplay:
     latency_s: list[float] = field(default_factory=list)  # one per policy call
     reuses: int = 0  # chunks the reuse gate re-used instead of calling the policy
     gate_s: list[float] = field(default_factory=list)  # what each reuse decision cost (a gate runs the encoder)
+    boundary_jumps: list[float] = field(default_factory=list)  # between consecutive chunks' executed actions
 
 
 def episode_observation(episode: Episode, step: int) -> Observation:
@@ -67,10 +69,12 @@ def episode_observation(episode: Episode, step: int) -> Observation:
                        timestamp=float(episode.timestamp[step]))
 
 
-def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: ReuseGate) -> ProfileReplay:
+def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: ReuseGate,
+                   latency_ticks: int | None = None) -> ProfileReplay:
     """The synchronous protocol over the logged frames: a chunk every `query_every` steps (or the last
-    one again, when the gate says so), its first `query_every` actions standing for the next steps."""
-    executor = SyncExecutor(policy, query_every, gate)
+    one again, when the gate says so), its first `query_every` actions standing for the next steps (the
+    first `latency_ticks` of them taken from the previous chunk, as a robot would run them meanwhile)."""
+    executor = SyncExecutor(policy, query_every, gate, latency_ticks)
     executor.reset()
     predicted = np.zeros_like(episode.action, dtype=np.float32)
     for step in range(episode.length):
@@ -79,7 +83,7 @@ def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: Reu
         if executor.last_chunk.horizon < query_every:
             raise ValueError(f"The policy predicts {executor.last_chunk.horizon} actions per chunk, fewer than "
                              f"query_every={query_every}")
-    return ProfileReplay(predicted, executor.latency_s, executor.reuses, executor.gate_s)
+    return ProfileReplay(predicted, executor.latency_s, executor.reuses, executor.gate_s, executor.boundary_jumps)
 
 
 def calibration_frames(episode: Episode, count: int) -> list[Observation]:
@@ -92,22 +96,24 @@ class Replayer:
     see frames of the first episode."""
 
     def __init__(self, policy: Policy, policy_name: str, profiles: list[Profile], calibration_dir: str,
-                 calibration_count: int, query_every: int, execution: ExecConfig | None = None):
+                 calibration_count: int, query_every: int, execution: ExecConfig | None = None,
+                 latency_ticks: int | None = None):
         self.policy = policy
         self.profiles = profiles
         self.query_every = query_every
+        self.latency_ticks = latency_ticks
         self._first_episode: Episode | None = None
         self.accelerator = Accelerator(policy, lambda: calibration_frames(self._first_episode, calibration_count),
                                        calibration_dir, policy_name, execution)
 
     def run(self, episode: Episode) -> dict[str, ProfileReplay]:
         self._first_episode = self._first_episode or episode
-        replays = {REFERENCE: replay_episode(self.policy, episode, self.query_every, NeverReuse())}
+        replays = {REFERENCE: replay_episode(self.policy, episode, self.query_every, NeverReuse(), self.latency_ticks)}
         for profile in self.profiles:
             handle = self.accelerator.apply(profile)
             try:
                 replays[profile.name] = replay_episode(self.policy, episode, self.query_every,
-                                                       handle.reuse_gate or NeverReuse())
+                                                       handle.reuse_gate or NeverReuse(), self.latency_ticks)
             finally:
                 self.accelerator.remove()
         return replays
@@ -128,7 +134,7 @@ def episode_summary(episode: Episode, replays: dict[str, ProfileReplay]) -> dict
             "step_mse_vs_logged": vs_logged.mean(axis=1).tolist(),
             "latency_ms_samples": [1000 * s for s in replay.latency_s],
             "policy_calls": len(replay.latency_s), "reuses": replay.reuses,
-            "gate_ms_samples": [1000 * s for s in replay.gate_s],
+            "gate_ms_samples": [1000 * s for s in replay.gate_s], "boundary_jumps": replay.boundary_jumps,
         }
     return {"name": episode.name, "task": episode.task, "instruction": episode.instruction,
             "length": episode.length, "profiles": profiles}
@@ -156,6 +162,7 @@ def aggregate(episodes: list[dict], profile_names: list[str]) -> dict[str, dict]
             "policy_calls": sum(row["policy_calls"] for _, row in rows),
             "reuses": sum(row["reuses"] for _, row in rows), "steps": steps,
             "gate_ms_p50": percentiles_ms([x / 1000 for _, row in rows for x in row["gate_ms_samples"]])["p50"],
+            **jump_statistics([x for _, row in rows for x in row["boundary_jumps"]]),
         }
         if name == "none":
             baseline_p50 = p["p50"]
@@ -163,6 +170,11 @@ def aggregate(episodes: list[dict], profile_names: list[str]) -> dict[str, dict]
         row["speedup_p50_vs_none"] = baseline_p50 / row["latency_ms_p50"] if baseline_p50 and row["latency_ms_p50"] \
             else None
     return table
+
+
+def jump_statistics(jumps: list[float]) -> dict:
+    return {"boundary_jump_mean": float(np.mean(jumps)) if jumps else None,
+            "boundary_jump_p99": float(np.percentile(jumps, 99)) if jumps else None}
 
 
 def governor_decisions(table: dict, episodes: list[dict], budget_ms: float) -> dict:
@@ -189,19 +201,24 @@ def markdown(report: dict) -> str:
     lines = [f"# vla-replay: {report['policy']} over {report['source']}", ""]
     if report.get("command"):
         lines += [f"Command: `{report['command']}`", ""]
+    ticks = report.get("latency_ticks")
+    played = f", {ticks} ticks of latency played in" if ticks is not None else ""
     lines += [f"{len(report['episodes'])} episode(s), {report['steps']} steps, a policy call every "
-              f"{report['query_every']} steps (open loop); latency on {report['device']}. `vs none`: the same "
+              f"{report['query_every']} steps (open loop{played}; chunking "
+              f"{report.get('chunking', 'naive')}); latency on {report['device']}. `vs none`: the same "
               "policy without acceleration, replayed separately (a `none` row measures run-to-run "
               "determinism: it must be 0).", "",
               "| profile | MSE vs logged | MSE vs none | latency p50 / p95 (ms) | speed-up p50 | policy calls "
-              "| reuses | reuse check p50 (ms) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| reuses | reuse check p50 (ms) | jump at chunk boundaries mean / p99 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in report["profiles"].items():
         speedup = f"{row['speedup_p50_vs_none']:.2f}x" if row["speedup_p50_vs_none"] else "-"
         lines.append(f"| {name} | {row['action_mse_vs_logged']:.4f} | {row['action_mse_vs_none']:.4f} | "
                      f"{row['latency_ms_p50']:.1f} / {row['latency_ms_p95']:.1f} | {speedup} | "
                      f"{row['policy_calls']} | {row['reuses']} | "
-                     + (f"{row['gate_ms_p50']:.1f} |" if row["gate_ms_p50"] is not None else "- |"))
+                     + (f"{row['gate_ms_p50']:.1f} | " if row["gate_ms_p50"] is not None else "- | ")
+                     + (f"{row['boundary_jump_mean']:.3f} / {row['boundary_jump_p99']:.3f} |"
+                        if row["boundary_jump_mean"] is not None else "- |"))
     lines += ["", "Per action dimension, MSE vs logged:", "",
               "| profile | " + " | ".join(f"dim {i}" for i in range(report["action_dim"])) + " |",
               "|---|" + "---:|" * report["action_dim"]]
@@ -286,13 +303,20 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     profiles = [load_profile(p, {m: s for m, s in options.items() if m in p.methods}) for p in profiles]
     policy = factory()
     query_every = cfg.query_every or policy.spec.actions_per_chunk or 1
+    if cfg.chunking not in CHUNKING:
+        raise UsageError(f"Unknown chunking '{cfg.chunking}'; choose one of {', '.join(CHUNKING)}")
+    if cfg.chunking == "rtc":
+        if cfg.latency_ticks is None:
+            raise UsageError("chunking=rtc follows the actions a robot runs while the policy computes: give "
+                             "latency_ticks=<control ticks of latency>")
+        policy = RealTimeChunking(policy, RTCConfig(**as_dict(cfg.rtc)))
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     calibration_dir = cfg.calibration_dir or default_calibration_dir(policy) or tempfile.mkdtemp(
         prefix="calibration-", dir=output_dir)
     execution = exec_config(cfg.exec if isinstance(cfg.exec, str) else as_dict(cfg.exec))
     replayer = Replayer(policy, policy_name, profiles, calibration_dir, positive_int(cfg, "calibration_frames"),
-                        query_every, execution)
+                        query_every, execution, cfg.latency_ticks)
     for profile in profiles:  # every incompatibility is reported before any replay
         replayer.accelerator.check(profile)
     topics = TopicMap(**{**as_dict(cfg.topics), "action_dim": cfg.topics.action_dim or policy.spec.action_dim})
@@ -301,6 +325,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     names = [p.name for p in profiles]
     report = {"command": command, "source": str(cfg.source), "policy": policy_name, "accel": names,
               "profile_methods": {p.name: p.methods for p in profiles}, "query_every": query_every,
+              "latency_ticks": cfg.latency_ticks, "chunking": cfg.chunking,
               "device": f"CPU, {torch.get_num_threads()} torch threads", "error": None, "trace_plots": [],
               "action_dim": None}
     episodes: list[dict] = []

@@ -148,11 +148,8 @@ class LoopMetrics:
             "stale_holds": self.safety_events["stale"], "clipped": self.safety_events["clipped"],
             "reuses": self.reuses, "discarded_actions": self.discarded_actions,
             "profile_switches": self.profile_switches,
-            "boundary_jump": {"mean": float(np.mean(self.boundary_jumps)) if self.boundary_jumps else None,
-                              "p99": float(np.percentile(self.boundary_jumps, 99)) if self.boundary_jumps else None,
-                              "count": len(self.boundary_jumps)},
-            "rtc_delay_ticks_p50": float(np.median(self.rtc_delays)) if self.rtc_delays else None,
-            "rtc_delay_clamped": self.rtc_delay_clamped,
+            "boundary_jumps": [round(jump, 6) for jump in self.boundary_jumps],  # pooled over episodes by callers
+            "rtc_delays": list(self.rtc_delays), "rtc_delay_clamped": self.rtc_delay_clamped,
         }
 
 

@@ -73,7 +73,18 @@ def _loop_totals(loops: Sequence[dict]) -> dict:
     jitter_p99 = [loop["tick_jitter_ms"]["p99"] for loop in loops if loop["tick_jitter_ms"]["p99"] is not None]
     totals["tick_jitter_ms_p99_max"] = max(jitter_p99) if jitter_p99 else None
     totals["profile_switches"] = sum(len(loop["profile_switches"]) for loop in loops)
+    # Smoothness: the jump between the last action of one chunk and the first of the next, pooled.
+    jumps = [jump for loop in loops for jump in loop["boundary_jumps"]]
+    totals["boundary_jump_mean"] = float(np.mean(jumps)) if jumps else None
+    totals["boundary_jump_p99"] = float(np.percentile(jumps, 99)) if jumps else None
+    delays = [delay for loop in loops for delay in loop["rtc_delays"]]
+    totals["rtc_delay_ticks_p50"] = float(np.median(delays)) if delays else None
+    totals["rtc_delay_clamped"] = sum(loop["rtc_delay_clamped"] for loop in loops)
     return totals
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -102,7 +113,10 @@ def markdown_summary(results: dict, title: str) -> str:
     if loop:
         lines.append(f"Control loop: {loop['ticks']} ticks, miss rate {loop['miss_rate']:.1%}, "
                      f"faults {loop['faults']}, reuses {loop['reuses']}, "
-                     f"discarded actions {loop['discarded_actions']}.")
+                     f"discarded actions {loop['discarded_actions']}; jump at chunk boundaries mean "
+                     f"{_fmt(loop['boundary_jump_mean'])}, p99 {_fmt(loop['boundary_jump_p99'])}"
+                     + (f"; rtc delay p50 {loop['rtc_delay_ticks_p50']:g} ticks" if loop["rtc_delay_ticks_p50"]
+                        is not None else "") + ".")
     if results["errors"]:
         errors = results["errors"]
         lines.append(f"**{len(errors)} episode(s) ended in an error**, first: {errors[0]}")
