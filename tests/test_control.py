@@ -76,6 +76,12 @@ def test_latency_from_predicted_p95_also_avoids_misses():
     assert loop.run(400).misses == 0
 
 
+def test_a_request_threshold_is_a_floor_under_the_latency_rule():
+    # 0 ms latency alone would ask when 1 action is left; a floor of 6 replans every 2 ticks instead.
+    metrics = simulated_loop(ChunkPolicy(horizon=8), latency_ms=0, request_when="latency", request_threshold=6).run(40)
+    assert metrics.misses == 0 and metrics.policy_calls == 20
+
+
 def test_latency_above_chunk_duration_counts_misses_and_discards_late_actions():
     # 8 actions = 100 ms but each chunk takes 200 ms: the robot holds between chunks.
     robot = FakeRobot()

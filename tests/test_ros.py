@@ -180,7 +180,7 @@ def test_closed_loop_episode_with_faults_estop_and_bag(ros_domain, tmp_path):
 
 def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
     """A budget no call can meet: after one window of calls the governor leaves `none` for `bac`, and the
-    node's policy then runs with bac applied."""
+    node's policy then runs with bac applied; with real-time chunking on, outermost on the head's step."""
     speed_up_thread_switching()
     rclpy.init()
     executor = MultiThreadedExecutor(num_threads=2)
@@ -188,7 +188,7 @@ def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
     try:
         control = ControlNode(parameter_overrides={
             "policy": "ref_dit", "control_hz": CONTROL_HZ, "num_threads": 1, "instruction": "close the drawer",
-            "accel_ladder": ["none", "bac"], "budget_ms": 1.0})
+            "accel_ladder": ["none", "bac"], "budget_ms": 1.0, "chunking": "rtc"})
         assert control.profiles.active == "none" and control.profiles.handle is None
         probe = Probe(rclpy.create_node("probe"))
         executor.add_node(control)
@@ -208,6 +208,7 @@ def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
         assert summary["profile_switches"][0]["from"] == "none" and summary["profile_switches"][0]["to"] == "bac"
         assert summary["policy_calls"] >= 20  # one full governor window under `none`
         assert control.profiles.handle is not None and control.profiles.handle.profile.name == "bac"
+        assert summary["policy_errors"] == 0 and control.loop.metrics.rtc_delays  # guided requests, none failed
     finally:
         executor.shutdown()
         if control is not None:

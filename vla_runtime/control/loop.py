@@ -83,7 +83,8 @@ class SimulatedClock:
 class RuntimeConfig:
     control_hz: float = 80.0
     # Ask for a new chunk when at most `request_threshold` actions are left ("count"), or when the
-    # actions left last less than the predicted latency (p95 of the recent calls) ("latency").
+    # actions left last less than the predicted latency (p95 of the recent calls), or at most
+    # `request_threshold` are left ("latency": chunks are replanned at least that early, and early enough).
     request_when: str = "count"
     request_threshold: int = 0
     execute_horizon: int | None = None  # actions of each chunk that are queued (None: all)
@@ -205,7 +206,8 @@ class ControlLoop:
         actions_left = len(self.action_queue)
         if self.config.request_when == "count":
             return actions_left <= self.config.request_threshold
-        return actions_left * self.period <= self._predicted_latency_s() + self.period
+        return actions_left <= self.config.request_threshold or \
+            actions_left * self.period <= self._predicted_latency_s() + self.period
 
     def _queue(self, first_tick: int, chunk: ActionChunk, now: int) -> None:
         self.action_queue.merge(first_tick, chunk.actions[: self.config.execute_horizon], now)
