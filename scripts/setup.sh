@@ -77,7 +77,10 @@ install_lavapipe() {
 }
 
 case "${1:-}" in
-    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero,simpler]"; install_lavapipe ;;
+    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero,simpler]"; install_lavapipe
+           # openpi's own client, which the serving tests drive the server with; it pins numpy < 2, which its
+           # websocket client (websockets + msgpack, both ours) does not need.
+           .venv/bin/python -m pip install -q --no-deps openpi-client==0.1.2 ;;
     --simpler) .venv/bin/python -m pip install -q ".[simpler]"; install_lavapipe ;;
     --ros) .venv/bin/python -m pip install -q ".[ros]" ;;
     --libero) .venv/bin/python -m pip install -q ".[libero]" ;;

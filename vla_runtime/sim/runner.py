@@ -156,6 +156,18 @@ class EvalJob:
     seed: int
 
 
+def accelerate(policy: Policy, suite: Suite, accel: dict):
+    """Applies `accel` (see EpisodeWorker) to `policy`, calibrated on `suite`'s expert observations; a compiled
+    backend is warmed up now, so that the first episode's (or request's) latency is the policy's own."""
+    source = calibration_source(suite, accel["calibration_tasks"], accel["calibration_per_task"])
+    accelerator = Accelerator(policy, source, accel["calibration_dir"], accel["policy_name"],
+                              execution=accel.get("execution"))
+    handle = accelerator.apply(accel["profile"])
+    if handle.execution is not None:
+        accelerator.warm_up()
+    return handle
+
+
 class EpisodeWorker:
     """Holds one policy and one env per task; runs jobs. Lives in a worker process (or inline).
 
@@ -197,13 +209,7 @@ class EpisodeWorker:
         self.envs: dict[str, Env] = {}
 
     def _accelerate(self, accel: dict):
-        source = calibration_source(self.suite, accel["calibration_tasks"], accel["calibration_per_task"])
-        accelerator = Accelerator(self.policy, source, accel["calibration_dir"], accel["policy_name"],
-                                  execution=accel.get("execution"))
-        handle = accelerator.apply(accel["profile"])
-        if handle.execution is not None:  # compiled before the first episode: its latency is the policy's own
-            accelerator.warm_up()
-        return handle
+        return accelerate(self.policy, self.suite, accel)
 
     def _safety(self, options: dict) -> SafetyConfig:
         """The runtime's safety settings, with the suite's action limits and held dimensions by default."""

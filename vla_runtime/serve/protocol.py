@@ -1,0 +1,114 @@
+"""The wire format of `vla-serve`: openpi's websocket protocol, so `openpi-client` speaks to it unchanged.
+
+On connect the server sends its metadata; then each binary message is an observation dict and each answer
+`{"actions": [H, A], "server_timing": {...}}`, msgpack-encoded with numpy arrays as openpi's `msgpack_numpy`
+writes them ({"__ndarray__": True, "data", "dtype", "shape"}). An error is answered with a text message
+(openpi's client raises it). Only plain numeric arrays are decoded: nothing is ever unpickled, and an object
+array is refused rather than built.
+
+`ObservationKeys` maps a request's keys to the policy's cameras, state and instruction (openpi's example keys
+by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from vla_runtime.types import Observation, PolicySpec
+
+NUMERIC_KINDS = "biuf"  # bool, signed / unsigned integers, floats
+
+
+class ProtocolError(ValueError):
+    """A request the server answers with an error (and stays up)."""
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray | np.generic) and obj.dtype.kind not in NUMERIC_KINDS:
+        raise ProtocolError(f"cannot send an array of dtype {obj.dtype}: numeric arrays only")
+    if isinstance(obj, np.ndarray):
+        return {b"__ndarray__": True, b"data": np.ascontiguousarray(obj).tobytes(), b"dtype": obj.dtype.str,
+                b"shape": obj.shape}
+    if isinstance(obj, np.generic):
+        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+    return obj
+
+
+def _decode(obj: dict) -> Any:
+    if b"__ndarray__" not in obj and b"__npgeneric__" not in obj:
+        return obj
+    try:
+        dtype = np.dtype(obj[b"dtype"])
+        if dtype.kind not in NUMERIC_KINDS:
+            raise ProtocolError(f"refused an array of dtype {dtype}: numeric arrays only")
+        if b"__npgeneric__" in obj:
+            return dtype.type(obj[b"data"])
+        # A copy: a view would keep the whole message alive, and be read-only.
+        return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"]).copy()
+    except ProtocolError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed array in the message: {exc}") from exc
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_encode)
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, object_hook=_decode, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise ProtocolError(f"not a msgpack message: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ObservationKeys:
+    """Which request key is what. `images`: camera -> key; empty: the policy's cameras in order take
+    `observation/image`, `observation/wrist_image`, ... (openpi's examples)."""
+
+    images: dict[str, str] = field(default_factory=dict)
+    state: str = "observation/state"
+    prompt: str = "prompt"
+
+    def image_keys(self, cameras: tuple[str, ...]) -> dict[str, str]:
+        if self.images:
+            return dict(self.images)
+        defaults = ["observation/image", "observation/wrist_image"]
+        return {camera: defaults[i] if i < len(defaults) else f"observation/image_{i}"
+                for i, camera in enumerate(cameras)}
+
+    def to_observation(self, message: Any, spec: PolicySpec, timestamp: float) -> Observation:
+        """The request as the policy's `Observation`; a ProtocolError naming what is missing or mis-shaped."""
+        if not isinstance(message, dict):
+            raise ProtocolError(f"expected an observation dict, got {type(message).__name__}")
+        height, width = spec.image_size
+        images = {}
+        for camera, key in self.image_keys(spec.cameras).items():
+            image = message.get(key)
+            if not isinstance(image, np.ndarray) or image.shape != (height, width, 3) or image.dtype != np.uint8:
+                got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+                raise ProtocolError(f"'{key}' (camera {camera}) must be a uint8 {height}x{width}x3 image, got {got}")
+            images[camera] = image
+        state = message.get(self.state)
+        if spec.state_dim:
+            state = np.asarray(state if state is not None else [], dtype=np.float32).reshape(-1)
+            if state.shape != (spec.state_dim,) or not np.all(np.isfinite(state)):
+                raise ProtocolError(f"'{self.state}' must be {spec.state_dim} finite numbers, got {state.tolist()}")
+        else:
+            state = np.zeros(0, np.float32)
+        prompt = message.get(self.prompt, "")
+        if not isinstance(prompt, str):
+            raise ProtocolError(f"'{self.prompt}' must be a string, got {type(prompt).__name__}")
+        return Observation(images, state, prompt, timestamp)
+
+    def to_message(self, obs: Observation, cameras: tuple[str, ...]) -> dict:
+        """An `Observation` as a request (the remote policy's side)."""
+        message = {key: obs.images[camera] for camera, key in self.image_keys(cameras).items()}
+        return {**message, self.state: np.asarray(obs.state, np.float32), self.prompt: obs.instruction}

@@ -1,0 +1,81 @@
+"""A policy on a `vla-serve` (or any openpi-protocol) server, as a local `Policy`: `policy=remote
+policy.url=ws://host:8000`. The control loop, vla-eval, vla-replay and the ROS node use it like any other; its
+latency then includes the network. A server that is down or dies makes `predict_chunk` raise (the loop counts a
+policy error and holds the robot) and the next call tries to connect again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+from vla_runtime.policies.registry import register_policy
+from vla_runtime.serve.protocol import ObservationKeys, ProtocolError, pack, unpack
+from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
+
+
+class RemotePolicy:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0,
+                 keys: ObservationKeys | None = None):
+        self.url = url
+        self.token = token
+        self.timeout_s = timeout_s
+        self.keys = keys or ObservationKeys()
+        self._ws: ClientConnection | None = None
+        self.metadata = self._connect()
+        spec = {f.name: self.metadata["spec"][f.name] for f in dataclasses.fields(PolicySpec)
+                if f.name in self.metadata["spec"]}
+        self.spec = PolicySpec(**{**spec, "cameras": tuple(spec.get("cameras", ())),
+                                  "image_size": tuple(spec["image_size"]) if spec.get("image_size") else None})
+        self.structure = PolicyStructure()  # nothing to hook here: acceleration runs on the server
+
+    def _connect(self) -> dict:
+        headers = {"Authorization": f"Api-Key {self.token}"} if self.token else None
+        try:
+            # Entered as a context (websockets 17 deprecates a bare connect); `close` closes it.
+            self._ws = connect(self.url, compression=None, max_size=None, additional_headers=headers,
+                               open_timeout=self.timeout_s).__enter__()
+            return unpack(self._ws.recv(timeout=self.timeout_s))
+        except (OSError, TimeoutError, WebSocketException, ProtocolError) as exc:
+            self._ws = None
+            raise ConnectionError(f"no policy server at {self.url}: {exc}") from exc
+
+    def _call(self, message: dict):
+        if self._ws is None:
+            self._connect()
+        try:
+            self._ws.send(pack(message))
+            reply = self._ws.recv(timeout=self.timeout_s)
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            self._ws.close()
+            self._ws = None
+            raise ConnectionError(f"policy server {self.url}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(reply, str):
+            raise RuntimeError(f"policy server {self.url}: {reply}")
+        return unpack(reply)
+
+    def reset(self) -> None:
+        self._call({"reset": True})
+
+    def predict_chunk(self, obs: Observation) -> ActionChunk:
+        reply = self._call(self.keys.to_message(obs, self.spec.cameras))
+        actions = np.asarray(reply["actions"], dtype=np.float32)
+        if actions.ndim != 2 or actions.shape[1] != self.spec.action_dim:
+            raise RuntimeError(f"policy server {self.url} sent actions of shape {actions.shape}, "
+                               f"expected [H, {self.spec.action_dim}]")
+        return ActionChunk(actions, t0=obs.timestamp, dt=self.spec.control_dt or 0.0,
+                           info={"server_timing": reply.get("server_timing", {})})
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+
+
+@register_policy("remote")
+def remote(url: str, token: str | None = None, timeout_s: float = 30.0,
+           observation_keys: dict | None = None) -> RemotePolicy:
+    return RemotePolicy(url, token, timeout_s, ObservationKeys(**(observation_keys or {})))
