@@ -65,7 +65,8 @@ def unpack(data: bytes) -> Any:
     except ProtocolError:
         raise
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
-        raise ProtocolError(f"not a msgpack message: {exc}") from exc
+        raise ProtocolError(f"not a msgpack message ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") \
+            from exc
 
 
 @dataclass(frozen=True)
