@@ -5,6 +5,7 @@
 #   bash scripts/setup.sh --ros     # users: plus ROS 2 (rclpy wheels, MCAP): vla-robot, the control node
 #   bash scripts/setup.sh --libero  # users: plus the LIBERO simulator and its assets (~650 MB): sim=libero
 #   bash scripts/setup.sh --simpler # users: plus ManiSkill3 / SAPIEN and a Vulkan driver: sim=simpler_bridge
+#   bash scripts/setup.sh --ray     # users: plus Ray, for vla-eval / vla-bench launcher=ray
 #   bash scripts/setup.sh --lerobot # LeRobot policies and datasets: a second venv, .venv-lerobot (Python 3.12,
 #                                   # torch < 2.12, lerobot 0.6.1; ~2.2 GB download), editable, with pytest and ROS 2
 #   bash scripts/setup.sh --dev     # developers and CI: editable, plus pytest, ruff, ROS 2, LIBERO and SIMPLER
@@ -77,13 +78,14 @@ install_lavapipe() {
 }
 
 case "${1:-}" in
-    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero,simpler]"; install_lavapipe
+    --dev) .venv/bin/python -m pip install -q -e ".[dev,ros,libero,simpler,ray]"; install_lavapipe
            # openpi's own client, which the serving tests drive the server with; it pins numpy < 2, which its
            # websocket client (websockets + msgpack, both ours) does not need.
            .venv/bin/python -m pip install -q --no-deps openpi-client==0.1.2 ;;
     --simpler) .venv/bin/python -m pip install -q ".[simpler]"; install_lavapipe ;;
     --ros) .venv/bin/python -m pip install -q ".[ros]" ;;
     --libero) .venv/bin/python -m pip install -q ".[libero]" ;;
+    --ray) .venv/bin/python -m pip install -q ".[ray]" ;;
     "") .venv/bin/python -m pip install -q . ;;
-    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero | --simpler | --lerobot]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/setup.sh [--dev | --ros | --libero | --simpler | --ray | --lerobot]" >&2; exit 2 ;;
 esac

@@ -199,7 +199,8 @@ def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, rows: l
             print(f"success: {row.name}, {mode}")
             episodes = evaluate(factory, sim, tasks,
                                 positive_int(cfg, "episodes_per_task"), workers=positive_int(cfg, "workers"),
-                                realtime=realtime_options(runtime), accel=accel, policy_name=policy_name)
+                                realtime=realtime_options(runtime), accel=accel, policy_name=policy_name,
+                                launcher=cfg.launcher, ray_address=cfg.ray_address)
             summary = summarize(episodes, tasks)
             successes = sum(task["successes"] for task in summary["per_task"].values())
             out[row.name][mode] = {

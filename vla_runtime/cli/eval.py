@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from vla_runtime.accel.profiles import Profile, load_profile
 from vla_runtime.cli import CONFIG_PATH
@@ -78,6 +79,29 @@ def episode_dataset(cfg: DictConfig, sim: Suite, output_dir: Path) -> str | None
     return str(store.root)
 
 
+# What must not change between a run and its resumption (the rest, e.g. workers or launcher, may).
+RUN_IDENTITY = ("policy", "sim", "tasks", "episodes_per_task", "actions_per_chunk", "runtime", "accel",
+                "accel_options", "exec")
+
+
+def episode_journal(cfg: DictConfig, output_dir: Path) -> Path:
+    """output_dir/episodes.jsonl, where each finished episode is appended. `resume=true` keeps what it holds,
+    after checking that the run is the same one (run.json); else the run starts afresh."""
+    journal, identity_path = output_dir / "episodes.jsonl", output_dir / "run.json"
+    identity = {key: as_dict(cfg[key]) if isinstance(cfg[key], DictConfig | ListConfig) else cfg[key]
+                for key in RUN_IDENTITY}
+    if cfg.resume and identity_path.exists():
+        before = json.loads(identity_path.read_text())
+        changed = [key for key in RUN_IDENTITY if before.get(key) != identity[key]]
+        if changed:
+            raise UsageError(f"resume=true, but {output_dir} holds a run with other {', '.join(changed)}; "
+                             "use another output_dir or the same settings")
+    elif journal.exists():
+        journal.unlink()
+    write_json(identity_path, identity)
+    return journal
+
+
 def describe_runtime(runtime: DictConfig) -> str:
     if runtime.mode == "sync":
         return "sync"
@@ -94,6 +118,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     output_dir = Path(cfg.output_dir)
     realtime = realtime_options(cfg.runtime)
     accel = accel_options(cfg, policy_name, tasks)
+    journal = episode_journal(cfg, output_dir)
     episodes = evaluate(
         factory,
         sim,
@@ -106,6 +131,9 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         accel=accel,
         episodes_dir=episode_dataset(cfg, sim, output_dir),
         policy_name=policy_name,
+        launcher=cfg.launcher,
+        ray_address=cfg.ray_address,
+        journal=journal,
     )
     sim_name = cfg.sim.name + (f" ({sim.label})" if sim.label else "")
     results = {"command": command, "policy": policy_name, "sim": sim_name, "runtime_mode": cfg.runtime.mode,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,31 @@ class EpisodeResult:
     @property
     def policy_calls(self) -> int:
         return len(self.inference_latency_s)
+
+    def to_json(self) -> str:
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name != "trajectory"})
+
+    @classmethod
+    def from_json(cls, line: str) -> EpisodeResult:
+        return cls(**json.loads(line))
+
+
+def read_journal(path: Path) -> dict[tuple[str, int], EpisodeResult]:
+    """The episodes a run already finished, by (task, seed). A last line cut short by a kill is ignored (that
+    episode runs again); anything else unreadable is an error naming the file and line."""
+    done: dict[tuple[str, int], EpisodeResult] = {}
+    if not path.exists():
+        return done
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            result = EpisodeResult.from_json(line)
+        except (json.JSONDecodeError, TypeError) as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not an episode result ({exc})") from exc
+        done[(result.task, result.seed)] = result
+    return done
 
 
 def run_episode(
@@ -287,6 +313,9 @@ def _run_in_worker(job: Any) -> Any:
     return _worker.run(job)
 
 
+LAUNCHERS = ("local", "ray")
+
+
 class WorkerPool:
     """Runs `worker_cls(*args).run(job)` in `workers` spawned processes, or inline when workers == 1.
 
@@ -338,22 +367,44 @@ def evaluate(
     accel: dict | None = None,
     episodes_dir: str | None = None,
     policy_name: str = "this policy",
+    launcher: str = "local",
+    ray_address: str | None = None,
+    journal: str | Path | None = None,
 ) -> list[EpisodeResult]:
     """Episodes on the eval seeds: episode i of every task starts from eval seed i. `episodes_dir`: an
     episode dataset (already created) that keeps every episode's frames, states and actions.
-    `policy_name`: what errors call the policy.
+    `policy_name`: what errors call the policy. `launcher`: `local` (worker processes) or `ray` (actors, on
+    `ray_address` or a local cluster). `journal`: a file each finished episode is appended to; the episodes it
+    already holds are not run again (a resumed sweep).
 
     `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
     """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"Unknown launcher '{launcher}'; choose one of {', '.join(LAUNCHERS)}")
     seeds = suite.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
-    results: list[EpisodeResult] = []
+    journal = Path(journal) if journal else None
+    done = read_journal(journal) if journal else {}
+    if done:  # rewritten clean: a line cut short by a kill must not run into the next one appended
+        journal.write_text("".join(result.to_json() + "\n" for result in done.values()))
+    results = [done[key] for key in ((job.task, job.seed) for job in jobs) if key in done]
+    todo = [job for job in jobs if (job.task, job.seed) not in done]
     worker_args = (policy_factory, suite, actions_per_chunk, video_dir, realtime, accel, episodes_dir,
                    policy_name)
-    with WorkerPool(EpisodeWorker, worker_args, min(workers, len(jobs))) as pool, \
-            tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
-        for result in pool.imap_unordered(jobs):
-            results.append(result)
-            bar.update()
+    with tqdm(total=len(jobs), initial=len(results), desc="episodes", unit="ep", disable=not progress) as bar:
+        if todo:
+            if launcher == "ray":
+                from vla_runtime.sim.ray_pool import RayPool
+
+                pool = RayPool(EpisodeWorker, worker_args, min(workers, len(todo)), ray_address)
+            else:
+                pool = WorkerPool(EpisodeWorker, worker_args, min(workers, len(todo)))
+            with pool:
+                for result in pool.imap_unordered(todo):
+                    results.append(result)
+                    if journal is not None:
+                        with journal.open("a") as f:
+                            f.write(result.to_json() + "\n")
+                    bar.update()
     order = {(job.task, job.seed): i for i, job in enumerate(jobs)}
     return sorted(results, key=lambda r: order[(r.task, r.seed)])
