@@ -63,12 +63,17 @@ def spin_node(node_class: Callable[[], Node], args: list[str] | None = None) -> 
         rclpy.try_shutdown()
 
 
-def suite_options(text: str) -> dict:
-    """The `suite_options` parameter: a JSON object of suite settings."""
+def json_object(text: str, parameter: str, what: str) -> dict:
+    """A parameter holding a JSON object of `what`."""
     try:
         options = json.loads(text or "{}")
     except json.JSONDecodeError as exc:
-        raise ValueError(f"suite_options is not JSON ({exc}): {text!r}") from exc
+        raise ValueError(f"{parameter} is not JSON ({exc}): {text!r}") from exc
     if not isinstance(options, dict):
-        raise ValueError(f"suite_options must be a JSON object of suite settings, got {text!r}")
+        raise ValueError(f"{parameter} must be a JSON object of {what}, got {text!r}")
     return options
+
+
+def suite_options(text: str) -> dict:
+    """The `suite_options` parameter: a JSON object of suite settings."""
+    return json_object(text, "suite_options", "suite settings")

@@ -36,6 +36,7 @@ from vla_runtime.ros.common import (
     answer_trigger,
     as_parameters,
     camera_topic,
+    json_object,
     speed_up_thread_switching,
     spin_node,
     suite_options,
@@ -102,9 +103,13 @@ class ControlNode(Node):
     def _build_policy(self, p: dict, suite) -> Policy:
         from vla_runtime.policies import make_policy
 
-        options = {"checkpoint": p["checkpoint"]} if p["checkpoint"] else {}
-        if p["num_threads"]:
-            options["num_threads"] = p["num_threads"]
+        options = json_object(p["policy_options"], "policy_options", "policy settings")
+        if p["checkpoint"]:
+            options["checkpoint"] = p["checkpoint"]
+        if p["num_threads"]:  # this process's torch threads, whichever policy (a remote one computes elsewhere)
+            import torch
+
+            torch.set_num_threads(p["num_threads"])
         return make_policy(p["policy"], suite=suite, **options)
 
     def _robot(self, p: dict, suite) -> TopicRobot:

@@ -9,6 +9,7 @@ from rclpy.node import Node
 CONTROL = {
     "policy": ("ref_dit", "registered policy name"),
     "checkpoint": ("", "checkpoint directory of that policy ('': the shipped one)"),
+    "policy_options": ("{}", 'more settings of that policy, a JSON object (policy=remote: {"url": "ws://gpu:8000"})'),
     "suite": ("metaworld", "simulator suite whose expert episodes calibrate acceleration methods (when the "
                            "checkpoint ships no calibration artifact) and that random-weight policies are shaped for"),
     "suite_options": ("{}", 'more settings of that suite, a JSON object (SIMPLER offline: {"asset_dir": "<bundle>"})'),
