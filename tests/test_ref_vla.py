@@ -254,3 +254,16 @@ def test_checkpoint_keys_follow_this_transformers_vit_layout():
            "lm.layers.3.mlp.down_proj.weight": 3}
     assert match_vit_layout(old, new) == new and match_vit_layout(new, old) == old
     assert match_vit_layout(new, new) is new
+
+
+def test_a_saved_model_reloads_for_another_chunk_length_and_nothing_else(tmp_path, tokenizer):
+    policy = tiny_policy(tokenizer, "dit", chunk_size=4)
+    save_model(tmp_path, policy.model, policy.normalizer, policy.tokenizer)
+    model, _, _ = load_model(tmp_path, {"chunk_size": 16, "actions_per_chunk": 8})
+    assert model.config.chunk_size == 16 and model.dit.position.shape[1] == 16
+    # The ends of the resampled position embedding are the saved ones; every other weight is unchanged.
+    saved = policy.model.dit.position[0]
+    assert torch.allclose(model.dit.position[0, [0, -1]], saved[[0, -1]])
+    assert torch.equal(model.dit.blocks[0].mlp[0].weight, policy.model.dit.blocks[0].mlp[0].weight)
+    with pytest.raises(CheckpointError, match="only chunk_size, actions_per_chunk"):
+        load_model(tmp_path, {"lm_layers": 2})
