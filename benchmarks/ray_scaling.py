@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--episodes-per-task", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/ray")
     args = parser.parse_args()
-    runs = {"serial (launcher=local, workers=1)": run(args, "serial", ["launcher=local", "workers=1"]),
+    # The serial run on one torch thread, as each actor has: another thread count changes float reductions, and
+    # a closed loop turns that into an episode a step longer or shorter.
+    runs = {"serial (launcher=local, workers=1, 1 thread)": run(args, "serial", ["launcher=local", "workers=1",
+                                                                                 "+policy.num_threads=1"]),
             "ray, 1 actor": run(args, "ray1", ["launcher=ray", "workers=1"]),
             "ray, 2 actors": run(args, "ray2", ["launcher=ray", "workers=2"])}
 
