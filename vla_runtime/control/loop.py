@@ -216,8 +216,10 @@ class ControlLoop:
     def _with_prefix(self, obs: Observation, tick: int) -> Observation:
         """rtc: the request carries the actions queued from this tick on and the delay expected before its
         chunk arrives (kept below the chunk's length: a longer one would leave the new chunk nothing to do)."""
+        if self.config.chunking != "rtc" or self.last_chunk is None:
+            return obs
         leftover = self.action_queue.upcoming(tick)
-        if self.config.chunking != "rtc" or not len(leftover) or self.last_chunk is None:
+        if not len(leftover):
             return obs
         delay = self.delays.ticks()
         horizon = len(self.last_chunk.actions)
