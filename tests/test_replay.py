@@ -62,6 +62,8 @@ def test_replay_plays_latency_in_and_real_time_chunking_smooths_the_boundaries(t
     assert rtc["boundary_jump_mean"] < naive["boundary_jump_mean"]
     with pytest.raises(UsageError, match="latency_ticks"):
         replay(tmp_path / "bad", dataset, "chunking=rtc")
+    with pytest.raises(UsageError, match="latency_ticks must be a whole number"):
+        replay(tmp_path / "bad", dataset, "latency_ticks=-2")
 
 
 def write_mcap_bag(path: Path, episode, image_encoding: str = "rgb8", skip_topic: str | None = None) -> None:

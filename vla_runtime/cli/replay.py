@@ -38,7 +38,7 @@ from vla_runtime.cli.common import (
 )
 from vla_runtime.control.executor import SyncExecutor
 from vla_runtime.control.governor import BudgetGovernor, Candidate
-from vla_runtime.control.loop import CHUNKING, percentiles_ms
+from vla_runtime.control.loop import CHUNKING, jump_statistics, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.control.rtc import RealTimeChunking, RTCConfig
 from vla_runtime.data.episodes import Episode
@@ -172,11 +172,6 @@ def aggregate(episodes: list[dict], profile_names: list[str]) -> dict[str, dict]
     return table
 
 
-def jump_statistics(jumps: list[float]) -> dict:
-    return {"boundary_jump_mean": float(np.mean(jumps)) if jumps else None,
-            "boundary_jump_p99": float(np.percentile(jumps, 99)) if jumps else None}
-
-
 def governor_decisions(table: dict, episodes: list[dict], budget_ms: float) -> dict:
     """Replays the measured latencies through the budget governor: the profile it starts with, each switch,
     and where it ends. Fidelity: lower action deviation from `none` is more faithful."""
@@ -305,6 +300,8 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     query_every = cfg.query_every or policy.spec.actions_per_chunk or 1
     if cfg.chunking not in CHUNKING:
         raise UsageError(f"Unknown chunking '{cfg.chunking}'; choose one of {', '.join(CHUNKING)}")
+    if cfg.latency_ticks is not None and (not isinstance(cfg.latency_ticks, int) or cfg.latency_ticks < 0):
+        raise UsageError(f"latency_ticks must be a whole number of control ticks >= 0, got {cfg.latency_ticks!r}")
     if cfg.chunking == "rtc":
         if cfg.latency_ticks is None:
             raise UsageError("chunking=rtc follows the actions a robot runs while the policy computes: give "

@@ -154,6 +154,12 @@ class LoopMetrics:
         }
 
 
+def jump_statistics(jumps: list[float]) -> dict[str, float | None]:
+    """Mean and p99 of chunk-boundary jumps (None when there are none)."""
+    return {"boundary_jump_mean": float(np.mean(jumps)) if jumps else None,
+            "boundary_jump_p99": float(np.percentile(jumps, 99)) if jumps else None}
+
+
 def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:
     """p50 / p95 / p99 in milliseconds of durations given in seconds (None when there are none)."""
     if not values_s:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vla_runtime.control.loop import percentiles_ms
+from vla_runtime.control.loop import jump_statistics, percentiles_ms
 from vla_runtime.sim.runner import EpisodeResult
 
 
@@ -74,9 +74,7 @@ def _loop_totals(loops: Sequence[dict]) -> dict:
     totals["tick_jitter_ms_p99_max"] = max(jitter_p99) if jitter_p99 else None
     totals["profile_switches"] = sum(len(loop["profile_switches"]) for loop in loops)
     # Smoothness: the jump between the last action of one chunk and the first of the next, pooled.
-    jumps = [jump for loop in loops for jump in loop["boundary_jumps"]]
-    totals["boundary_jump_mean"] = float(np.mean(jumps)) if jumps else None
-    totals["boundary_jump_p99"] = float(np.percentile(jumps, 99)) if jumps else None
+    totals.update(jump_statistics([jump for loop in loops for jump in loop["boundary_jumps"]]))
     delays = [delay for loop in loops for delay in loop["rtc_delays"]]
     totals["rtc_delay_ticks_p50"] = float(np.median(delays)) if delays else None
     totals["rtc_delay_clamped"] = sum(loop["rtc_delay_clamped"] for loop in loops)
