@@ -88,6 +88,11 @@ def test_wilson_interval(successes, trials, expected):
         ("runtime.mode=fast", "runtime.mode must be 'sync' or 'realtime', got 'fast'"),
         ("runtime.mode=realtime runtime.latency_model=recorded", "needs runtime.recorded_latencies"),
         ("policy=ref_dit policy.checkpoint=/nonexistent", "Checkpoint /nonexistent is missing config.json"),
+        ("policy=random launcher=slurm", "Unknown launcher 'slurm'; choose one of local, ray"),
+        ("policy=random runtime.chunking=rtc", "runtime.chunking=rtc acts on latency in the loop: it needs "
+                                               "runtime.mode=realtime"),
+        ("policy=random runtime.mode=realtime runtime.chunking=smooth", "Unknown chunking 'smooth'; choose one of "
+                                                                      "naive, rtc"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
@@ -169,3 +174,15 @@ def test_a_worker_holds_one_env_at_a_time():
     worker.run(EvalJob("drawer-close-v3", 0, suite.eval_seeds.seed(0)))
     assert closed == ["reach-v3"] and list(worker.envs) == ["drawer-close-v3"]
     worker.close()
+
+
+def test_resume_continues_only_the_same_run(tmp_path):
+    from vla_runtime.cli.common import UsageError
+    from vla_runtime.cli.eval import run
+
+    settings = ["policy=random", "tasks=[reach]", "workers=1", "sim.image_size=128"]
+    first = run(eval_config(tmp_path, *settings, "episodes_per_task=2"))
+    resumed = run(eval_config(tmp_path, *settings, "episodes_per_task=2", "resume=true"))
+    assert [e["seed"] for e in resumed["episodes"]] == [e["seed"] for e in first["episodes"]]
+    with pytest.raises(UsageError, match="holds a run with other episodes_per_task"):
+        run(eval_config(tmp_path, *settings, "episodes_per_task=3", "resume=true"))
