@@ -105,6 +105,38 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
     assert "Traceback" not in process.stderr
 
 
+@pytest.mark.parametrize(
+    ("cli", "override", "message"),
+    [
+        ("eval", "sim=no_such_suite", "Unknown sim 'no_such_suite'. Choices: libero, metaworld, simpler_bridge"),
+        ("eval", "policy=ref_dt", "Unknown policy 'ref_dt' (did you mean 'ref_dit'?). Choices: expert, lerobot,"),
+        ("eval", "runtime=fast", "Unknown runtime 'fast'. Choices: default"),
+        ("eval", "tasks=[drawer-opn]", "Unknown Meta-World task 'drawer-opn' (did you mean 'drawer-open-v3'?). "
+                                       "Valid task names: assembly-v3"),
+        ("eval", "accel=bacc", "Unknown accel profile or method 'bacc' (did you mean 'bac'?). Profiles: bac,"),
+        ("eval", "accel=[bac,head_cach]", "Unknown accel profile or method 'head_cach' (did you mean 'head_cache'?)"),
+        ("eval", "launcher=rey", "Unknown launcher 'rey' (did you mean 'ray'?); choose one of local, ray"),
+        ("eval", "exec=compil", "Unknown execution backend 'compil' (did you mean 'compile'?); choose one of eager,"),
+        ("eval", "episode_per_task=3", "Could not override 'episode_per_task'. To append to your config use "
+                                       "+episode_per_task=3 (did you mean 'episodes_per_task'?)"),
+        ("eval", "runtime.request_whn=count", "(did you mean 'request_when'?)"),
+        ("bench", "accel=[none,bacc]", "Unknown accel profile or method 'bacc' (did you mean 'bac'?)"),
+        ("bench", "sim=metawrld", "Unknown sim 'metawrld' (did you mean 'metaworld'?). Choices:"),
+        ("serve", "policy=no_such", "Unknown policy 'no_such'. Choices: expert,"),
+        ("train", "model=ref_dt", "Unknown model 'ref_dt' (did you mean 'ref_dit'?). Choices: ref_ar, ref_dit"),
+        ("collect", "sim=libro", "Unknown sim 'libro' (did you mean 'libero'?)"),
+    ],
+)
+def test_an_unknown_name_is_one_line_with_the_choices(tmp_path, cli, override, message):
+    """Hydra's own config-group and key errors included: one line on stderr, exit 2, as every other bad input."""
+    process = subprocess.run([sys.executable, "-m", f"vla_runtime.cli.{cli}", override], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path)
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.startswith("error: ") and process.stderr.count("\n") == 1, process.stderr
+    assert message in process.stderr
+    assert {path.name for path in tmp_path.iterdir()} <= {"outputs"}  # no log beside the user's files
+
+
 def test_eval_with_an_acceleration_profile_sync_and_realtime(tmp_path):
     calibration = tmp_path / "calibration"
     common = ["policy=ref_dit", "tasks=[drawer-close]", "episodes_per_task=1", "workers=1",

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vla_runtime.hooks import Handle, HookRegistry, ModelHook
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import Policy
 
 BACKENDS = ("eager", "compile", "cuda_graphs")
@@ -51,9 +52,11 @@ class ExecConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"Unknown execution backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+            raise ValueError(f"Unknown execution backend '{self.backend}'{did_you_mean(self.backend, BACKENDS)}; "
+                             f"choose one of {', '.join(BACKENDS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)} (or none)")
+            raise ValueError(f"Unknown dtype '{self.dtype}'{did_you_mean(self.dtype, DTYPES)}; "
+                             f"choose one of {', '.join(DTYPES)} (or none)")
 
     @property
     def changes_nothing(self) -> bool:

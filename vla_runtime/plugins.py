@@ -15,12 +15,19 @@ from a test, works without any entry point.
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices` to a mistyped `name`, else ""."""
+    close = difflib.get_close_matches(str(name), [str(choice) for choice in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class Registry(Generic[T]):
@@ -53,7 +60,8 @@ class Registry(Generic[T]):
         if name not in self._entries:
             self._load_plugins()
         if name not in self._entries:
-            raise ValueError(f"Unknown {self.kind} '{name}'. Registered: {', '.join(self.names()) or 'none'}")
+            raise ValueError(f"Unknown {self.kind} '{name}'{did_you_mean(name, self.names())}. "
+                             f"Registered: {', '.join(self.names()) or 'none'}")
         return self._entries[name]
 
     def items(self) -> list[tuple[str, T]]:

@@ -37,6 +37,7 @@ from vla_runtime.accel.calibration import load_artifact, save_artifact
 from vla_runtime.accel.method import METHODS, AccelMethod, exclusion_reason, methods_in_order
 from vla_runtime.execution import ExecConfig, apply_execution
 from vla_runtime.hooks import Handle
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import Observation, Policy
 
 
@@ -82,8 +83,9 @@ def load_profile(spec: str | list[str] | tuple[str, ...] | Profile, options: dic
             elif name in METHODS.names():
                 profile.methods.setdefault(name, {})
             else:
-                raise ValueError(f"Unknown accel profile or method '{name}'. Profiles: {', '.join(profile_names())}; "
-                                 f"methods: {', '.join(METHODS.names())}")
+                near = did_you_mean(name, [*profile_names(), *METHODS.names()])
+                raise ValueError(f"Unknown accel profile or method '{name}'{near}. "
+                                 f"Profiles: {', '.join(profile_names())}; methods: {', '.join(METHODS.names())}")
     for method, settings in (options or {}).items():
         if method not in profile.methods:
             raise ValueError(f"accel options for '{method}', which profile '{profile.name}' does not use "

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.profiles import Accelerator, Profile, load_profiles
-from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     as_dict,
     command_line,
-    friendly_errors,
+    hydra_cli,
     policy_factory,
     positive_int,
     suite,
@@ -325,8 +323,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     return bench
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="bench", version_base="1.3")
-@friendly_errors
+@hydra_cli("bench")
 def main(cfg: DictConfig) -> None:
     run(cfg, command_line("vla-bench"))
 

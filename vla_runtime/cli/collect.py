@@ -11,12 +11,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import friendly_errors, positive_int, suite, task_list
+from vla_runtime.cli.common import hydra_cli, positive_int, suite, task_list
 from vla_runtime.data.episodes import EpisodeStore
 from vla_runtime.data.lerobot_format import LEROBOT_SUBDIR, check_format, convert_store
 from vla_runtime.sim.runner import WorkerPool, run_episode
@@ -103,8 +101,7 @@ def collect(sim: Suite, tasks: list[str], episodes_per_task: int, output_dir: st
     return kept
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="collect", version_base="1.3")
-@friendly_errors
+@hydra_cli("collect")
 def main(cfg: DictConfig) -> None:
     episodes_per_task = positive_int(cfg, "episodes_per_task")
     max_attempts = cfg.max_attempts_per_task or 3 * episodes_per_task

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vla_runtime.cli import CONFIG_MODULE, CONFIG_PATH
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.suite import Suite
 from vla_runtime.types import Policy
 
@@ -44,7 +47,8 @@ def policy_spec(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     options = as_dict(cfg.policy)
     name = options.pop("name")
     if name not in policy_names():
-        raise UsageError(f"Unknown policy '{name}'. Registered policies: {', '.join(policy_names())}")
+        raise UsageError(f"Unknown policy '{name}'{did_you_mean(name, policy_names())}. "
+                         f"Registered policies: {', '.join(policy_names())}")
     return name, options
 
 
@@ -87,7 +91,66 @@ def friendly_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             return main(*args, **kwargs)
         # ImportError: an optional dependency (LIBERO, SIMPLER, lerobot) is missing; the message says how to add it.
         except (UsageError, ValueError, FileNotFoundError, ImportError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(exc))
 
     return wrapper
+
+
+def check_overrides(config_name: str, overrides: list[str], version_base: str | None) -> None:
+    """Composes `config_name` with the command line's overrides once before hydra runs, so that what hydra itself
+    refuses (an unknown config group option such as sim=no_such_suite, an unknown key, a malformed value) is one
+    line and exit 2 like every other bad input, with the valid choices and a near miss. Hydra's own flags
+    (--help, --cfg, -m, ...) are left to hydra."""
+    if any(arg.startswith("-") for arg in overrides):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base=version_base):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as exc:
+        group, _, name = (exc.missing_cfg_file or "").rpartition("/")
+        if not exc.options:  # not a group option: hydra's message says what is missing
+            _fail(" ".join(str(exc).split("Config search path")[0].split()))
+        _fail(f"Unknown {group} '{name}'{did_you_mean(name, exc.options)}. Choices: {', '.join(exc.options)}")
+    except HydraException as exc:
+        message = " ".join(str(exc).split())
+        key = re.match(r"Could not override '([^']+)'", message)
+        if key:
+            message += _near_key(config_name, key.group(1), version_base)
+        _fail(message)
+
+
+def _near_key(config_name: str, key: str, version_base: str | None) -> str:
+    """' (did you mean ...?)' for a mistyped config key, from the keys beside it in the composed config."""
+    from hydra import compose, initialize_config_module
+
+    parent, _, last = key.rpartition(".")
+    with initialize_config_module(CONFIG_MODULE, version_base=version_base):
+        node = OmegaConf.select(compose(config_name), parent) if parent else compose(config_name)
+    return did_you_mean(last, node.keys()) if isinstance(node, DictConfig) else ""
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def hydra_cli(config_name: str, version_base: str | None = "1.3") -> Callable[[Callable[[DictConfig], Any]], Callable]:
+    """`@hydra.main` for a vla_runtime CLI (configs from the package), with every known bad input one clear line and
+    exit 2: hydra's config errors by `check_overrides`, the task's own by `friendly_errors`."""
+    import hydra
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        hydra_main = hydra.main(config_path=CONFIG_PATH, config_name=config_name,
+                                version_base=version_base)(friendly_errors(task))
+
+        @functools.wraps(task)
+        def main() -> Any:
+            check_overrides(config_name, sys.argv[1:], version_base)
+            return hydra_main()
+
+        return main
+
+    return decorate

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import UsageError, friendly_errors, positive_int
+from vla_runtime.cli.common import UsageError, hydra_cli, positive_int
 from vla_runtime.data.lerobot_format import check_format, convert_store
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="convert", version_base="1.3")
-@friendly_errors
+@hydra_cli("convert")
 def main(cfg: DictConfig) -> None:
     if check_format(cfg.format) != "lerobot":
         raise UsageError(f"vla-convert writes format=lerobot (a native dataset is what it reads), got '{cfg.format}'")

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, ListConfig
 
 from vla_runtime.accel.profiles import Profile, load_profile
-from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     UsageError,
     as_dict,
     command_line,
-    friendly_errors,
+    hydra_cli,
     policy_factory,
     positive_int,
     suite,
@@ -160,8 +158,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     return results
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
-@friendly_errors
+@hydra_cli("eval")
 def main(cfg: DictConfig) -> None:
     run(cfg, command=command_line("vla-eval"))
 

@@ -17,7 +17,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import matplotlib
 import numpy as np
 import torch
@@ -25,12 +24,11 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.profiles import Accelerator, Profile, default_calibration_dir, load_profile, load_profiles
-from vla_runtime.cli import CONFIG_PATH
 from vla_runtime.cli.common import (
     UsageError,
     as_dict,
     command_line,
-    friendly_errors,
+    hydra_cli,
     policy_factory,
     positive_int,
     suite,
@@ -352,8 +350,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     return report
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="replay", version_base="1.3")
-@friendly_errors
+@hydra_cli("replay")
 def main(cfg: DictConfig) -> None:
     run(cfg, command_line("vla-replay"))
 

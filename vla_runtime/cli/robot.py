@@ -15,11 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import UsageError, as_dict, command_line, friendly_errors, write_json
+from vla_runtime.cli.common import UsageError, as_dict, command_line, hydra_cli, write_json
 from vla_runtime.ros import node_parameters
 
 
@@ -143,8 +141,7 @@ def describe(summary: dict) -> str:
 _policy_argument: list[str] = []
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="robot", version_base=None)
-@friendly_errors
+@hydra_cli("robot", version_base=None)
 def _main(cfg: DictConfig) -> None:
     settings, command = as_dict(cfg), command_line("vla-robot")
     if _policy_argument:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import as_dict, friendly_errors, policy_factory, positive_int, suite, task_list
+from vla_runtime.cli.common import as_dict, hydra_cli, policy_factory, positive_int, suite, task_list
 from vla_runtime.cli.eval import accel_options
 from vla_runtime.serve.protocol import ObservationKeys
 from vla_runtime.serve.server import PolicyServer, ServeConfig
@@ -40,8 +38,7 @@ def build_server(cfg: DictConfig) -> PolicyServer:
     return PolicyServer(policies, config, metadata)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="serve", version_base="1.3")
-@friendly_errors
+@hydra_cli("serve")
 def main(cfg: DictConfig) -> None:
     server = build_server(cfg)
     print(f"vla-serve: {server.metadata['policy']} ({server.spec.describe()}; accel {server.metadata['profile']}, "

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from vla_runtime.cli import CONFIG_PATH
-from vla_runtime.cli.common import as_dict, friendly_errors, positive_int
+from vla_runtime.cli.common import as_dict, hydra_cli, positive_int
 from vla_runtime.data.episodes import EpisodeStore
 from vla_runtime.data.torch_dataset import ActionChunkDataset
 from vla_runtime.policies.ref_vla.training import train as train_model
@@ -35,8 +33,7 @@ def train(cfg: DictConfig) -> Path:
     return train_model(cfg, dataset, [sim.instruction(task) for task in sim.tasks()], model_options)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
-@friendly_errors
+@hydra_cli("train")
 def main(cfg: DictConfig) -> None:
     out = train(cfg)
     print(f"checkpoint: {out} (loss curve: {out / 'loss.png'})")

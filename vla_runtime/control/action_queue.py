@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vla_runtime.plugins import did_you_mean
+
 MERGE_STRATEGIES = ("replace", "temporal_ensemble", "weighted_average")
 
 
@@ -30,7 +32,8 @@ class ActionQueue:
 
     def __init__(self, merge: str = "replace", ensemble_decay: float = 0.01, old_weight: float = 0.3):
         if merge not in MERGE_STRATEGIES:
-            raise ValueError(f"Unknown chunk merge '{merge}'; choose one of {', '.join(MERGE_STRATEGIES)}")
+            raise ValueError(f"Unknown chunk merge '{merge}'{did_you_mean(merge, MERGE_STRATEGIES)}; "
+                             f"choose one of {', '.join(MERGE_STRATEGIES)}")
         if not 0.0 <= old_weight <= 1.0:
             raise ValueError(f"old_weight must be in [0, 1], got {old_weight}")
         self.merge_strategy = merge

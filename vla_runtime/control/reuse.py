@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import ActionChunk, Observation
 
 
@@ -34,5 +35,6 @@ REUSE_GATES = {"never": NeverReuse}
 
 def make_reuse_gate(name: str) -> ReuseGate:
     if name not in REUSE_GATES:
-        raise ValueError(f"Unknown reuse gate '{name}'; available: {', '.join(REUSE_GATES)}")
+        raise ValueError(f"Unknown reuse gate '{name}'{did_you_mean(name, REUSE_GATES)}; available: "
+                         f"{', '.join(REUSE_GATES)}")
     return REUSE_GATES[name]()

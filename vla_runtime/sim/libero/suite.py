@@ -25,6 +25,7 @@ from xml.etree import ElementTree
 import mujoco
 import numpy as np
 
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.suite import SeedRange, Suite, register_suite
 from vla_runtime.types import Observation, RobotSpec
 
@@ -74,7 +75,8 @@ def resolve_task(name: str) -> str:
         return matches[0]
     if matches:
         raise ValueError(f"LIBERO task '{name}' is in several sets; name one of: {', '.join(matches)}")
-    raise ValueError(f"Unknown LIBERO task '{name}'. Name a set ({', '.join(SETS)}), or a task as <set>/<task>; "
+    near = did_you_mean(name, [*SETS, *tasks, *(task.split("/", 1)[1] for task in tasks)])
+    raise ValueError(f"Unknown LIBERO task '{name}'{near}. Name a set ({', '.join(SETS)}), or a task as <set>/<task>; "
                      f"e.g. {next(iter(tasks))}")
 
 

@@ -14,6 +14,7 @@ import mujoco
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS, MT10_V3
 
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.suite import SeedRange, Suite, register_suite
 from vla_runtime.types import Observation, RobotSpec
 
@@ -83,7 +84,8 @@ def resolve_task(name: str) -> str:
     """Canonical MT50 name for `name` ("drawer-open" or "drawer-open-v3"); unknown -> error listing all."""
     canonical = name if name.endswith("-v3") else f"{name}-v3"
     if canonical not in ALL_V3_ENVIRONMENTS:
-        raise ValueError(f"Unknown Meta-World task '{name}'. Valid task names: {', '.join(MT50)}")
+        raise ValueError(f"Unknown Meta-World task '{name}'{did_you_mean(canonical, MT50)}. "
+                         f"Valid task names: {', '.join(MT50)}")
     return canonical
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.libero.suite import quat_to_axis_angle
 from vla_runtime.sim.suite import SeedRange, Suite, register_suite
 from vla_runtime.types import Observation, RobotSpec
@@ -103,7 +104,8 @@ def resolve_task(name: str) -> str:
     by_id = {spec.env_id: task for task, spec in TASKS.items()}
     if name in by_id:
         return by_id[name]
-    raise ValueError(f"Unknown SIMPLER-Bridge task '{name}'. Tasks: {', '.join(TASKS)} (or their ManiSkill ids: "
+    near = did_you_mean(name, [*TASKS, *by_id, *TASK_SETS])
+    raise ValueError(f"Unknown SIMPLER-Bridge task '{name}'{near}. Tasks: {', '.join(TASKS)} (or their ManiSkill ids: "
                      f"{', '.join(by_id)}); sets: {', '.join(TASK_SETS)}")
 
 
