@@ -55,8 +55,8 @@ def main() -> None:
 
     worker = ThreadedInferenceWorker(NoOpPolicy())
     # Ask 2 actions early: a chunk requested only when the queue is empty lands a tick too late.
-    loop = ControlLoop(NoOpRobot(), worker, RuntimeConfig(control_hz=args.hz, request_threshold=2),
-                       clock=MonotonicClock())
+    config = RuntimeConfig(control_hz=args.hz, request_when="count", request_threshold=2)
+    loop = ControlLoop(NoOpRobot(), worker, config, clock=MonotonicClock())
     try:
         metrics = loop.run(int(args.hz * args.seconds))
     finally:
@@ -64,7 +64,8 @@ def main() -> None:
     jitter_us = 1e6 * np.asarray(metrics.tick_jitter_s)
 
     overhead_loop = ControlLoop(NoOpRobot(), SimulatedInferenceWorker(NoOpPolicy(), LatencyModel("fixed"), 1 / args.hz),
-                                RuntimeConfig(control_hz=args.hz), clock=SimulatedClock())
+                                RuntimeConfig(control_hz=args.hz, request_when="count", request_threshold=0),
+                                clock=SimulatedClock())
     started = time.perf_counter()
     overhead_loop.run(args.overhead_ticks)
     overhead_us = 1e6 * (time.perf_counter() - started) / args.overhead_ticks

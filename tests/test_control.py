@@ -1,3 +1,4 @@
+import dataclasses
 import threading
 
 import numpy as np
@@ -59,12 +60,13 @@ class FakeRobot:
 
 def simulated_loop(policy, latency_ms, robot=None, **config):
     worker = SimulatedInferenceWorker(policy, LatencyModel("fixed", latency_ms), 1 / HZ)
-    return ControlLoop(robot or FakeRobot(), worker, RuntimeConfig(control_hz=HZ, **config), clock=SimulatedClock())
+    config = RuntimeConfig(control_hz=HZ, **config).for_policy(policy.spec)
+    return ControlLoop(robot or FakeRobot(), worker, config, clock=SimulatedClock())
 
 
 def test_latency_below_chunk_duration_gives_no_misses():
     # 8 actions last 100 ms; a 50 ms model asked when 4 or fewer actions are left is always in time.
-    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=50, request_threshold=4)
+    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=50, request_when="count", request_threshold=4)
     metrics = loop.run(400)
     assert metrics.misses == 0 and metrics.ticks == 400
     assert metrics.startup_holds == 4  # the very first chunk takes 50 ms = 4 ticks
@@ -82,10 +84,43 @@ def test_a_request_threshold_is_a_floor_under_the_latency_rule():
     assert metrics.misses == 0 and metrics.policy_calls == 20
 
 
+def test_the_default_threshold_is_the_policys_executed_horizon():
+    spec = PolicySpec(action_dim=4, state_dim=4, chunk_size=8, actions_per_chunk=4)
+    assert RuntimeConfig().for_policy(spec).request_threshold == 4  # all 8 queued, asked again after 4
+    assert RuntimeConfig().for_policy(spec, actions_per_chunk=2).request_threshold == 6
+    assert RuntimeConfig(execute_horizon=6).for_policy(spec).request_threshold == 2
+    assert RuntimeConfig(request_threshold=1).for_policy(spec).request_threshold == 1  # set: kept
+    assert RuntimeConfig().for_policy(PolicySpec(action_dim=4, state_dim=4, chunk_size=8)).request_threshold == 0
+    with pytest.raises(ValueError, match="for_policy"):
+        ControlLoop(FakeRobot(), None, RuntimeConfig())
+    with pytest.raises(ValueError, match="execute_horizon must be an integer >= 1"):
+        RuntimeConfig(execute_horizon=0)
+
+
+class HalfChunkPolicy(ChunkPolicy):
+    """8-action chunks of which it executes 4 before asking again, as ref_dit does."""
+
+    def __init__(self):
+        super().__init__(horizon=8)
+        self.spec = dataclasses.replace(self.spec, actions_per_chunk=4)
+
+
+def test_defaults_keep_a_policy_with_a_short_executed_horizon_fed_at_50_ms():
+    # The old defaults (queue the 4 executed actions, ask when the queue is empty) missed every tick after
+    # each chunk; the defaults queue all 8 and ask once 4 ran, or when the rest lasts less than the latency.
+    old = simulated_loop(HalfChunkPolicy(), latency_ms=50, request_when="count", request_threshold=0,
+                         execute_horizon=4).run(400)
+    new = simulated_loop(HalfChunkPolicy(), latency_ms=50).run(400)
+    assert old.misses > 100
+    assert new.misses == 0 and new.startup_holds == 4
+    at_zero = simulated_loop(HalfChunkPolicy(), latency_ms=0).run(400)
+    assert at_zero.misses == 0 and at_zero.policy_calls == 100  # replanned every 4 ticks, as in sync
+
+
 def test_latency_above_chunk_duration_counts_misses_and_discards_late_actions():
     # 8 actions = 100 ms but each chunk takes 200 ms: the robot holds between chunks.
     robot = FakeRobot()
-    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=200, robot=robot)
+    loop = simulated_loop(ChunkPolicy(horizon=8), latency_ms=200, robot=robot, request_when="count")
     metrics = loop.run(320)
     assert metrics.ticks == 320 and len(robot.commands) == 320  # the executor kept its rate
     assert metrics.misses > 0
@@ -100,7 +135,7 @@ def test_threaded_worker_never_stalls_the_executor():
     policy = ChunkPolicy(horizon=2, sleep_s=0.1)  # 2 actions at 50 Hz = 40 ms, inference 100 ms
     worker = ThreadedInferenceWorker(policy)
     robot = FakeRobot()
-    loop = ControlLoop(robot, worker, RuntimeConfig(control_hz=50), clock=MonotonicClock())
+    loop = ControlLoop(robot, worker, RuntimeConfig(control_hz=50).for_policy(policy.spec), clock=MonotonicClock())
     try:
         metrics = loop.run(25)
     finally:

@@ -203,7 +203,7 @@ def test_a_server_that_dies_mid_run_shows_as_policy_errors_and_the_loop_holds_th
     robot = CameraRobot(on_send=lambda sent: server.__exit__(None, None, None) if sent == 20 else None)
     remote = RemotePolicy(server.url, timeout_s=5)
     loop = ControlLoop(robot, SimulatedInferenceWorker(remote, LatencyModel("fixed", 0), 0.0125),
-                       RuntimeConfig(control_hz=80), clock=SimulatedClock())
+                       RuntimeConfig(control_hz=80).for_policy(remote.spec), clock=SimulatedClock())
     metrics = loop.run(60)
     assert metrics.ticks == 60 and len(robot.commands) == 60  # the loop kept its rate to the end
     assert metrics.policy_errors and all("policy server" in error for error in metrics.policy_errors)

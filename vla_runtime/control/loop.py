@@ -31,7 +31,8 @@ from vla_runtime.control.inference import InferenceResult
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.control.rtc import DelayEstimator, RTCConfig
 from vla_runtime.control.safety import SafetyConfig, SafetyLayer
-from vla_runtime.types import ActionChunk, ChunkPrefix, Observation
+from vla_runtime.plugins import did_you_mean
+from vla_runtime.types import ActionChunk, ChunkPrefix, Observation, PolicySpec
 
 CHUNKING = ("naive", "rtc")
 
@@ -82,12 +83,16 @@ class SimulatedClock:
 @dataclass
 class RuntimeConfig:
     control_hz: float = 80.0
-    # Ask for a new chunk when at most `request_threshold` actions are left ("count"), or when the
-    # actions left last less than the predicted latency (p95 of the recent calls), or at most
-    # `request_threshold` are left ("latency": chunks are replanned at least that early, and early enough).
-    request_when: str = "count"
-    request_threshold: int = 0
-    execute_horizon: int | None = None  # actions of each chunk that are queued (None: all)
+    # Ask for a new chunk when the queued actions last less than the predicted latency (p95 of the recent
+    # calls) plus a tick, or when at most `request_threshold` are left ("latency": replanned early enough, and
+    # at least that early); or only at `request_threshold` ("count").
+    request_when: str = "latency"
+    # None: the policy's own receding horizon, resolved by `for_policy`: ask again once the actions it executes
+    # per chunk (spec.actions_per_chunk) have run, as the synchronous protocol does.
+    request_threshold: int | None = None
+    # Actions of each chunk that are queued (None: all). The whole chunk, so that what is left of it covers the
+    # latency of the next request; what is already late when a chunk arrives is dropped.
+    execute_horizon: int | None = None
     merge: str = "replace"
     ensemble_decay: float = 0.01
     old_weight: float = 0.3
@@ -104,14 +109,30 @@ class RuntimeConfig:
         if isinstance(self.rtc, dict):
             self.rtc = RTCConfig(**self.rtc)
         if self.chunking not in CHUNKING:
-            raise ValueError(f"Unknown chunking '{self.chunking}'; choose one of {', '.join(CHUNKING)}")
+            raise ValueError(f"Unknown chunking '{self.chunking}'{did_you_mean(self.chunking, CHUNKING)}; "
+                             f"choose one of {', '.join(CHUNKING)}")
         if self.chunking == "rtc" and self.merge != "replace":
             raise ValueError(f"chunking=rtc makes the new chunk agree with the queued actions itself; it takes "
                              f"merge=replace, not '{self.merge}'")
         if self.control_hz <= 0:
             raise ValueError(f"control_hz must be positive, got {self.control_hz}")
         if self.request_when not in ("count", "latency"):
-            raise ValueError(f"request_when must be 'count' or 'latency', got '{self.request_when}'")
+            raise ValueError(f"request_when must be 'count' or 'latency', got '{self.request_when}'"
+                             f"{did_you_mean(self.request_when, ('count', 'latency'))}")
+        for name, least in (("request_threshold", 0), ("execute_horizon", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an integer >= {least} or null, got {value!r}")
+
+    def for_policy(self, spec: PolicySpec, actions_per_chunk: int | None = None) -> RuntimeConfig:
+        """This config with a `request_threshold` of None resolved for a policy: the queued actions beyond the
+        ones it executes per chunk (`actions_per_chunk`, else its spec's), so it replans as often as it would
+        synchronously and the rest of the chunk runs meanwhile."""
+        if self.request_threshold is not None:
+            return self
+        queued = min(self.execute_horizon or spec.chunk_size, spec.chunk_size)
+        executed = min(actions_per_chunk or spec.actions_per_chunk or queued, queued)
+        return dataclasses.replace(self, request_threshold=queued - executed)
 
 
 @dataclass
@@ -174,6 +195,8 @@ class ControlLoop:
                  delays: DelayEstimator | None = None):
         self.robot = robot
         self.worker = worker
+        if config.request_threshold is None:
+            raise ValueError("RuntimeConfig.request_threshold is None: resolve it with config.for_policy(policy.spec)")
         self.config = config
         self.clock = clock or MonotonicClock()
         self.period = 1.0 / config.control_hz

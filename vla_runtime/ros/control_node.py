@@ -130,12 +130,13 @@ class ControlNode(Node):
             and robot.action_low else ([-1.0] * self.action_dim, [1.0] * self.action_dim)
         hold = list(robot.hold_dims) if p["hold_dims"] == [-1] else p["hold_dims"]
         return RuntimeConfig(
-            control_hz=p["control_hz"], request_when=p["request_when"], request_threshold=p["request_threshold"],
-            execute_horizon=p["execute_horizon"] or self.policy.spec.actions_per_chunk,
+            control_hz=p["control_hz"], request_when=p["request_when"],
+            request_threshold=None if p["request_threshold"] < 0 else p["request_threshold"],
+            execute_horizon=p["execute_horizon"] or None,
             chunking=p["chunking"], rtc=RTCConfig(max_guidance=p["rtc_max_guidance"]),
             safety=SafetyConfig(action_low=limits[0], action_high=limits[1],
                                 stale_observation_s=p["stale_observation_s"],
-                                hold_dims=[d for d in hold if 0 <= d < self.action_dim]))
+                                hold_dims=[d for d in hold if 0 <= d < self.action_dim])).for_policy(self.policy.spec)
 
     def _connect(self, p: dict) -> None:
         """Subscriptions, publishers, timers and services."""

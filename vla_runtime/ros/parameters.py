@@ -32,9 +32,10 @@ CONTROL = {
     "action_names": ([""], "joint names of the action (default: action_<i>)"),
     "max_message_age_s": (0.5, "messages stamped further from now are dropped (reason 'stale'; 0: off)"),
     "stale_observation_s": (0.5, "watchdog: hold the robot when the newest observation is older"),
-    "request_when": ("latency", "count | latency: when to ask for the next chunk"),
-    "request_threshold": (0, "request_when=count: ask when this many actions are left"),
-    "execute_horizon": (0, "actions of each chunk executed (0: the policy's choice)"),
+    "request_when": ("latency", "latency: ask for the next chunk when the queue lasts less than the predicted "
+                                "latency, or at request_threshold (a floor); count: only at request_threshold"),
+    "request_threshold": (-1, "ask when this many actions are left (-1: once the policy's executed horizon ran)"),
+    "execute_horizon": (0, "actions of each chunk queued (0: all; late ones are dropped)"),
     "chunking": ("naive", "naive | rtc: real-time chunking, each chunk guided towards the actions still queued "
                           "(flow-matching heads)"),
     "rtc_max_guidance": (5.0, "chunking=rtc: the cap of the guidance weight (RTC's beta)"),

@@ -25,6 +25,7 @@ from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
 from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.episodes import Episode, EpisodeStore
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.observations import calibration_source
 from vla_runtime.sim.suite import Env, Suite
 from vla_runtime.types import Observation, Policy
@@ -223,9 +224,11 @@ class EpisodeWorker:
             if video_dir or episodes_dir:
                 raise ValueError("video=true and save_episodes=true are only available with runtime.mode=sync")
             # control_hz null: the suite's own rate (Meta-World 80 Hz, LIBERO 20 Hz).
-            loop = RuntimeConfig(**{"execute_horizon": self.actions_per_chunk, **realtime["loop"],
+            # The whole chunk is queued; the policy's (or the caller's) executed horizon sets when to ask again.
+            loop = RuntimeConfig(**{**realtime["loop"],
                                     "control_hz": realtime["loop"].get("control_hz") or 1.0 / suite.spec.control_dt,
-                                    "safety": self._safety(realtime["loop"].get("safety") or {})})
+                                    "safety": self._safety(realtime["loop"].get("safety") or {})}
+                                 ).for_policy(self.policy.spec, actions_per_chunk)
             profile_gate = self.accel.reuse_gate if self.accel else None
             gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
             if loop.chunking == "rtc":
@@ -380,7 +383,8 @@ def evaluate(
     `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
     """
     if launcher not in LAUNCHERS:
-        raise ValueError(f"Unknown launcher '{launcher}'; choose one of {', '.join(LAUNCHERS)}")
+        raise ValueError(f"Unknown launcher '{launcher}'{did_you_mean(launcher, LAUNCHERS)}; "
+                         f"choose one of {', '.join(LAUNCHERS)}")
     seeds = suite.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     journal = Path(journal) if journal else None
