@@ -7,6 +7,7 @@ them there with VLA_REQUIRE_LEROBOT=1, where a missing lerobot fails instead of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -58,6 +59,7 @@ def smolvla_dir(tmp_path_factory) -> Path:
     """A tiny SmolVLA for Meta-World's robot (camera corner4 at 128 px, 4-D state and action)."""
     folder = tmp_path_factory.mktemp("smolvla")
     metaworld = make_suite("metaworld")
+    torch.manual_seed(0)  # the same random weights every run: no test sits on a lucky draw
     parts = random_smolvla(folder / "vlm", [metaworld.instruction(t) for t in metaworld.tasks()], "tiny",
                            ("corner4",), (128, 128), 4, 4, chunk_size=8, n_action_steps=4)
     return save(folder, *parts)
@@ -72,6 +74,17 @@ def observation(seed: int = 0, state_dim: int = 4) -> Observation:
     rng = np.random.default_rng(seed)
     return Observation({"corner4": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)},
                        rng.standard_normal(state_dim).astype(np.float32), INSTRUCTION, 0.0)
+
+
+def another_scene(obs: Observation) -> Observation:
+    """`obs` with each image half black, half white: another scene for a reuse gate. Not another noise image: a
+    random encoder's features of two noise images sit near the gate's 0.99 threshold (0.9912 once: a flaky test);
+    of this frame, 0.82-0.85 (ACT's ResNet, seeds 0-2)."""
+    def split(image: np.ndarray) -> np.ndarray:
+        half = image.shape[0] // 2
+        return np.concatenate([np.zeros_like(image[:half]), np.full_like(image[half:], 255)])
+
+    return dataclasses.replace(obs, images={name: split(image) for name, image in obs.images.items()})
 
 
 def chunk(policy, obs) -> np.ndarray:
@@ -131,6 +144,7 @@ def test_act_loads_from_its_folder(tmp_path):
                        n_heads=2, dim_feedforward=128, n_encoder_layers=1, n_decoder_layers=1, use_vae=False)
     stats = {key: {"mean": torch.zeros(4), "std": torch.ones(4)} for key in ("observation.state", "action")}
     stats["observation.images.corner4"] = {"mean": torch.zeros(3, 1, 1), "std": torch.ones(3, 1, 1)}
+    torch.manual_seed(0)  # the random ResNet the similarity below is measured with
     policy = make_policy("lerobot", path=str(save(tmp_path, ACTPolicy(config), *make_pre_post_processors(
         config, dataset_stats=stats))))
     assert (policy.spec.chunk_size, policy.spec.actions_per_chunk) == (10, 5)
@@ -140,7 +154,7 @@ def test_act_loads_from_its_folder(tmp_path):
     handle = action_reuse.apply(policy, action_reuse.ActionReuseConfig())
     np.testing.assert_array_equal(chunk(policy, observation()), baseline)
     assert handle.info["gate"]._token_similarity(observation()) == pytest.approx(1.0)
-    assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
+    assert handle.info["gate"]._token_similarity(another_scene(observation())) < 0.95
     handle.remove()
     with pytest.raises(ValueError, match="head_cache needs the hook point 'denoising_head'"):
         head_cache.apply(policy, head_cache.HeadCacheConfig())
@@ -217,7 +231,7 @@ def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -
     if method == "action_reuse":
         np.testing.assert_array_equal(accelerated, baseline)
         assert handle.info["gate"]._token_similarity(obs) == pytest.approx(1.0)
-        assert handle.info["gate"]._token_similarity(observation(2)) < 0.99
+        assert handle.info["gate"]._token_similarity(another_scene(obs)) < 0.95
     else:
         assert not np.array_equal(accelerated, baseline)
     if method.startswith("head_cache"):
@@ -265,6 +279,7 @@ def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvl
 @pytest.fixture(scope="module", params=["pi0", "pi05"])
 def pi(request) -> LeRobotPolicy:
     """A tiny pi0 / pi0.5 with random weights for Meta-World's robot (built by patching lerobot's internals)."""
+    torch.manual_seed(0)
     return make_policy("pi0_random", suite=make_suite("metaworld"), kind=request.param, size="tiny", chunk_size=8,
                        n_action_steps=4)
 
