@@ -76,7 +76,8 @@ def test_wilson_interval(successes, trials, expected):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee'. Valid task names: assembly-v3"),
+        ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee' (did you mean 'coffee-push-v3'?). "
+                                "Valid task names: assembly-v3"),
         ("policy=random sim.cameras=[wrist]", "Camera 'wrist' does not exist"),
         ("sim.cameras=[corner2]", "Policy 'ref_dit' (4-D actions, 4-D state, cameras ['corner4'] at 128x128, 80 Hz) "
                                   "does not fit suite 'metaworld' (4-D actions, 4-D state, cameras ['corner2'] at "

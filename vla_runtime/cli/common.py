@@ -118,17 +118,20 @@ def check_overrides(config_name: str, overrides: list[str], version_base: str | 
         message = " ".join(str(exc).split())
         key = re.match(r"Could not override '([^']+)'", message)
         if key:
-            message += _near_key(config_name, key.group(1), version_base)
+            others = [arg for arg in overrides if not arg.lstrip("+~").startswith(f"{key.group(1)}=")]
+            message += _near_key(config_name, key.group(1), others, version_base)
         _fail(message)
 
 
-def _near_key(config_name: str, key: str, version_base: str | None) -> str:
-    """' (did you mean ...?)' for a mistyped config key, from the keys beside it in the composed config."""
+def _near_key(config_name: str, key: str, overrides: list[str], version_base: str | None) -> str:
+    """' (did you mean ...?)' for a mistyped config key, from the keys beside it in the config the other overrides
+    compose (policy=lerobot: the lerobot policy's keys)."""
     from hydra import compose, initialize_config_module
 
     parent, _, last = key.rpartition(".")
     with initialize_config_module(CONFIG_MODULE, version_base=version_base):
-        node = OmegaConf.select(compose(config_name), parent) if parent else compose(config_name)
+        composed = compose(config_name, overrides=overrides)
+    node = OmegaConf.select(composed, parent) if parent else composed
     return did_you_mean(last, node.keys()) if isinstance(node, DictConfig) else ""
 
 
