@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {"vla_runtime": "vla_runtime", "configs": "vla_runtime/configs", "checkpoints": "vla_runtime/checkpoints"}
 
 
-def tracked_files() -> list[str]:
-    listing = subprocess.run(["git", "ls-files", *SHIPPED], cwd=REPO, capture_output=True, text=True)
+def tracked_files(*paths: str) -> list[str]:
+    listing = subprocess.run(["git", "ls-files", *paths], cwd=REPO, capture_output=True, text=True)
     if listing.returncode != 0:
         pytest.skip("not a git checkout: the tracked files are unknown")
     return listing.stdout.split()
@@ -26,8 +26,7 @@ def wheel(tmp_path_factory) -> tuple[set[str], str]:
     """(the names inside the wheel, the build's log), built from a copy of the tracked files alone, so that neither
     an old build/ folder nor an untracked file can hide a missing one."""
     source = tmp_path_factory.mktemp("source")
-    listing = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in listing.stdout.split():
+    for name in tracked_files():
         if (REPO / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
@@ -42,7 +41,7 @@ def wheel(tmp_path_factory) -> tuple[set[str], str]:
 def test_every_module_config_and_checkpoint_file_is_in_the_wheel(wheel):
     names, _ = wheel
     expected = []
-    for name in tracked_files():
+    for name in tracked_files(*SHIPPED):
         folder, rest = name.split("/", 1)
         expected.append(f"{SHIPPED[folder]}/{rest}")
     missing = [name for name in expected if name not in names]

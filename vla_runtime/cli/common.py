@@ -103,12 +103,10 @@ def check_overrides(config_name: str, overrides: list[str], version_base: str | 
     (--help, --cfg, -m, ...) are left to hydra."""
     if any(arg.startswith("-") for arg in overrides):
         return
-    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException, MissingConfigException
 
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base=version_base):
-            compose(config_name, overrides=overrides)
+        _compose(config_name, overrides, version_base)
     except MissingConfigException as exc:
         group, _, name = (exc.missing_cfg_file or "").rpartition("/")
         if not exc.options:  # not a group option: hydra's message says what is missing
@@ -123,14 +121,18 @@ def check_overrides(config_name: str, overrides: list[str], version_base: str | 
         _fail(message)
 
 
+def _compose(config_name: str, overrides: list[str], version_base: str | None) -> DictConfig:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(CONFIG_MODULE, version_base=version_base):
+        return compose(config_name, overrides=overrides)
+
+
 def _near_key(config_name: str, key: str, overrides: list[str], version_base: str | None) -> str:
     """' (did you mean ...?)' for a mistyped config key, from the keys beside it in the config the other overrides
     compose (policy=lerobot: the lerobot policy's keys)."""
-    from hydra import compose, initialize_config_module
-
     parent, _, last = key.rpartition(".")
-    with initialize_config_module(CONFIG_MODULE, version_base=version_base):
-        composed = compose(config_name, overrides=overrides)
+    composed = _compose(config_name, overrides, version_base)
     node = OmegaConf.select(composed, parent) if parent else composed
     return did_you_mean(last, node.keys()) if isinstance(node, DictConfig) else ""
 

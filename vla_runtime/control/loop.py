@@ -35,6 +35,7 @@ from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import ActionChunk, ChunkPrefix, Observation, PolicySpec
 
 CHUNKING = ("naive", "rtc")
+REQUEST_RULES = ("count", "latency")
 
 
 class Robot(Protocol):
@@ -116,9 +117,9 @@ class RuntimeConfig:
                              f"merge=replace, not '{self.merge}'")
         if self.control_hz <= 0:
             raise ValueError(f"control_hz must be positive, got {self.control_hz}")
-        if self.request_when not in ("count", "latency"):
+        if self.request_when not in REQUEST_RULES:
             raise ValueError(f"request_when must be 'count' or 'latency', got '{self.request_when}'"
-                             f"{did_you_mean(self.request_when, ('count', 'latency'))}")
+                             f"{did_you_mean(self.request_when, REQUEST_RULES)}")
         for name, least in (("request_threshold", 0), ("execute_horizon", 1)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < least):
