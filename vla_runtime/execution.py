@@ -10,7 +10,10 @@
   (`compiled_units` names what was compiled).
 - `cuda_graphs`: the same units compiled with `mode="reduce-overhead"`: inductor captures them as CUDA graphs
   with static input buffers. A CUDA device only.
-`dtype` (bf16 / fp16) casts the policy's weights, on a CUDA device only.
+`dtype` (bf16 / fp16) swaps the policy's weights for half-precision copies and runs its `predict_chunk` under
+`torch.autocast` to that dtype, so the policy's own float32 glue (inputs, noise, the Euler loop) meets them where
+the matmuls and convolutions are; the float32 originals stay parked beside them, and `remove()` swaps them back
+exactly. Any device (a CPU runs bf16 too, slowly: the rehearsal of the GPU table uses it); a GPU is where it pays.
 
 Compilation is lazy: the first calls with each input shape compile. `Accelerator.warm_up` makes those calls on
 the calibration frames, before episodes (vla-eval) or the control loop (the node, every profile of its
@@ -170,40 +173,59 @@ def _compile_in_place(module: nn.Module, compile_fn: Callable, config: ExecConfi
     return undo
 
 
+def _half_precision(policy: Policy, dtype: torch.dtype, device: torch.device, who: str,
+                    info: dict) -> list[Callable[[], None]]:
+    """Swaps the policy's floating weights for `dtype` copies and wraps its `predict_chunk` in autocast; returns
+    the undos. The originals stay where they are, parked (`info["parked_bytes"]`): removal swaps them back,
+    exactly and without a copy."""
+    weights = policy.structure.require("weights", who)
+    parked = []
+    for tensor in [*weights.parameters(), *weights.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            parked.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(dtype)
+    info["parked_bytes"] = sum(original.numel() * original.element_size() for _, original in parked)
+    predict_chunk = policy.predict_chunk
+
+    def autocast_predict_chunk(obs):
+        with torch.autocast(device.type, dtype=dtype):
+            return predict_chunk(obs)
+
+    policy.predict_chunk = autocast_predict_chunk
+
+    def restore_weights() -> None:
+        for tensor, original in parked:
+            tensor.data = original
+
+    return [restore_weights, lambda: vars(policy).pop("predict_chunk", None)]
+
+
 def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
     """Runs `policy` on `config`'s backend until the handle is removed (remove it before changing hooks)."""
-    undo: list[Callable[[], None]] = []
     device = policy_device(policy)
-    if config.backend == "cuda_graphs" or config.dtype:
-        if device.type != "cuda":
-            what = "cuda_graphs" if config.backend == "cuda_graphs" else f"dtype={config.dtype}"
-            raise ValueError(f"{what} needs the policy on a CUDA device; it is on {device}")
-    if config.dtype:
-        weights = policy.structure.require("weights", f"dtype={config.dtype}")
-        original_dtype = next(weights.parameters()).dtype
-        # Kept on the CPU: a round trip through half precision would not give the weights back.
-        saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.state_dict().items()}
-        weights.to(DTYPES[config.dtype])
+    if config.backend == "cuda_graphs" and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the policy on a CUDA device; it is on {device} "
+                         "(exec=compile runs the same graphs without capture on any device)")
+    info: dict[str, Any] = {"config": config, "compiled_units": [], "parked_bytes": 0}
+    handle = Handle("execution", undo := [], info=info)
+    try:
+        if config.dtype:
+            undo += _half_precision(policy, DTYPES[config.dtype], device, f"dtype={config.dtype}", info)
+        if config.backend != "eager":
+            # A head cache's schedule specialises one graph per denoising step, and every same-class layer shares
+            # its code's cache: torch's default of 8 graphs per code would fall back to eager after the 8th.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            options = {"mode": config.compile_mode} if config.mode or config.backend == "cuda_graphs" else \
+                {"options": {"freezing": config.freezing}}
 
-        def restore() -> None:
-            weights.to(original_dtype)
-            weights.load_state_dict(saved)
+            def compile_fn(forward):
+                return torch.compile(forward, dynamic=config.dynamic, **options)
 
-        undo.append(restore)
-    units: list[str] = []
-    if config.backend != "eager":
-        # A head cache's schedule specialises one graph per denoising step, and every same-class layer shares
-        # its code's cache: torch's default of 8 graphs per code would fall back to eager after the 8th.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        options = {"mode": config.compile_mode} if config.mode or config.backend == "cuda_graphs" else \
-            {"options": {"freezing": config.freezing}}
-
-        def compile_fn(forward):
-            return torch.compile(forward, dynamic=config.dynamic, **options)
-
-        for path in hot_paths(policy):
-            for name, unit in compile_units(path):
-                undo.append(_compile_in_place(unit, compile_fn, config))
-                units.append(f"{type(path).__name__}{'.' + name if name else ''}")
-    return Handle("execution", undo, info={"config": config, "compiled_units": units})
-
+            for path in hot_paths(policy):
+                for name, unit in compile_units(path):
+                    undo.append(_compile_in_place(unit, compile_fn, config))
+                    info["compiled_units"].append(f"{type(path).__name__}{'.' + name if name else ''}")
+    except BaseException:  # nothing stays half applied
+        handle.remove()
+        raise
+    return handle

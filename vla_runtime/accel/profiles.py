@@ -199,6 +199,15 @@ class Accelerator:
         self.calibration_dir = Path(calibration_dir or default_calibration_dir(policy)
                                     or tempfile.mkdtemp(prefix="vla-calibration-"))
         self.active: ProfileHandle | None = None
+        self._fingerprints: dict[str, str] = {}
+
+    def _fingerprint(self, applied: list[dict]) -> str:
+        """The weights' fingerprint as the methods in `applied` leave them, hashed once per such state (a 3 B
+        model takes seconds to hash; its weights do not change between profiles but by the methods)."""
+        key = json.dumps(applied, sort_keys=True)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = weights_fingerprint(self.policy)
+        return self._fingerprints[key]
 
     def check(self, profile: Profile) -> None:
         """Raises, naming both, when the profile does not fit the policy; nothing is applied."""
@@ -240,7 +249,7 @@ class Accelerator:
                 artifact = None
                 if method.needs_calibration(config):
                     # The weights and what was applied before change what this method measures: both name it.
-                    context = hashlib.sha256(json.dumps([weights_fingerprint(policy), applied, asdict(config)],
+                    context = hashlib.sha256(json.dumps([self._fingerprint(applied), applied, asdict(config)],
                                                         sort_keys=True).encode()).hexdigest()[:8]
                     path = self.calibration_dir / f"{method.name}-{context}.json"
                     if path.exists():
@@ -251,11 +260,11 @@ class Accelerator:
                         save_artifact(path, artifact)
                 handles.append(method.apply(policy, config, artifact))
                 applied = [*applied, {method.name: asdict(config)}]
-        except BaseException:
+            # Calibration above ran eager; the backend is built over the hooks just applied.
+            plain = self.execution is None or self.execution.changes_nothing
+            execution = None if plain else apply_execution(policy, self.execution)
+        except BaseException:  # a method or the backend refused: nothing stays applied
             for handle in reversed(handles):
                 handle.remove()
             raise
-        # Calibration above ran eager; the backend is built over the hooks just applied.
-        plain = self.execution is None or self.execution.changes_nothing
-        execution = None if plain else apply_execution(policy, self.execution)
         return ProfileHandle(profile, handles, execution)

@@ -103,8 +103,9 @@ def random_pi(kind: str, instructions: list[str], size: str, cameras: tuple[str,
     inputs = {f"observation.images.{camera}": PolicyFeature(FeatureType.VISUAL, (3, *image_size)) for camera in cameras}
     inputs["observation.state"] = PolicyFeature(FeatureType.STATE, (state_dim,))
     outputs = {"action": PolicyFeature(FeatureType.ACTION, (action_dim,))}
-    policy_config = make_policy_config(kind, input_features=inputs, output_features=outputs, device="cpu",
-                                       image_resolution=(shape.image_size, shape.image_size), **config)
+    policy_config = make_policy_config(kind, input_features=inputs, output_features=outputs,
+                                       image_resolution=(shape.image_size, shape.image_size),
+                                       **{"device": "cpu", **config})
     stats = {"observation.state": {"mean": torch.zeros(state_dim), "std": torch.ones(state_dim)},
              "action": {"mean": torch.zeros(action_dim), "std": torch.ones(action_dim)}}
     if kind == "pi05":  # pi0.5 normalises by quantiles by default; identity stats for a random policy

@@ -52,8 +52,11 @@ def spec_of(config, control_dt: float | None) -> PolicySpec:
 class LeRobotPolicy:
     def __init__(self, policy, preprocessor, postprocessor, control_dt: float | None = None,
                  noise_seed: int = 0, checkpoint_dir: Path | None = None):
-        self.policy = policy.eval()
         self.config = policy.config
+        self.device = torch.device(self.config.device or "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.config.device}, but torch {torch.__version__} sees no CUDA device")
+        self.policy = policy.to(self.device).eval()
         history = getattr(self.config, "n_obs_steps", 1)
         if history != 1:
             # LeRobot's select_action sees every step and stacks the last n; this runtime asks a policy once
@@ -62,7 +65,6 @@ class LeRobotPolicy:
                              f"(n_obs_steps={history}); the runtime gives a policy one observation per chunk: "
                              "policies with n_obs_steps=1 only, for now")
         self.preprocessor, self.postprocessor = preprocessor, postprocessor
-        self.device = torch.device(self.config.device or "cpu")
         self.spec = spec_of(self.config, control_dt)
         self.noise_seed = noise_seed
         # Flow-matching and diffusion policies take their initial noise as an argument: drawn from our own
@@ -166,7 +168,8 @@ def smolvla_random(suite, size: str = "full", seed: int = 0, num_threads: int | 
                    **config) -> LeRobotPolicy:
     """SmolVLA with RANDOM WEIGHTS, built for the suite's robot: for speed benchmarks only, its actions mean
     nothing. `full`: SmolVLM2-500M's shape as SmolVLA runs it (16 VLM layers, 512 px, 64 visual tokens per
-    camera), SmolVLA's defaults (chunk 50, 10 flow steps); `config`: other SmolVLAConfig fields."""
+    camera), SmolVLA's defaults (chunk 50, 10 flow steps); `config`: other SmolVLAConfig fields (`device=cuda`:
+    built on the CPU, run there)."""
     import tempfile
 
     from vla_runtime.policies.lerobot.smolvlm import random_smolvla
@@ -186,7 +189,8 @@ def pi0_random(suite, kind: str = "pi0", size: str = "full", seed: int = 0, num_
                **config) -> LeRobotPolicy:
     """pi0 (`kind=pi0`) or pi0.5 (`kind=pi05`) with RANDOM WEIGHTS, built for the suite's robot: for speed
     benchmarks and tests only. `full`: lerobot's shape (~3.3 B); `tiny`: seconds to build. `config`: other
-    PI0Config / PI05Config fields. Built by patching lerobot internals (see paligemma.py)."""
+    PI0Config / PI05Config fields (`device=cuda`: built on the CPU, run there). Built by patching lerobot
+    internals (see paligemma.py)."""
     from vla_runtime.policies.lerobot.paligemma import random_pi
 
     if kind not in ("pi0", "pi05"):

@@ -120,8 +120,8 @@ def random_smolvla(folder: str | Path, instructions: list[str], size: str, camer
     inputs = {f"observation.images.{camera}": PolicyFeature(FeatureType.VISUAL, (3, *image_size)) for camera in cameras}
     inputs["observation.state"] = PolicyFeature(FeatureType.STATE, (state_dim,))
     outputs = {"action": PolicyFeature(FeatureType.ACTION, (action_dim,))}
-    policy_config = SmolVLAConfig(input_features=inputs, output_features=outputs, device="cpu",
-                                  **{**smolvla_options(folder, size), **config})
+    policy_config = SmolVLAConfig(input_features=inputs, output_features=outputs,
+                                  **{"device": "cpu", **smolvla_options(folder, size), **config})
     policy = SmolVLAPolicy(policy_config)
     stats = {"observation.state": {"mean": torch.zeros(state_dim), "std": torch.ones(state_dim)},
              "action": {"mean": torch.zeros(action_dim), "std": torch.ones(action_dim)}}

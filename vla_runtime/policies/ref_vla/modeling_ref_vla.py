@@ -138,7 +138,9 @@ class DiTActionHead(nn.Module):
                steps: int | None = None) -> torch.Tensor:
         steps = steps or self.config.denoising_steps
         shape = (cognition.shape[0], self.config.chunk_size, self.config.action_dim)
-        x = torch.randn(shape, generator=generator, device=cognition.device)
+        # Drawn where the generator lives (the policy's CPU generator), then moved: the same noise on every device.
+        x = torch.randn(shape, generator=generator, device=generator.device if generator is not None else
+                        cognition.device).to(cognition.device)
         for step in range(steps):
             t = torch.full((shape[0],), step / steps, device=cognition.device)
             x = x + self(x, t, cognition) / steps

@@ -33,10 +33,15 @@ from vla_runtime.types import (
 
 class RefVLAPolicy:
     def __init__(self, model: RefVLA, normalizer: Normalizer, tokenizer: Tokenizer, noise_seed: int = 0,
-                 num_threads: int | None = None, checkpoint_dir: Path | None = None):
+                 num_threads: int | None = None, checkpoint_dir: Path | None = None, device: str = "cpu"):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model = model.eval()
+        # The model runs on `device`; normalisation, tokens and the noise generator stay on the CPU (the same
+        # noise on every device), their tensors moved in and the actions moved out.
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"policy.device={device}, but torch {torch.__version__} sees no CUDA device")
+        self.model = model.to(self.device).eval()
         self.config = config = model.config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
@@ -92,11 +97,12 @@ class RefVLAPolicy:
 
     @torch.inference_mode()
     def predict_chunk(self, obs: Observation) -> ActionChunk:
-        images = self.image_tensor(obs)
-        state = self.normalizer.state(torch.as_tensor(obs.state, dtype=torch.float32)[None])
-        text_ids, text_mask = self._text(obs.instruction)
+        device = self.device
+        images = self.image_tensor(obs).to(device)
+        state = self.normalizer.state(torch.as_tensor(obs.state, dtype=torch.float32)[None]).to(device)
+        text_ids, text_mask = (tensor.to(device) for tensor in self._text(obs.instruction))
         actions = self.model.predict(images, text_ids, text_mask, state, self.generator)
-        actions = self.normalizer.unnormalize_action(actions)[0].numpy()
+        actions = self.normalizer.unnormalize_action(actions.float().cpu())[0].numpy()
         return ActionChunk(actions, t0=obs.timestamp, dt=self.config.control_dt)
 
 
