@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from vla_runtime.hooks import Handle, HookRegistry, ModelHook
 from vla_runtime.plugins import did_you_mean
@@ -173,6 +174,30 @@ def _compile_in_place(module: nn.Module, compile_fn: Callable, config: ExecConfi
     return undo
 
 
+def _wrap_predict_chunk(policy: Policy, around: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Replaces the policy's `predict_chunk` with `around(predict_chunk)`; returns the undo."""
+    before = vars(policy).get("predict_chunk")
+    policy.predict_chunk = around(policy.predict_chunk)
+
+    def undo() -> None:
+        if before is None:
+            vars(policy).pop("predict_chunk", None)
+        else:
+            policy.predict_chunk = before
+
+    return undo
+
+
+def _new_graph_iteration(predict_chunk: Callable) -> Callable:
+    """CUDA graphs: each inference starts a new iteration, whose replays may reuse the last one's memory."""
+
+    def wrapped(obs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return predict_chunk(obs)
+
+    return wrapped
+
+
 def _half_precision(policy: Policy, dtype: torch.dtype, device: torch.device, who: str,
                     info: dict) -> list[Callable[[], None]]:
     """Swaps the policy's floating weights for `dtype` copies and wraps its `predict_chunk` in autocast; returns
@@ -185,19 +210,19 @@ def _half_precision(policy: Policy, dtype: torch.dtype, device: torch.device, wh
             parked.append((tensor, tensor.data))
             tensor.data = tensor.data.to(dtype)
     info["parked_bytes"] = sum(original.numel() * original.element_size() for _, original in parked)
-    predict_chunk = policy.predict_chunk
 
-    def autocast_predict_chunk(obs):
-        with torch.autocast(device.type, dtype=dtype):
-            return predict_chunk(obs)
+    def autocast(predict_chunk: Callable) -> Callable:
+        def wrapped(obs):
+            with torch.autocast(device.type, dtype=dtype):
+                return predict_chunk(obs)
 
-    policy.predict_chunk = autocast_predict_chunk
+        return wrapped
 
     def restore_weights() -> None:
         for tensor, original in parked:
             tensor.data = original
 
-    return [restore_weights, lambda: vars(policy).pop("predict_chunk", None)]
+    return [restore_weights, _wrap_predict_chunk(policy, autocast)]
 
 
 def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
@@ -219,8 +244,17 @@ def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
                 {"options": {"freezing": config.freezing}}
 
             def compile_fn(forward):
-                return torch.compile(forward, dynamic=config.dynamic, **options)
+                compiled = torch.compile(forward, dynamic=config.dynamic, **options)
+                if config.backend != "cuda_graphs":
+                    return compiled
 
+                def replay(*args, **kwargs):  # a graph's outputs live in its pool until its next replay: copied out
+                    return tree_map_only(torch.Tensor, torch.Tensor.clone, compiled(*args, **kwargs))
+
+                return replay
+
+            if config.backend == "cuda_graphs":
+                undo.append(_wrap_predict_chunk(policy, _new_graph_iteration))
             for path in hot_paths(policy):
                 for name, unit in compile_units(path):
                     undo.append(_compile_in_place(unit, compile_fn, config))

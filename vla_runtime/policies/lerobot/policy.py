@@ -72,8 +72,8 @@ class LeRobotPolicy:
         # from torch's RNG, seeded per call from a second generator inside a fork of it (predict_chunk). So an
         # evaluation or replay is reproducible (reset = the same sequences) and the global RNG is left alone.
         self._takes_noise = "noise" in inspect.signature(policy.predict_action_chunk).parameters
-        self.generator = torch.Generator().manual_seed(noise_seed)
-        self.sampling_seeds = torch.Generator().manual_seed(noise_seed + 1)
+        self.generator = torch.Generator(device="cpu").manual_seed(noise_seed)
+        self.sampling_seeds = torch.Generator(device="cpu").manual_seed(noise_seed + 1)
         self.structure = structure_of(self, checkpoint_dir)
 
     @classmethod

@@ -46,7 +46,7 @@ class RefVLAPolicy:
         self.normalizer = normalizer
         self.tokenizer = tokenizer
         self.noise_seed = noise_seed
-        self.generator = torch.Generator().manual_seed(noise_seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(noise_seed)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=config.cameras,
                                image_size=(config.image_size, config.image_size), chunk_size=config.chunk_size,

@@ -38,10 +38,10 @@ class Normalizer:
 
     def __init__(self, stats: dict):
         self.stats = stats
-        self.state_mean = torch.tensor(stats["state"]["mean"], dtype=torch.float32)
-        self.state_std = torch.tensor(stats["state"]["std"], dtype=torch.float32).clamp_min(1e-6)
-        self.action_low = torch.tensor(stats["action"]["min"], dtype=torch.float32)
-        self.action_high = torch.tensor(stats["action"]["max"], dtype=torch.float32)
+        self.state_mean = torch.tensor(stats["state"]["mean"], dtype=torch.float32, device="cpu")
+        self.state_std = torch.tensor(stats["state"]["std"], dtype=torch.float32, device="cpu").clamp_min(1e-6)
+        self.action_low = torch.tensor(stats["action"]["min"], dtype=torch.float32, device="cpu")
+        self.action_high = torch.tensor(stats["action"]["max"], dtype=torch.float32, device="cpu")
         self._action_range = (self.action_high - self.action_low).clamp_min(1e-6)
 
     def state(self, state: torch.Tensor) -> torch.Tensor:
