@@ -3,11 +3,13 @@ warmed-up profiles without compiling, and refuse what needs a GPU on the CPU."""
 
 import numpy as np
 import pytest
+import torch
 from test_accel import actions, observations, untrained
 
 from vla_runtime.accel.profiles import Accelerator, load_profile, load_profiles
 from vla_runtime.cli.bench import entries
 from vla_runtime.execution import CompileStats, ExecConfig, apply_execution, compile_units, exec_config
+from vla_runtime.hooks import HookRegistry
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,43 @@ def test_bench_rows_are_every_profile_on_every_backend_with_eager_none_as_the_ba
     rows = entries(load_profiles(["bac"]), [exec_config("eager"), exec_config({"backend": "compile",
                                                                                   "freezing": True})])
     assert [row.name for row in rows] == ["none", "bac", "none@compile-frozen", "bac@compile-frozen"]
+
+
+@pytest.mark.parametrize("profile", ["none", "bac", "vlacache", "flashvla", "layer_prune", "token_select",
+                                     "action_reuse"])
+def test_bf16_runs_under_each_method_and_removal_gives_float32_back_exactly(policy, profile, tmp_path):
+    """What a GPU's bf16 rows run, on the CPU: half-precision weights under autocast beneath every method's hooks,
+    actions near float32's, and the float32 weights swapped back exactly."""
+    obs = observations(3)
+    float32 = Accelerator(policy, lambda: observations(2), tmp_path)
+    float32.apply(load_profile(profile))
+    reference = actions(policy, obs)
+    float32.remove()
+    eager = actions(policy, obs)
+    half = Accelerator(policy, lambda: observations(2), tmp_path, execution=ExecConfig(dtype="bf16"))
+    handle = half.apply(load_profile(profile))
+    weights = policy.structure.weights
+    assert {p.dtype for p in weights.parameters()} == {torch.bfloat16}
+    assert handle.execution.info["parked_bytes"] == sum(p.numel() * 4 for p in weights.parameters()) + sum(
+        b.numel() * 4 for b in weights.buffers() if b.is_floating_point())
+    bf16 = actions(policy, obs)
+    half.remove()
+    assert np.all(np.isfinite(bf16)) and not np.array_equal(bf16, reference)  # it ran, in another precision
+    np.testing.assert_allclose(bf16, reference, atol=0.15)
+    assert {p.dtype for p in weights.parameters()} == {torch.float32}
+    assert "predict_chunk" not in vars(policy)
+    np.testing.assert_array_equal(actions(policy, obs), eager)
+
+
+def test_a_backend_that_cannot_apply_leaves_no_method_applied(policy, tmp_path):
+    """cuda_graphs on a CPU policy is refused after the profile's methods went on: they come off again (a
+    refused backend used to leave bac's hooks on, and every later profile ran with them)."""
+    obs = observations(2)
+    eager = actions(policy, obs)
+    accelerator = Accelerator(policy, lambda: observations(2), tmp_path,
+                              execution=ExecConfig("cuda_graphs", dtype="bf16"))
+    with pytest.raises(ValueError, match="cuda_graphs needs the policy on a CUDA device"):
+        accelerator.apply(load_profile("bac"))
+    assert HookRegistry.find(policy.model.dit) is None or not HookRegistry.find(policy.model.dit).hooks
+    assert {p.dtype for p in policy.structure.weights.parameters()} == {torch.float32}
+    np.testing.assert_array_equal(actions(policy, obs), eager)

@@ -392,3 +392,15 @@ def test_vla_collect_format_lerobot_writes_both_datasets(tmp_path):
     assert len(native) == len(lerobot) == 1 and lerobot[0].task == "drawer-close-v3"
     np.testing.assert_array_equal(lerobot[0].action, native[0].action)
     np.testing.assert_array_equal(lerobot[0].images["corner4"], native[0].images["corner4"])
+
+
+def test_the_gpu_table_rehearses_the_lerobot_policies_on_the_cpu(tmp_path):
+    """scripts/device_bench.py's LeRobot rows at tiny sizes (issue 29): LeRobot's own predict_action_chunk beside
+    ours, every backend, the near-lossless and fastest profiles; one camera (SmolVLA) and two (pi0)."""
+    from test_device_bench import rehearse
+
+    results = rehearse(tmp_path, ["SmolVLA", "pi0 (2 cameras)"])
+    for label in ("SmolVLA", "pi0 (2 cameras)"):
+        rows = [row for row in results["rows"] if row["subject"] == label and row["status"] == "ok"]
+        assert rows[0]["profile"] == "lerobot" and all(row["speedup_vs_lerobot"] > 0 for row in rows)
+    assert results["subjects"]["pi0 (2 cameras)"]["cameras"] == ["agentview", "robot0_eye_in_hand"]
