@@ -41,6 +41,26 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def start_server(overrides: list[str], env: dict | None = None,
+                 api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`vla-serve` in its own process on a free loopback port, up and warm (one answer given): (process, url)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli.serve", f"port={port}", *overrides], env=env)
+    url = f"ws://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            warm = WebsocketClientPolicy(url, api_key=api_key)
+            warm.infer(observation(np.random.default_rng(0)))
+            warm._ws.close()  # openpi-client has no close(): its connection would count against max_connections
+            return server, url
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(1)
+
+
 def observation(rng: np.random.Generator) -> dict:
     return {"observation/image": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8),
             "observation/state": rng.normal(size=4).astype(np.float32), "prompt": "close the drawer"}
@@ -131,23 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--serve", default="policy=ref_dit num_threads=2 max_queue=16",
+    parser.add_argument("--serve", default="policy=ref_dit num_threads=2 max_queue=16 max_connections=32",
                         help="vla-serve overrides")
     parser.add_argument("--out", default="benchmarks/serve")
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli.serve", f"port={port}", *args.serve.split()])
-    url, health_url = f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{port}/healthz"
+    server, url = start_server(args.serve.split())
+    health_url = url.replace("ws://", "http://") + "/healthz"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                WebsocketClientPolicy(url).infer(observation(np.random.default_rng(0)))  # up and warm
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
         runs = []
         for clients in args.clients:
             before = rss_mb(server.pid)

@@ -106,6 +106,10 @@ BACKENDS = {"eager-fp32": {}, "eager-bf16": {"dtype": "bf16"},
             "max-autotune-bf16": {"backend": "compile", "mode": "max-autotune", "dtype": "bf16"}}
 
 
+BASELINE = ("none", "eager-fp32")
+LAST_RUN = "benchmarks/gpu/2026-12-04"  # what the next device call resumes
+
+
 def row_plan(subject: Subject, tiny: bool = False) -> list[tuple[str, str]]:
     """(profile, backend) in the order they are measured: what the table needs most first, the baseline again
     last (its drift over the run). The rehearsal compiles one row per policy (inductor takes minutes on 2 cores;
@@ -232,7 +236,8 @@ def device_calls() -> list[dict]:
     install = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation "
                "--target /tmp/site {wheels}. >/tmp/install.log 2>&1 || {{ tail -20 /tmp/install.log; exit 1; }}; "
                "export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1; ")
-    run = "python3 scripts/device_bench.py --device cuda --out $OUT --budget-s {budget} --only {only}"
+    run = f"python3 scripts/device_bench.py --device cuda --out $OUT --resume {LAST_RUN} --budget-s {{budget}} " \
+          "--only {only}"
     lerobot = [s.label for s in SUBJECTS if s.lerobot or s.policy == "ref_dit_large"]
     return [{"carry": [".whl"], "keep_weights": (), "subjects": lerobot,
              "command": install.format(wheels=".whl/*.whl ") + run.format(budget=500, only=",".join(
@@ -349,9 +354,12 @@ class Row:
     parked_mb: float = 0.0
     max_abs_action_diff: float | None = None
     actions: object = None  # np.ndarray, not written
+    earlier: dict | None = None  # the row as an earlier run measured it (--resume), kept instead of measured
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "actions")}
+        if self.earlier is not None:
+            return dict(self.earlier)
+        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "actions", "earlier")}
         if self.latency_ms:
             p50, p95, p99 = (float(np.percentile(self.latency_ms, q)) for q in (50, 95, 99))
             out.update(samples=len(self.latency_ms), p50_ms=p50, p95_ms=p95, p99_ms=p99)
@@ -374,6 +382,9 @@ class Bench:
         self.subjects: dict[str, dict] = {}
         self.started = time.monotonic()
         self.log = (self.out / "log.txt").open("a")
+        # --resume: the rows an earlier run measured (status ok), by (subject, profile, backend)
+        earlier = json.loads((Path(args.resume) / "results.json").read_text())["rows"] if args.resume else []
+        self.earlier = {(r["subject"], r["profile"], r["backend"]): r for r in earlier if r["status"] == "ok"}
 
     def say(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f} s] {text}"
@@ -528,6 +539,11 @@ class Bench:
                                   subject.label)
         baseline = None
         for row in rows:
+            key = (row.subject, row.profile, row.backend)
+            if key in self.earlier and row.profile != "lerobot" and (row.profile, row.backend) != BASELINE:
+                # Measured by the run resumed; the baselines are measured again: they anchor this run's ratios.
+                row.earlier = {**self.earlier[key], "note": f"from {self.args.resume}"}
+                continue
             if time.monotonic() > deadline:
                 row.status, row.note = "skipped", "time budget spent"
                 continue
@@ -537,7 +553,7 @@ class Bench:
                     self.lerobot_row(policy, robot, row, deadline)
                 else:
                     self.measure_row(accelerator, robot, row, baseline, deadline)
-                    if baseline is None and row.backend == "eager-fp32" and row.profile == "none":
+                    if baseline is None and (row.profile, row.backend) == BASELINE:
                         baseline = row
                         info["action_std"] = float(row.actions.std())  # the scale of the action differences
             except Exception as exc:  # noqa: BLE001 - recorded in the row; the next row runs
@@ -674,6 +690,8 @@ def main() -> None:
     parser.add_argument("--row-seconds", type=float, default=1.5, help="timed seconds per row, roughly")
     parser.add_argument("--only", type=lambda text: [part.strip().strip("'") for part in text.split(",")],
                         help="subjects to measure, comma-separated labels (default: all)")
+    parser.add_argument("--resume", help="a folder of an earlier run (results.json): its measured rows are kept, "
+                                         "the others measured (the baselines always)")
     args = parser.parse_args()
     if args.device not in ("cuda", "cpu"):
         parser.error(f"--device must be cuda or cpu, got {args.device!r}")

@@ -53,8 +53,23 @@ def rehearse(out: Path, subjects: list[str]) -> dict:
     return results
 
 
-def test_the_gpu_table_rehearses_on_the_cpu(tmp_path):
-    rehearse(tmp_path, ["ref_dit"])
+def test_the_gpu_table_rehearses_on_the_cpu_and_resumes_an_earlier_run(tmp_path):
+    first = rehearse(tmp_path / "first", ["ref_dit"])
+    # The next lent GPU measures what the last one left out: measured rows are kept, baselines measured again.
+    subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(tmp_path / "second"),
+                    "--only", "ref_dit", "--resume", str(tmp_path / "first")], check=True, capture_output=True,
+                   text=True, timeout=600)
+    second = json.loads((tmp_path / "second" / "results.json").read_text())["rows"]
+    assert len(second) == len(first["rows"])
+    for before, after in zip(first["rows"], second, strict=True):
+        baseline = (after["profile"], after["backend"]) == ("none", "eager-fp32")
+        if before["status"] == "ok" and not baseline:  # kept; its ratios are against this run's baseline
+            ratios = ("speedup", "speedup_vs_lerobot", "note")
+            assert {k: v for k, v in after.items() if k not in ratios} == \
+                {k: v for k, v in before.items() if k not in ratios}
+            assert after["note"] == f"from {tmp_path / 'first'}"
+        else:
+            assert after["status"] == before["status"] and "from" not in after["note"]  # measured again
 
 
 def test_what_travels_to_the_device_and_what_stays():

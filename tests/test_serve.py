@@ -132,7 +132,7 @@ def test_health_is_answered_while_a_policy_computes_and_a_full_queue_says_busy()
         assert policy.inside.wait(10)  # the inference is running, and held
         health = urllib.request.urlopen(server.url.replace("ws://", "http://") + "/healthz", timeout=5)
         assert health.status == 200
-        assert "busy" in call(second, request())  # the one slot's queue is full: answered at once
+        assert "busy" in call(second, request())  # the one slot's queue stays full: busy after busy_wait_ms
         release.set()
         assert unpack(first.recv(timeout=10))["actions"].shape == (3, 4)
 

@@ -51,8 +51,8 @@ def _decode(obj: dict) -> Any:
         return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"]).copy()
     except ProtocolError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed array in the message: {exc}") from exc
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: -1 as uint8, 2**64 as int64
+        raise ProtocolError(f"malformed array in the message: {type(exc).__name__}: {str(exc)[:120]}") from exc
 
 
 def pack(obj: Any) -> bytes:
@@ -67,6 +67,39 @@ def unpack(data: bytes) -> Any:
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise ProtocolError(f"not a msgpack message ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") \
             from exc
+
+
+def describe(value: Any) -> str:
+    """What a value is, in a few words (type and shape, never its content): for error messages, which a client
+    could otherwise make as large as its request."""
+    if isinstance(value, np.ndarray | np.generic):
+        return f"a {value.dtype} array of shape {tuple(value.shape)}"
+    if isinstance(value, list | tuple | dict):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, str | bytes):
+        return f"{type(value).__name__} of length {len(value)}"
+    return "nothing" if value is None else type(value).__name__
+
+
+def numbers(value: Any, key: str, count: int) -> np.ndarray:
+    """`count` finite numbers as float32, from a numeric array or a flat list of numbers; anything else is a
+    ProtocolError describing what came (sizes are checked before anything is converted)."""
+    problem = ProtocolError(f"'{key}' must be {count} finite numbers, got {describe(value)}")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in NUMERIC_KINDS or value.size != count:
+            raise problem
+    elif isinstance(value, list | tuple):
+        if len(value) != count or not all(isinstance(item, int | float | np.number | np.bool_) for item in value):
+            raise problem
+    else:
+        raise problem
+    try:
+        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise problem from exc
+    if not np.all(np.isfinite(vector)):
+        raise problem
+    return vector
 
 
 @dataclass(frozen=True)
@@ -85,28 +118,27 @@ class ObservationKeys:
         return {camera: defaults[i] if i < len(defaults) else f"observation/image_{i}"
                 for i, camera in enumerate(cameras)}
 
-    def to_observation(self, message: Any, spec: PolicySpec, timestamp: float) -> Observation:
+    def to_observation(self, message: Any, spec: PolicySpec, timestamp: float,
+                       max_prompt_chars: int | None = None) -> Observation:
         """The request as the policy's `Observation`; a ProtocolError naming what is missing or mis-shaped."""
         if not isinstance(message, dict):
-            raise ProtocolError(f"expected an observation dict, got {type(message).__name__}")
+            raise ProtocolError(f"expected an observation dict, got {describe(message)}")
+        prompt = message.get(self.prompt, "")
+        if not isinstance(prompt, str):
+            raise ProtocolError(f"'{self.prompt}' must be a string, got {describe(prompt)}")
+        if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
+            raise ProtocolError(f"'{self.prompt}' is {len(prompt)} characters; this server takes at most "
+                                f"{max_prompt_chars} (max_prompt_chars)")
         height, width = spec.image_size
         images = {}
         for camera, key in self.image_keys(spec.cameras).items():
             image = message.get(key)
             if not isinstance(image, np.ndarray) or image.shape != (height, width, 3) or image.dtype != np.uint8:
-                got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise ProtocolError(f"'{key}' (camera {camera}) must be a uint8 {height}x{width}x3 image, got {got}")
+                raise ProtocolError(f"'{key}' (camera {camera}) must be a uint8 {height}x{width}x3 image, "
+                                    f"got {describe(image)}")
             images[camera] = image
-        state = message.get(self.state)
-        if spec.state_dim:
-            state = np.asarray(state if state is not None else [], dtype=np.float32).reshape(-1)
-            if state.shape != (spec.state_dim,) or not np.all(np.isfinite(state)):
-                raise ProtocolError(f"'{self.state}' must be {spec.state_dim} finite numbers, got {state.tolist()}")
-        else:
-            state = np.zeros(0, np.float32)
-        prompt = message.get(self.prompt, "")
-        if not isinstance(prompt, str):
-            raise ProtocolError(f"'{self.prompt}' must be a string, got {type(prompt).__name__}")
+        state = numbers(message.get(self.state), self.state, spec.state_dim) if spec.state_dim else \
+            np.zeros(0, np.float32)
         return Observation(images, state, prompt, timestamp)
 
     def to_message(self, obs: Observation, cameras: tuple[str, ...]) -> dict:

@@ -7,6 +7,7 @@ policy error and holds the robot) and the next call tries to connect again.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 from websockets.exceptions import WebSocketException
@@ -78,4 +79,7 @@ class RemotePolicy:
 @register_policy("remote")
 def remote(url: str, token: str | None = None, timeout_s: float = 30.0,
            observation_keys: dict | None = None) -> RemotePolicy:
-    return RemotePolicy(url, token, timeout_s, ObservationKeys(**(observation_keys or {})))
+    """`token`: None takes the VLA_SERVE_TOKEN environment variable (a token on the command line is readable by
+    every local user in the process list)."""
+    return RemotePolicy(url, token or os.environ.get("VLA_SERVE_TOKEN"), timeout_s,
+                        ObservationKeys(**(observation_keys or {})))

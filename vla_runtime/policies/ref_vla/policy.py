@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from vla_runtime.types import (
     PolicyStructure,
 )
 
+TEXT_CACHE_SIZE = 256
+
 
 class RefVLAPolicy:
     def __init__(self, model: RefVLA, normalizer: Normalizer, tokenizer: Tokenizer, noise_seed: int = 0,
@@ -47,7 +50,8 @@ class RefVLAPolicy:
         self.tokenizer = tokenizer
         self.noise_seed = noise_seed
         self.generator = torch.Generator(device="cpu").manual_seed(noise_seed)
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Instructions repeat: their tokens are cached, the most recent TEXT_CACHE_SIZE of them (a server meets any).
+        self._text = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._tokenize)
         self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=config.cameras,
                                image_size=(config.image_size, config.image_size), chunk_size=config.chunk_size,
                                control_dt=config.control_dt, actions_per_chunk=config.actions_per_chunk)
@@ -79,10 +83,8 @@ class RefVLAPolicy:
         self.generator.manual_seed(self.noise_seed)
         reset_hooks(self.model)
 
-    def _text(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if instruction not in self._text_cache:
-            self._text_cache[instruction] = tokenize(self.tokenizer, [instruction], self.config.max_text_tokens)
-        return self._text_cache[instruction]
+    def _tokenize(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(self.tokenizer, [instruction], self.config.max_text_tokens)
 
     def image_tensor(self, obs: Observation) -> torch.Tensor:
         """The cameras' images as the vision encoder's input, [1, K, 3, H, W] in [-1, 1]."""
