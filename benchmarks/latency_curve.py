@@ -80,7 +80,7 @@ def main() -> None:
              "| chunking | latency (ms) | success | 95 % CI | deadline-miss rate | jump mean | jump p99 | "
              "startup holds / ticks | policy calls |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    from vla_runtime.sim.metrics import wilson_interval
+    from vla_runtime.evaluation.metrics import wilson_interval
 
     for r in rows + ([sync] if sync else []):
         low, high = wilson_interval(r["successes"], r["episodes"])
@@ -99,7 +99,7 @@ def plot(rows: list[dict], sync: dict | None, path: Path, policy: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vla_runtime.sim.metrics import wilson_interval
+    from vla_runtime.evaluation.metrics import wilson_interval
 
     fig, (ax, jumps) = plt.subplots(1, 2, figsize=(11, 4))
     for chunking in dict.fromkeys(r["chunking"] for r in rows):

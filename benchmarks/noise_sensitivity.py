@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vla_runtime.evaluation.observations import expert_observations
 from vla_runtime.policies import make_policy
 from vla_runtime.sim import make_suite
-from vla_runtime.sim.observations import expert_observations
 
 
 def main() -> None:

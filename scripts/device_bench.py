@@ -131,7 +131,7 @@ def row_plan(subject: Subject, tiny: bool = False) -> list[tuple[str, str]]:
 def pack(tasks_per_robot: int = 2) -> None:
     """Expert frames of the real suites (measurement: one sequence of 4 frames, 4 steps apart, per task;
     calibration: 2 frames per task, other training seeds), their robots and instructions."""
-    from vla_runtime.sim.observations import MEASUREMENT_SEEDS, expert_observations, expert_sequences
+    from vla_runtime.evaluation.observations import MEASUREMENT_SEEDS, expert_observations, expert_sequences
     from vla_runtime.sim.suite import configured_suite
 
     arrays, robots = {}, {}

@@ -13,8 +13,8 @@ import torch
 from vla_runtime.cli.collect import collect
 from vla_runtime.data import ActionChunkDataset, Episode, EpisodeStore, make_dataloader
 from vla_runtime.data import episodes as episodes_module
+from vla_runtime.evaluation.runner import run_episode
 from vla_runtime.policies import make_policy
-from vla_runtime.sim.runner import run_episode
 
 
 def collect_small(sim, root, tasks=("drawer-close-v3",), n=1):

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from vla_runtime.cli import eval as eval_cli
-from vla_runtime.sim.metrics import markdown_summary, summarize, wilson_interval
-from vla_runtime.sim.runner import EpisodeResult
+from vla_runtime.evaluation.metrics import markdown_summary, summarize, wilson_interval
+from vla_runtime.evaluation.runner import EpisodeResult
 
 
 def eval_config(tmp_path, *overrides):
@@ -89,7 +89,7 @@ def test_wilson_interval(successes, trials, expected):
         ("runtime.mode=fast", "runtime.mode must be 'sync' or 'realtime', got 'fast'"),
         ("runtime.mode=realtime runtime.latency_model=recorded", "needs runtime.recorded_latencies"),
         ("policy=ref_dit policy.checkpoint=/nonexistent", "Checkpoint /nonexistent is missing config.json"),
-        ("policy=random launcher=slurm", "Unknown launcher 'slurm'; choose one of local, ray"),
+        ("policy=random launcher=slurm", "Unknown launcher 'slurm'. Registered: local, ray"),
         ("policy=random runtime.chunking=rtc", "runtime.chunking=rtc acts on latency in the loop: it needs "
                                                "runtime.mode=realtime"),
         ("policy=random runtime.mode=realtime runtime.chunking=smooth", "Unknown chunking 'smooth'; choose one of "
@@ -116,7 +116,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
                                        "Valid task names: assembly-v3"),
         ("eval", "accel=bacc", "Unknown accel profile or method 'bacc' (did you mean 'bac'?). Profiles: bac,"),
         ("eval", "accel=[bac,head_cach]", "Unknown accel profile or method 'head_cach' (did you mean 'head_cache'?)"),
-        ("eval", "launcher=rey", "Unknown launcher 'rey' (did you mean 'ray'?); choose one of local, ray"),
+        ("eval", "launcher=rey", "Unknown launcher 'rey' (did you mean 'ray'?). Registered: local, ray"),
         ("eval", "exec=compil", "Unknown execution backend 'compil' (did you mean 'compile'?); choose one of eager,"),
         ("eval", "episode_per_task=3", "Could not override 'episode_per_task'. To append to your config use "
                                        "+episode_per_task=3 (did you mean 'episodes_per_task'?)"),
@@ -192,9 +192,9 @@ def test_a_worker_holds_one_env_at_a_time():
     envs per worker ran out of memory)."""
     import functools
 
+    from vla_runtime.evaluation.runner import EpisodeWorker, EvalJob
     from vla_runtime.policies import make_policy
     from vla_runtime.sim import make_suite
-    from vla_runtime.sim.runner import EpisodeWorker, EvalJob
 
     suite = make_suite("metaworld", image_size=64, default_max_steps=3)
     worker = EpisodeWorker(functools.partial(make_policy, "random", suite=suite), suite, None, None)

@@ -143,3 +143,16 @@ def test_a_backend_that_cannot_apply_leaves_no_method_applied(policy, tmp_path):
     assert HookRegistry.find(policy.model.dit) is None or not HookRegistry.find(policy.model.dit).hooks
     assert {p.dtype for p in policy.structure.weights.parameters()} == {torch.float32}
     np.testing.assert_array_equal(actions(policy, obs), eager)
+
+
+def test_process_wide_compile_state_is_bounded_and_restored(policy, tmp_path):
+    """The recompile limit a compiled backend raises is put back when it is removed; the per-config code copies
+    are a bounded cache."""
+    from vla_runtime.execution import _code_copy
+
+    before = torch._dynamo.config.recompile_limit
+    handle = apply_execution(policy, ExecConfig("compile"))
+    assert torch._dynamo.config.recompile_limit >= 64
+    handle.remove()
+    assert torch._dynamo.config.recompile_limit == before
+    assert _code_copy.cache_info().maxsize == 256

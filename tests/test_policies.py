@@ -3,9 +3,9 @@ import functools
 import numpy as np
 import pytest
 
+from vla_runtime.evaluation.runner import evaluate, run_episode
 from vla_runtime.policies import make_policy, policy_names
 from vla_runtime.sim.metaworld.expert import MetaWorldExpert
-from vla_runtime.sim.runner import evaluate, run_episode
 from vla_runtime.types import Policy, PolicySpec, PolicyStructure
 
 

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
+from vla_runtime.evaluation.runner import EpisodeWorker, EvalJob, evaluate, read_journal
 from vla_runtime.policies import make_policy
 from vla_runtime.sim import make_suite
-from vla_runtime.sim.runner import EpisodeWorker, EvalJob, evaluate, read_journal
 
 ray = pytest.importorskip("ray")
 TASKS = ["reach-v3", "drawer-close-v3", "button-press-topdown-v3"]
@@ -39,7 +39,7 @@ def test_ray_gives_the_serial_results_episode_for_episode(cluster):
 
 
 def test_a_killed_actor_loses_no_episode_and_doubles_none(cluster):
-    from vla_runtime.sim.ray_pool import RayPool
+    from vla_runtime.evaluation.ray_pool import RayPool
 
     suite = make_suite("metaworld")
     factory = functools.partial(make_policy, "expert", suite=suite)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from vla_runtime.evaluation.runner import run_episode
 from vla_runtime.sim import SeedRange, make_suite
 from vla_runtime.sim.metaworld import INSTRUCTIONS, MT10, MT50, MetaWorldConfig, MetaWorldEnv, resolve_task
-from vla_runtime.sim.runner import run_episode
 from vla_runtime.types import ActionChunk, PolicySpec, PolicyStructure
 
 

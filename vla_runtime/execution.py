@@ -25,6 +25,7 @@ code's graphs, so a profile that was warmed up before compiles nothing when the 
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,7 +143,11 @@ def compile_units(module: nn.Module, name: str = "") -> list[tuple[str, nn.Modul
     return units
 
 
-_CODE_COPIES: dict[tuple[Any, ExecConfig], Any] = {}
+@functools.lru_cache(maxsize=256)
+def _code_copy(code: types.CodeType, config: ExecConfig) -> types.CodeType:
+    """One copy of `code` per backend config, the most recent 256 kept (an evicted one is copied, and compiled,
+    again when used again)."""
+    return code.replace()
 
 
 def _own_code(forward, config: ExecConfig):
@@ -150,7 +155,7 @@ def _own_code(forward, config: ExecConfig):
     keeps compiled graphs per code object and matches them by guards alone, so graphs that other inductor
     options built (freezing on or off) would otherwise be reused silently."""
     func = forward.__func__
-    code = _CODE_COPIES.setdefault((func.__code__, config), func.__code__.replace())
+    code = _code_copy(func.__code__, config)
     copy = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
     copy.__kwdefaults__ = func.__kwdefaults__
     return copy.__get__(forward.__self__)
@@ -238,8 +243,11 @@ def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
             undo += _half_precision(policy, DTYPES[config.dtype], device, f"dtype={config.dtype}", info)
         if config.backend != "eager":
             # A head cache's schedule specialises one graph per denoising step, and every same-class layer shares
-            # its code's cache: torch's default of 8 graphs per code would fall back to eager after the 8th.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            # its code's cache: torch's default of 8 graphs per code would fall back to eager after the 8th. Put
+            # back on removal.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+            undo.append(lambda: setattr(torch._dynamo.config, "recompile_limit", limit))
             options = {"mode": config.compile_mode} if config.mode or config.backend == "cuda_graphs" else \
                 {"options": {"freezing": config.freezing}}
 

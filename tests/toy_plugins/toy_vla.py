@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vla_runtime.evaluation.launchers import register_launcher
 from vla_runtime.hooks import reset_hooks
 from vla_runtime.policies import register_policy
 from vla_runtime.sim import SeedRange, Suite, register_suite
@@ -181,3 +182,24 @@ class ToyVLA:
 @register_policy("toy_vla")
 def toy_vla(seed: int = 0) -> ToyVLA:
     return ToyVLA(seed)
+
+
+class ReversedSerialPool:
+    """A toy launcher: one worker in this process, the jobs run last first (results may come in any order)."""
+
+    def __init__(self, worker_cls: type, args: tuple):
+        self.worker = worker_cls(*args)
+
+    def imap_unordered(self, jobs):
+        yield from (self.worker.run(job) for job in reversed(jobs))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.close()
+
+
+@register_launcher("toy_serial")
+def toy_serial(worker_cls: type, args: tuple, workers: int, address: str | None = None) -> ReversedSerialPool:
+    return ReversedSerialPool(worker_cls, args)

@@ -31,11 +31,11 @@ from vla_runtime.cli.common import (
     write_json,
 )
 from vla_runtime.cli.eval import realtime_options, worker_accel
+from vla_runtime.evaluation.metrics import summarize, wilson_interval
+from vla_runtime.evaluation.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
+from vla_runtime.evaluation.runner import evaluate
 from vla_runtime.execution import CompileStats, ExecConfig, exec_config
 from vla_runtime.hooks import ModelHook, add_hook
-from vla_runtime.sim.metrics import summarize, wilson_interval
-from vla_runtime.sim.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
-from vla_runtime.sim.runner import evaluate
 from vla_runtime.sim.suite import Suite
 from vla_runtime.types import Observation, Policy
 

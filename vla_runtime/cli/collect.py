@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from vla_runtime.cli.common import hydra_cli, positive_int, suite, task_list
 from vla_runtime.data.episodes import EpisodeStore
 from vla_runtime.data.lerobot_format import LEROBOT_SUBDIR, check_format, convert_store
-from vla_runtime.sim.runner import WorkerPool, run_episode
+from vla_runtime.evaluation.launchers import WorkerPool
+from vla_runtime.evaluation.runner import run_episode
 from vla_runtime.sim.suite import Env, Suite
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
+from vla_runtime.evaluation.metrics import markdown_summary, summarize
+from vla_runtime.evaluation.runner import evaluate
 from vla_runtime.execution import ExecConfig, exec_config
-from vla_runtime.sim.metrics import markdown_summary, summarize
-from vla_runtime.sim.runner import evaluate
 from vla_runtime.sim.suite import Suite
 
 

@@ -28,6 +28,7 @@ from vla_runtime.control.loop import ControlLoop, LoopMetrics, RuntimeConfig, pe
 from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking, RTCConfig
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
+from vla_runtime.evaluation.observations import calibration_source
 from vla_runtime.execution import exec_config
 from vla_runtime.ros import parameters
 from vla_runtime.ros.bag_logger import STATUS_TYPE, BagLogger, status_array
@@ -44,7 +45,6 @@ from vla_runtime.ros.common import (
 from vla_runtime.ros.messages import action_message_class, action_to_msg
 from vla_runtime.ros.profile_manager import ProfileManager
 from vla_runtime.ros.robot_adapter import SensorSettings, TopicRobot
-from vla_runtime.sim.observations import calibration_source
 from vla_runtime.sim.suite import configured_suite
 from vla_runtime.types import Policy
 

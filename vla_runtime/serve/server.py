@@ -15,9 +15,9 @@ place, then is answered "busy: ... retry in ~N ms" (openpi's client raises it as
 `max_connections` clients (more are refused with 503), each closed after `idle_timeout_s` without a request, each
 read `read_ahead` messages ahead at most, none over `max_message_mb` (closed with 1009), prompts of at most
 `max_prompt_chars`. So the memory requests can hold is at most about max_connections x (read_ahead + 4) x
-max_message_mb (`ServeConfig.memory_bound_mb`). Errors (a malformed, oversized or mis-shaped request, a failing policy) are answered with a short
-text message naming what was wrong (sizes and types, never the content), as openpi's server does, and the
-connection and the server stay up.
+max_message_mb (`ServeConfig.memory_bound_mb`). Errors (a malformed, oversized or mis-shaped request, a failing
+policy) are answered with a short text message naming what was wrong (sizes and types, never the content), as
+openpi's server does, and the connection and the server stay up.
 
 Security. Loopback unless `host=` says otherwise, and a non-loopback address needs a token (or
 `allow_insecure=True`); `Authorization: Api-Key <token>` (openpi-client's `api_key`), exactly one such header;

@@ -1,11 +1,8 @@
-"""Simulator suites behind one interface (`suite.py`; Meta-World is the built-in one), the episode
-runner and success statistics."""
+"""Simulator suites behind one interface (`suite.py`), one sub-package per simulator. Nothing here imports
+what runs policies in them (the episode runner, launchers and statistics are `vla_runtime.evaluation`), and
+nothing here sets up a renderer: each simulator does its own (the MuJoCo suites pick a headless GL backend when
+imported; SIMPLER renders with Vulkan)."""
 
-from vla_runtime.sim.rendering import configure_headless_gl
-
-# Before any suite imports MuJoCo's GL backends.
-configure_headless_gl()
-
-from vla_runtime.sim.suite import Env, SeedRange, Suite, make_suite, register_suite, suite_names  # noqa: E402
+from vla_runtime.sim.suite import Env, SeedRange, Suite, make_suite, register_suite, suite_names
 
 __all__ = ["Env", "SeedRange", "Suite", "make_suite", "register_suite", "suite_names"]

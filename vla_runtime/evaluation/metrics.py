@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vla_runtime.control.loop import jump_statistics, percentiles_ms
-from vla_runtime.sim.runner import EpisodeResult
+from vla_runtime.evaluation.runner import EpisodeResult
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:

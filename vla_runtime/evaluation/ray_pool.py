@@ -1,5 +1,5 @@
 """Episodes on Ray (`launcher=ray`): actors that each hold a simulator and a policy (an `EpisodeWorker`), on a local
-cluster by default or on an existing one by address. The same interface as the process pool (`WorkerPool`), so
+cluster by default or on an existing one by address. The same interface as the process pool (`launchers.Pool`), so
 results are the serial runner's for the same seeds. A job whose actor dies is retried (Ray restarts the actor and
 runs the call again; past `retries` the job goes back to the queue for another actor), so no episode is lost, and
 a result is taken once per job, so none is doubled.
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
+
+from vla_runtime.evaluation.launchers import register_launcher
 
 
 class _Actor:
@@ -80,3 +82,9 @@ class RayPool:
     def __exit__(self, *exc: Any) -> None:
         for actor in self.actors:
             self._ray.kill(actor)
+
+
+@register_launcher("ray")
+def ray(worker_cls: type, args: tuple, workers: int, address: str | None = None) -> RayPool:
+    """Ray actors, on the cluster at `address` or a local one of `workers` CPUs."""
+    return RayPool(worker_cls, args, workers, address)

@@ -1,15 +1,8 @@
-"""Roll policies out in the simulator: one episode, or many over worker processes."""
+"""Roll policies out in the simulator: one episode, or many through a launcher (`launchers.py`)."""
 
 from __future__ import annotations
 
-import ctypes
 import json
-import multiprocessing
-import os
-import signal
-import sys
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,8 +18,8 @@ from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
 from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.episodes import Episode, EpisodeStore
-from vla_runtime.plugins import did_you_mean
-from vla_runtime.sim.observations import calibration_source
+from vla_runtime.evaluation.launchers import LAUNCHERS
+from vla_runtime.evaluation.observations import calibration_source
 from vla_runtime.sim.suite import Env, Suite
 from vla_runtime.types import Observation, Policy
 
@@ -289,74 +282,6 @@ class EpisodeWorker:
             env.close()
 
 
-_worker: Any = None
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel ends this worker when the process that started it dies, so a killed vla-eval or
-    vla-collect leaves no worker running its queued jobs (and writing into a dataset a new run also writes)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # it died while this process was still importing
-            os._exit(1)
-
-
-def _init_worker(parent: int, worker_cls: type, args: tuple) -> None:
-    global _worker
-    _die_with_parent(parent)
-    import torch
-
-    # One thread per process: the processes already use every core.
-    torch.set_num_threads(1)
-    _worker = worker_cls(*args)
-
-
-def _run_in_worker(job: Any) -> Any:
-    return _worker.run(job)
-
-
-LAUNCHERS = ("local", "ray")
-
-
-class WorkerPool:
-    """Runs `worker_cls(*args).run(job)` in `workers` spawned processes, or inline when workers == 1.
-
-    A worker class has `run(job)` and `close()`; each process builds one worker and keeps it (its
-    simulators and policy) for every job it gets.
-    """
-
-    def __init__(self, worker_cls: type, args: tuple, workers: int):
-        self.workers = max(1, min(workers, os.cpu_count() or 1))
-        # Built here first even when processes will do the work: a bad checkpoint or setting then fails
-        # with its own message instead of as a broken process pool.
-        first = worker_cls(*args)
-        self._inline = first if self.workers == 1 else None
-        if self._inline is None:
-            first.close()
-        # spawn: a forked child would inherit the parent's GL and torch thread state.
-        self._pool = None if self._inline else ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(os.getpid(), worker_cls, args))
-
-    def imap_unordered(self, jobs: list[Any]) -> Iterator[Any]:
-        """Results as they finish; an exception inside a job re-raises here."""
-        if self._pool is None:
-            yield from (self._inline.run(job) for job in jobs)
-            return
-        futures = [self._pool.submit(_run_in_worker, job) for job in jobs]
-        yield from (future.result() for future in as_completed(futures))
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-        else:
-            self._inline.close()
-
-
 def evaluate(
     policy_factory: Any,
     suite: Suite,
@@ -376,15 +301,13 @@ def evaluate(
 ) -> list[EpisodeResult]:
     """Episodes on the eval seeds: episode i of every task starts from eval seed i. `episodes_dir`: an
     episode dataset (already created) that keeps every episode's frames, states and actions.
-    `policy_name`: what errors call the policy. `launcher`: `local` (worker processes) or `ray` (actors, on
-    `ray_address` or a local cluster). `journal`: a file each finished episode is appended to; the episodes it
-    already holds are not run again (a resumed sweep).
+    `policy_name`: what errors call the policy. `launcher`: a registered launcher (`evaluation/launchers.py`):
+    `local` (worker processes) or `ray` (actors, on `ray_address` or a local cluster). `journal`: a file each
+    finished episode is appended to; the episodes it already holds are not run again (a resumed sweep).
 
     `policy_factory` is a picklable zero-argument callable, so each worker builds its own policy.
     """
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"Unknown launcher '{launcher}'{did_you_mean(launcher, LAUNCHERS)}; "
-                         f"choose one of {', '.join(LAUNCHERS)}")
+    make_pool = LAUNCHERS.get(launcher)  # an unknown name: one line naming the registered ones
     seeds = suite.seeds("eval")
     jobs = [EvalJob(task, i, seeds.seed(i)) for task in tasks for i in range(episodes_per_task)]
     journal = Path(journal) if journal else None
@@ -397,13 +320,7 @@ def evaluate(
                    policy_name)
     with tqdm(total=len(jobs), initial=len(results), desc="episodes", unit="ep", disable=not progress) as bar:
         if todo:
-            if launcher == "ray":
-                from vla_runtime.sim.ray_pool import RayPool
-
-                pool = RayPool(EpisodeWorker, worker_args, min(workers, len(todo)), ray_address)
-            else:
-                pool = WorkerPool(EpisodeWorker, worker_args, min(workers, len(todo)))
-            with pool:
+            with make_pool(EpisodeWorker, worker_args, min(workers, len(todo)), ray_address) as pool:
                 for result in pool.imap_unordered(todo):
                     results.append(result)
                     if journal is not None:
