@@ -175,3 +175,11 @@ def test_package_dependencies_point_one_way(folder, forbidden):
     wrong = {module: sorted(name for name in names if name.startswith(forbidden))
              for module, names in _imports(folder).items()}
     assert {module: names for module, names in wrong.items() if names} == {}
+
+
+def test_no_command_imports_another():
+    """The CLIs share what they build from configs through cli/build.py and cli/common.py, never each other."""
+    shared = {"vla_runtime.cli", "vla_runtime.cli.common", "vla_runtime.cli.build"}  # the package: config paths
+    wrong = {module: sorted(name for name in names if name.startswith("vla_runtime.cli") and name not in shared)
+             for module, names in _imports("cli").items()}
+    assert {module: names for module, names in wrong.items() if names} == {}

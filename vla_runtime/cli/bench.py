@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.profiles import Accelerator, Profile, load_profiles
+from vla_runtime.cli.build import realtime_options, worker_accel
 from vla_runtime.cli.common import (
     as_dict,
     command_line,
@@ -30,7 +31,6 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
-from vla_runtime.cli.eval import realtime_options, worker_accel
 from vla_runtime.evaluation.metrics import summarize, wilson_interval
 from vla_runtime.evaluation.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
 from vla_runtime.evaluation.runner import evaluate

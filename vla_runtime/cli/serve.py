@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from vla_runtime.cli.build import accel_options
 from vla_runtime.cli.common import UsageError, as_dict, hydra_cli, policy_factory, positive_int, suite, task_list
-from vla_runtime.cli.eval import accel_options
 from vla_runtime.evaluation.runner import accelerate
 from vla_runtime.serve.protocol import ObservationKeys
 from vla_runtime.serve.server import PolicyServer, ServeConfig
