@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.accel.profiles import Accelerator, load_profile
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 
@@ -128,7 +128,8 @@ def test_a_toy_method_is_one_registration_and_profiles_compose_it(toy_on_path):
     from vla_runtime.policies import make_policy
     from vla_runtime.sim import make_suite
 
-    register_method(AccelMethod("toy_scale", ScaleConfig, _apply_scale, requires=("vision_encoder",), order=70))
+    register_method(AccelMethod("toy_scale", ScaleConfig, _apply_scale, requires=("vision_encoder",),
+                                phase=Phase.CALLS))
     try:
         suite = make_suite("toy")
         policy = make_policy("toy_vla")

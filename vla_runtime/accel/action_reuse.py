@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.types import ActionChunk, Observation, Policy
 
@@ -122,4 +122,4 @@ def apply(policy: Policy, config: ActionReuseConfig | None = None, artifact: dic
 
 
 METHOD = register_method(AccelMethod("action_reuse", ActionReuseConfig, apply,
-                                     requires=("vision_encoder", "preprocess_images"), order=60))
+                                     requires=("vision_encoder", "preprocess_images"), phase=Phase.CALLS))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.types import DenoisingHead, Observation, Policy
 
@@ -247,6 +247,6 @@ def _stats(info: dict) -> dict:
 
 
 METHOD = register_method(AccelMethod(
-    "head_cache", HeadCacheConfig, apply, requires=("denoising_head",), order=40,
+    "head_cache", HeadCacheConfig, apply, requires=("denoising_head",), phase=Phase.HEAD,
     calibrate=lambda policy, observations, config: calibrate(policy, observations),
     needs_calibration=lambda config: config.mode == "bac", stats=_stats))

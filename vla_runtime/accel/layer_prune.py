@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle, drop_layers
 from vla_runtime.types import Observation, Policy
 
@@ -119,6 +119,6 @@ def apply(policy: Policy, config: LayerPruneConfig, calibration: dict) -> Handle
 
 
 METHOD = register_method(AccelMethod(
-    "layer_prune", LayerPruneConfig, apply, requires=("language_model",), order=10, calibrate=calibrate,
+    "layer_prune", LayerPruneConfig, apply, requires=("language_model",), phase=Phase.LAYERS, calibrate=calibrate,
     needs_calibration=lambda config: config.num_layers > 0,
     stats=lambda info: {"removed_layers": info["removed"]}))

@@ -3,7 +3,8 @@
 A method is one module that defines a config dataclass and `apply(policy, config, artifact) -> Handle`,
 written against the hook points of `PolicyStructure` only, and registers its descriptor:
 
-    METHOD = register_method(AccelMethod("my_method", MyConfig, apply, requires=("language_model",), order=25))
+    METHOD = register_method(AccelMethod("my_method", MyConfig, apply, requires=("language_model",),
+                                         phase=Phase.TOKENS))
 
 Modules are found through the `vla_runtime.accel_methods` entry point group (`vla_runtime.plugins`), so a
 method from another package is one module plus one entry point.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 from vla_runtime.hooks import Handle
@@ -28,13 +30,26 @@ def _no_stats(info: dict) -> dict:
     return {}
 
 
+class Phase(IntEnum):
+    """Where a method acts on a policy, in the order a profile's methods are applied (each sees the policy as the
+    phases before it left it; within a phase, by name)."""
+
+    INPUTS = 1  # what enters the vision encoder (vision_resolution)
+    LAYERS = 2  # which layers the model has (layer_prune)
+    TOKENS = 3  # which tokens flow through the language model (token_select)
+    LM_CACHE = 4  # what the language model reuses from the last frame (visual_kv_reuse)
+    HEAD = 5  # the action head's denoising steps (head_cache)
+    DECODING = 6  # how action tokens are decoded (parallel_decode)
+    CALLS = 7  # whether the policy is called at all (action_reuse's gate)
+
+
 @dataclass(frozen=True)
 class AccelMethod:
     name: str
     config: type  # a dataclass; its fields are the method's settings in profiles
     apply: Callable[[Policy, Any, dict | None], Handle]  # (policy, config, calibration artifact or None)
     requires: tuple[str, ...]  # PolicyStructure hook points it needs
-    order: int  # methods of a profile are applied in ascending order
+    phase: Phase  # where it acts: a profile's methods are applied phase by phase
     calibrate: Callable[[Policy, list[Observation], Any], dict] | None = None  # -> a json-able artifact
     needs_calibration: Callable[[Any], bool] = _never  # whether `config` needs an artifact
     # A hook point whose presence rules the method out, with the reason.
@@ -61,7 +76,7 @@ def register_method(method: AccelMethod) -> AccelMethod:
 
 
 def methods_in_order() -> list[AccelMethod]:
-    return sorted((method for _, method in METHODS.items()), key=lambda method: method.order)
+    return sorted((method for _, method in METHODS.items()), key=lambda method: (method.phase, method.name))
 
 
 def exclusion_reason(first: AccelMethod, second: AccelMethod) -> str | None:

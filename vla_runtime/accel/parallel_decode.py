@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.types import ARDecoder, Policy
 
@@ -83,4 +83,4 @@ def _stats(info: dict) -> dict:
 
 
 METHOD = register_method(AccelMethod("parallel_decode", ParallelDecodeConfig, apply, requires=("ar_decoder",),
-                                     order=50, stats=_stats))
+                                     phase=Phase.DECODING, stats=_stats))

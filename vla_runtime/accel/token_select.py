@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from vla_runtime.accel.attention import allowed_attention, visual_relevance
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
@@ -218,6 +218,6 @@ def _unsupported(structure, config: TokenSelectConfig) -> str | None:
 
 
 METHOD = register_method(AccelMethod(
-    "token_select", TokenSelectConfig, apply, requires=(), order=20, stats=_stats, unsupported=_unsupported,
+    "token_select", TokenSelectConfig, apply, requires=(), phase=Phase.TOKENS, stats=_stats, unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix"),
     exclusive_with={"visual_kv_reuse": "both replace the language model's forward pass"}))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle
 from vla_runtime.types import Policy
 
@@ -33,5 +33,5 @@ def apply(policy: Policy, config: VisionResolutionConfig, artifact: dict | None 
 
 
 METHOD = register_method(AccelMethod(
-    "vision_resolution", VisionResolutionConfig, apply, requires=("vision_resolution",), order=5,
+    "vision_resolution", VisionResolutionConfig, apply, requires=("vision_resolution",), phase=Phase.INPUTS,
     stats=lambda info: {"vision_input_px": info["size"]}))

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from vla_runtime.accel.attention import allowed_attention, normed, visual_relevance
-from vla_runtime.accel.method import AccelMethod, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
@@ -187,6 +187,6 @@ def _unsupported(structure, config) -> str | None:
 
 
 METHOD = register_method(AccelMethod(
-    "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), order=30, stats=_stats,
+    "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), phase=Phase.LM_CACHE, stats=_stats,
     unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix")))  # and token_select: see there
