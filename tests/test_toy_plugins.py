@@ -184,3 +184,14 @@ def test_no_command_imports_another():
     wrong = {module: sorted(name for name in names if name.startswith("vla_runtime.cli") and name not in shared)
              for module, names in _imports("cli").items()}
     assert {module: names for module, names in wrong.items() if names} == {}
+
+
+def test_a_suite_missing_part_of_its_contract_cannot_be_built():
+    from vla_runtime.sim import Suite
+
+    class TasksOnly(Suite):
+        def tasks(self):
+            return ("t",)
+
+    with pytest.raises(TypeError, match="abstract method.*expert"):
+        TasksOnly()

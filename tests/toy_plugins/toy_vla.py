@@ -38,6 +38,11 @@ class ToyEnv:
         self._steps, self.position, self.goal = 0, np.zeros(2), np.zeros(2)
 
     @property
+    def measures(self) -> dict[str, bool]:
+        """Success is its only measure."""
+        return {}
+
+    @property
     def steps(self) -> int:
         return self._steps
 

@@ -115,7 +115,7 @@ def run_episode(
         if success or truncated:
             break
     return EpisodeResult(env.task, seed, success, env.steps, executor.latency_s, trajectory,
-                         measures=dict(getattr(env, "measures", {})))
+                         measures=dict(env.measures))
 
 
 class SimRobot:
@@ -157,7 +157,7 @@ def run_episode_realtime(env: Env, policy: Policy, seed: int, runtime: RuntimeCo
                        clock=SimulatedClock(), reuse_gate=reuse_gate, delays=delays)
     metrics = loop.run(env.max_steps, done=lambda: robot.done)
     return EpisodeResult(env.task, seed, robot.success, env.steps, metrics.inference_latency_s,
-                         loop=metrics.summary(), measures=dict(getattr(env, "measures", {})))
+                         loop=metrics.summary(), measures=dict(env.measures))
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:

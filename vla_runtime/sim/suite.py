@@ -8,6 +8,7 @@ vla-collect, vla-train, vla-bench, the ROS bridge, calibration) goes through thi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, Protocol
@@ -37,15 +38,18 @@ class SeedRange:
 
 class Env(Protocol):
     """One task of a suite. `reset(seed)` gives the same initial state for the same seed; images are
-    rendered only when asked (`render`), since rendering costs far more than a physics step. An env may
-    also keep `measures` (dict[str, bool]): partial progress of the episode so far, such as SIMPLER's
-    grasp, which results report beside success."""
+    rendered only when asked (`render`), since rendering costs far more than a physics step."""
 
     task: str
     instruction: str
     max_steps: int  # the episode is truncated after this many steps
     dt: float  # seconds per step
     render_enabled: bool  # the default of `render` below
+
+    @property
+    def measures(self) -> dict[str, bool]:
+        """Partial progress of the episode so far, reported beside success (SIMPLER's grasp; empty where
+        success is the only measure)."""
 
     @property
     def steps(self) -> int: ...
@@ -67,12 +71,12 @@ class Env(Protocol):
     def __exit__(self, *exc: Any) -> None: ...
 
 
-class Suite:
+class Suite(ABC):
     """Tasks, their environments, seeds, the scripted expert and the robot contract of one simulator.
 
-    Subclasses set `name`, `spec`, `task_sets`, `train_seeds` / `eval_seeds` and implement the methods that
-    raise NotImplementedError. Their options are the keys of configs/sim/<name>.yaml; every suite takes
-    `cameras` and `image_size`. Instances are picklable (worker processes get them).
+    Subclasses set `name`, `spec`, `task_sets`, `train_seeds` / `eval_seeds` and implement the abstract
+    methods. Their options are the keys of configs/sim/<name>.yaml; every suite takes `cameras` and
+    `image_size`. Instances are picklable (worker processes get them).
     """
 
     name: str
@@ -82,28 +86,29 @@ class Suite:
     train_seeds: SeedRange
     eval_seeds: SeedRange
 
+    @abstractmethod
     def tasks(self) -> tuple[str, ...]:
         """Every task, in a fixed order (its index is the task id stored with demonstrations)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def resolve_task(self, name: str) -> str:
         """The canonical name of `name`; an unknown task raises ValueError listing the valid ones."""
-        raise NotImplementedError
 
+    @abstractmethod
     def instruction(self, task: str) -> str:
-        raise NotImplementedError
+        """The language instruction of `task`."""
 
+    @abstractmethod
     def make_env(self, task: str, render: bool = True, max_steps: int | None = None) -> Env:
         """An environment of `task`; `max_steps` replaces the suite's episode length for it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def expert(self) -> Policy:
         """The scripted expert (reads privileged state): demonstrations and calibration observations."""
-        raise NotImplementedError
 
+    @abstractmethod
     def settings(self) -> dict:
         """What decides how observations look; stored with demonstrations (a resumed collection must match)."""
-        raise NotImplementedError
 
     # ---- shared by every suite -------------------------------------------------------------------
     @staticmethod

@@ -154,6 +154,11 @@ class LiberoEnv:
         self._steps = 0
 
     @property
+    def measures(self) -> dict[str, bool]:
+        """Success is its only measure."""
+        return {}
+
+    @property
     def steps(self) -> int:
         return self._steps
 

@@ -159,6 +159,11 @@ class MetaWorldEnv:
         self._full_state: np.ndarray | None = None
 
     @property
+    def measures(self) -> dict[str, bool]:
+        """Success is its only measure."""
+        return {}
+
+    @property
     def steps(self) -> int:
         return self._steps
 
