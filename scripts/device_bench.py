@@ -402,6 +402,13 @@ class Bench:
 
     # One row ------------------------------------------------------------------------------------------------
 
+    def rounds(self, pass_s: float, deadline: float) -> int:
+        """Timed passes over the measurement frames: 2 in the rehearsal, else about --row-seconds' worth (2 to
+        25), and no more than the deadline leaves room for (at least 1)."""
+        pass_s = max(1e-3, pass_s)
+        rounds = 2 if self.args.tiny else int(np.clip(self.args.row_seconds / pass_s, 2, 25))
+        return min(rounds, max(1, int((deadline - time.monotonic()) / pass_s)))
+
     def measure_row(self, accelerator, robot: PackedRobot, row: Row, baseline: Row | None, deadline: float) -> None:
         from vla_runtime.accel.profiles import load_profile
         from vla_runtime.execution import CompileStats, exec_config
@@ -426,7 +433,7 @@ class Bench:
         try:
             handle = accelerator.apply(load_profile(row.profile))
             frames, started = CompileStats.frames(), time.perf_counter()
-            warm_times, _ = one_pass()  # the warm-up: compiles / captures every shape it meets
+            one_pass()  # the warm-up: compiles / captures every shape it meets
             row.warm_up_s = time.perf_counter() - started
             row.frames_compiled_warm_up = CompileStats.frames() - frames
             # The actions, on a warm row, compared with eager float32 none on the same observations and noise.
@@ -434,9 +441,7 @@ class Bench:
             row.actions = np.stack(actions)
             if baseline is not None and baseline.actions is not None:
                 row.max_abs_action_diff = float(np.abs(row.actions - baseline.actions).max())
-            per_pass = max(1e-3, sum(times) / 1000)
-            rounds = 2 if self.args.tiny else int(np.clip(self.args.row_seconds / per_pass, 2, 25))
-            rounds = min(rounds, max(1, int((deadline - time.monotonic()) / per_pass)))
+            rounds = self.rounds(sum(times) / 1000, deadline)
             frames, fallbacks = CompileStats.frames(), CompileStats.fallbacks()
             allocations = torch.cuda.memory_stats().get("allocation.all.allocated", 0) if cuda else 0
             for _ in range(rounds):
@@ -473,10 +478,7 @@ class Bench:
         for obs in observations:
             call(obs)
         row.warm_up_s = time.perf_counter() - started
-        per_pass = max(1e-3, row.warm_up_s)
-        rounds = 2 if self.args.tiny else int(np.clip(self.args.row_seconds / per_pass, 2, 25))
-        rounds = min(rounds, max(1, int((deadline - time.monotonic()) / per_pass)))
-        for _ in range(rounds):
+        for _ in range(self.rounds(row.warm_up_s, deadline)):
             policy.policy.reset()
             for obs in observations:
                 ms, _ = self.clock.time_ms(lambda obs=obs: call(obs))
@@ -595,11 +597,11 @@ class Bench:
         rows = [row.summary() for row in self.rows]
         for subject in {row["subject"] for row in rows}:
             mine = [row for row in rows if row["subject"] == subject and row["status"] == "ok"]
-            base = next((r for r in mine if r["profile"] == "none" and r["backend"] == "eager-fp32"), None)
+            baselines = [r for r in mine if (r["profile"], r["backend"]) == BASELINE]  # first, and again last
+            base = baselines[0] if baselines else None
             peer = next((r for r in mine if r["profile"] == "lerobot"), None)
-            again = [r for r in mine if r["profile"] == "none" and r["backend"] == "eager-fp32"]
-            if len(again) == 2:
-                self.subjects[subject]["baseline_drift"] = again[1]["p50_ms"] / again[0]["p50_ms"] - 1
+            if len(baselines) == 2:
+                self.subjects[subject]["baseline_drift"] = baselines[1]["p50_ms"] / baselines[0]["p50_ms"] - 1
             for row in mine:
                 row["speedup"] = base["p50_ms"] / row["p50_ms"] if base else None
                 row["speedup_vs_lerobot"] = peer["p50_ms"] / row["p50_ms"] if peer else None
