@@ -123,7 +123,7 @@ class _Slot:
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{index}")
         self.clients = 0
         self.waiting = 0  # requests queued or running
-        self.freed: asyncio.Condition | None = None  # notified when a request leaves (made on the event loop)
+        self.freed = asyncio.Condition()  # notified when a request leaves (bound to the loop that first waits)
         self.infer_s = 0.05  # a running mean of inference time: the retry hint of "busy"
         self.state_of: int | None = None  # the client whose episode the policy's state belongs to
 
@@ -234,8 +234,6 @@ class PolicyServer:
 
     async def _enter(self, slot: _Slot) -> bool:
         """A place in the slot's queue, waiting up to busy_wait_ms for one; False: busy."""
-        if slot.freed is None:
-            slot.freed = asyncio.Condition()
         async with slot.freed:
             try:
                 await asyncio.wait_for(slot.freed.wait_for(lambda: slot.waiting < self.config.max_queue),
