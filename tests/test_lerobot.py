@@ -153,8 +153,8 @@ def test_act_loads_from_its_folder(tmp_path):
     # Its ResNet's last stage is the vision encoder: action_reuse's gate sees the same frame as the same.
     handle = action_reuse.apply(policy, action_reuse.ActionReuseConfig())
     np.testing.assert_array_equal(chunk(policy, observation()), baseline)
-    assert handle.info["gate"]._token_similarity(observation()) == pytest.approx(1.0)
-    assert handle.info["gate"]._token_similarity(another_scene(observation())) < 0.95
+    assert handle.reuse_gate._token_similarity(observation()) == pytest.approx(1.0)
+    assert handle.reuse_gate._token_similarity(another_scene(observation())) < 0.95
     handle.remove()
     with pytest.raises(ValueError, match="head_cache needs the hook point 'denoising_head'"):
         head_cache.apply(policy, head_cache.HeadCacheConfig())
@@ -196,7 +196,7 @@ def test_diffusion_loads_from_its_folder_declares_its_unet_and_one_with_an_obser
     assert not np.array_equal(cached, actions)
     handle.remove()
     np.testing.assert_array_equal(chunk(policy, observation()), actions)
-    gate = action_reuse.apply(policy, action_reuse.ActionReuseConfig()).info["gate"]
+    gate = action_reuse.apply(policy, action_reuse.ActionReuseConfig()).reuse_gate
     np.testing.assert_array_equal(chunk(policy, observation()), actions)  # a gate: the chunk is the policy's own
     assert gate._token_similarity(observation()) == pytest.approx(1.0)
     assert gate._token_similarity(observation(2)) < 0.99
@@ -230,8 +230,8 @@ def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -
     accelerated = chunk(policy, obs)
     if method == "action_reuse":
         np.testing.assert_array_equal(accelerated, baseline)
-        assert handle.info["gate"]._token_similarity(obs) == pytest.approx(1.0)
-        assert handle.info["gate"]._token_similarity(another_scene(obs)) < 0.95
+        assert handle.reuse_gate._token_similarity(obs) == pytest.approx(1.0)
+        assert handle.reuse_gate._token_similarity(another_scene(obs)) < 0.95
     else:
         assert not np.array_equal(accelerated, baseline)
     if method.startswith("head_cache"):
@@ -246,6 +246,27 @@ def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -
                                     "action_reuse", "vision_resolution"])
 def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
     method_round_trip(smolvla, method, layers_kept=2, tokens_kept=2)  # layers leave in aligned pairs
+
+
+def test_smolvla_layer_removal_needs_no_attention_renumbering(smolvla):
+    """pi0's layer removal (hooks.drop_layers) renumbers each kept layer's `self_attn.layer_idx`, since its Gemma
+    indexes the KV cache by it; SmolVLA's removal does not, because its VLM-with-expert indexes layers and cache by
+    loop position. The actions with the stale indices equal those with renumbered ones: should LeRobot start
+    reading `layer_idx`, this fails and SmolVLA's removal must renumber too."""
+    obs = observation(1)
+    undo = smolvla.structure.language_model.remove_layers([0, 1])  # what layer_prune calls
+    kept = [*smolvla.structure.language_model.layers, *smolvla.structure.denoising_head.step.lm_expert.layers]
+    stale = [layer.self_attn.layer_idx for layer in kept]
+    assert stale == [2, 3, 2, 3]  # the kept layers still carry their old indices
+    pruned = chunk(smolvla, obs)
+    try:
+        for index, layer in enumerate(kept):
+            layer.self_attn.layer_idx = index % 2
+        np.testing.assert_array_equal(chunk(smolvla, obs), pruned)
+    finally:
+        for layer, index in zip(kept, stale, strict=True):
+            layer.self_attn.layer_idx = index
+        undo()
 
 
 def test_compiled_smolvla_gives_its_eager_actions_and_removal_restores_eager(smolvla):

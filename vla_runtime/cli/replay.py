@@ -34,7 +34,7 @@ from vla_runtime.cli.common import (
     suite,
     write_json,
 )
-from vla_runtime.control.executor import SyncExecutor
+from vla_runtime.control.executor import SyncExecutor, sync_config
 from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.loop import CHUNKING, jump_statistics, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
@@ -305,6 +305,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
             raise UsageError("chunking=rtc follows the actions a robot runs while the policy computes: give "
                              "latency_ticks=<control ticks of latency>")
         policy = RealTimeChunking(policy, RTCConfig(**as_dict(cfg.rtc)))
+    sync_config(policy, query_every, cfg.latency_ticks)  # a latency the chunks cannot cover: said before any replay
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     calibration_dir = cfg.calibration_dir or default_calibration_dir(policy) or tempfile.mkdtemp(

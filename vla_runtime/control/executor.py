@@ -1,25 +1,26 @@
 """The synchronous protocol, for a simulator that waits for the policy and for logged episodes: the one
 predict loop behind vla-eval (sync), vla-collect, calibration observations and vla-replay.
 
-Each step the executor hands out the next action of the current chunk; when none is left it asks the
-reuse gate whether the last chunk still holds, else the policy for a new chunk, and queues its first
-`actions_per_chunk` actions (all when None).
+It is the control loop with zero latency, stepped by the caller one action at a time: the same action queue,
+reuse gate, boundary jumps and RTC prefix as in real time (control/loop.py). When the actions of the current
+chunk run out it asks the reuse gate whether the last chunk still holds, else the policy, whose chunk is there
+within the tick; the first `actions_per_chunk` actions of each are executed (all when None).
 
-`latency_ticks` (vla-replay) plays a latency into this open loop: the first `latency_ticks` actions after a call
-are the previous chunk's next ones (what the robot runs while the policy computes), and each request carries
-them as a `ChunkPrefix`, which a policy with real-time chunking follows (others ignore it).
+`latency_ticks` (vla-replay) plays a latency into this open loop: every chunk after an episode's first arrives
+`latency_ticks` ticks after its request, which is made once `actions_per_chunk` actions have run, so the
+previous chunk's next actions run meanwhile (what a robot runs while the policy computes); each request
+carries them as a `ChunkPrefix`, which a policy with real-time chunking follows (others ignore it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from collections import deque
-
 import numpy as np
 
+from vla_runtime.control.inference import SyncWorker
+from vla_runtime.control.loop import ControlLoop, RuntimeConfig
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
-from vla_runtime.types import ActionChunk, ChunkPrefix, Observation, Policy
+from vla_runtime.control.rtc import FixedDelay
+from vla_runtime.types import ActionChunk, Observation, Policy
 
 
 def policy_view(policy: Policy, obs: Observation) -> Observation:
@@ -27,66 +28,71 @@ def policy_view(policy: Policy, obs: Observation) -> Observation:
     return obs if policy.spec.privileged else obs.without_privileged_state()
 
 
+def sync_config(policy: Policy, actions_per_chunk: int | None, latency_ticks: int | None) -> RuntimeConfig:
+    """The loop's settings for the synchronous protocol: without latency, only the executed actions are queued and
+    the next chunk is asked for when they ran out; with it, the whole chunk, asked for again when the executed
+    ones ran (the rest runs while the next chunk is computed)."""
+    if latency_ticks is None:
+        return RuntimeConfig(control_hz=1.0, request_when="count", request_threshold=0,
+                             execute_horizon=actions_per_chunk)
+    horizon = policy.spec.chunk_size
+    executed = min(actions_per_chunk or policy.spec.actions_per_chunk or horizon, horizon)
+    if latency_ticks > horizon - executed:
+        raise ValueError(f"latency_ticks={latency_ticks} is longer than the {horizon - executed} actions left of a "
+                         f"{horizon}-action chunk once {executed} ran: the robot would run out of actions; use at "
+                         f"most {horizon - executed} or execute fewer actions per chunk")
+    return RuntimeConfig(control_hz=1.0, request_when="count", request_threshold=horizon - executed,
+                         chunking="rtc")
+
+
 class SyncExecutor:
     def __init__(self, policy: Policy, actions_per_chunk: int | None = None, gate: ReuseGate | None = None,
                  latency_ticks: int | None = None):
         self.policy = policy
-        self.actions_per_chunk = actions_per_chunk
         self.gate = gate or NeverReuse()
         self.latency_ticks = latency_ticks
-        self.boundary_jumps: list[float] = []  # |first action of a new chunk - last of the previous| (L2)
-        self._last_action: np.ndarray | None = None
-        self.queue: deque[np.ndarray] = deque()
-        self.last_chunk: ActionChunk | None = None
-        self.latency_s: list[float] = []  # one per policy call
-        self.gate_s: list[float] = []  # one per reuse decision (a gate may run the vision encoder)
-        self.reuses = 0
+        self.config = sync_config(policy, actions_per_chunk, latency_ticks)
+        self.reset()
 
     def reset(self) -> None:
-        """A new episode: the policy, the gate and the queue start afresh (the statistics are per executor)."""
+        """A new episode: the policy, the gate and the loop start afresh (the statistics are the episode's)."""
         self.policy.reset()
         self.gate.reset()
-        self.queue.clear()
-        self.last_chunk = None
-        self._last_action = None
+        self.loop = ControlLoop(None, SyncWorker(self.policy, self.latency_ticks or 0), self.config,
+                                reuse_gate=self.gate, delays=FixedDelay(self.latency_ticks or 0))
+        self.tick = 0
 
     @property
     def needs_observation(self) -> bool:
         """Whether the next `act` consults the policy (or the gate): only then does it read images."""
-        return not self.queue
+        return self.loop.wants_inference()
 
     def act(self, obs: Observation) -> np.ndarray:
-        if not self.queue:
-            if self.last_chunk is not None and self._reuse(obs):
-                self.reuses += 1
-            else:
-                self._call(policy_view(self.policy, obs))
-        action = self.queue.popleft()
-        self._last_action = action
+        action = self.loop.step(self.tick, lambda: policy_view(self.policy, obs))
+        if action is None:
+            horizon = len(self.last_chunk.actions) if self.last_chunk is not None else 0
+            raise ValueError(f"No action for tick {self.tick}: the policy's chunk of {horizon} actions is shorter than "
+                             f"what the protocol executes of it ({self.config.execute_horizon or 'its chunk size'})")
+        self.tick += 1
         return action
 
-    def _call(self, obs: Observation) -> None:
-        leftover = self.last_chunk.actions[self.actions_per_chunk or len(self.last_chunk.actions):] \
-            if self.last_chunk is not None else np.zeros((0, 0))
-        late = min(self.latency_ticks or 0, len(leftover))
-        if self.latency_ticks is not None and len(leftover):
-            obs = dataclasses.replace(obs, prefix=ChunkPrefix(leftover, self.latency_ticks))
-        started = time.perf_counter()
-        self.last_chunk = self.policy.predict_chunk(obs)
-        self.latency_s.append(time.perf_counter() - started)
-        self.gate.on_inference(obs, self.last_chunk)
-        actions = self.last_chunk.actions[: self.actions_per_chunk]
-        if late:  # the robot runs the previous chunk until this one arrives
-            actions = np.concatenate([leftover[:late], actions[late:]])
-        if self._last_action is not None and late < len(actions):
-            previous = actions[late - 1] if late else self._last_action
-            self.boundary_jumps.append(float(np.linalg.norm(actions[late] - previous)))
-        self.queue.extend(actions)
+    @property
+    def last_chunk(self) -> ActionChunk | None:
+        return self.loop.last_chunk
 
-    def _reuse(self, obs: Observation) -> bool:
-        if isinstance(self.gate, NeverReuse):
-            return False
-        started = time.perf_counter()
-        reuse = self.gate.should_reuse(obs, self.last_chunk)
-        self.gate_s.append(time.perf_counter() - started)
-        return reuse
+    @property
+    def latency_s(self) -> list[float]:
+        """What each policy call took."""
+        return self.loop.metrics.compute_s
+
+    @property
+    def gate_s(self) -> list[float]:
+        return self.loop.metrics.gate_s
+
+    @property
+    def reuses(self) -> int:
+        return self.loop.metrics.reuses
+
+    @property
+    def boundary_jumps(self) -> list[float]:
+        return self.loop.metrics.boundary_jumps

@@ -95,16 +95,14 @@ class _ThrottledWarning:
                     f" ({suppressed} more failures in the last {self.interval_s:g} s)" if suppressed else "")
 
 
-_warn_policy_failure = _ThrottledWarning()
-
-
-def _call_policy(policy: Policy, obs: Observation) -> tuple[ActionChunk | None, float, str | None]:
+def _call_policy(policy: Policy, obs: Observation,
+                 warn: _ThrottledWarning) -> tuple[ActionChunk | None, float, str | None]:
     started = time.perf_counter()
     try:
         chunk, error = policy.predict_chunk(obs), None
     except Exception as exc:  # the loop counts it and holds the robot; it must not die of it
         chunk, error = None, f"{type(exc).__name__}: {exc}"
-        _warn_policy_failure(error)
+        warn(error)
     return chunk, time.perf_counter() - started, error
 
 
@@ -113,6 +111,7 @@ class SimulatedInferenceWorker:
         self.policy = policy
         self.latency_model = latency_model
         self.period = control_period_s
+        self.warn = _ThrottledWarning()  # each worker its own: one failing policy does not silence another's
         self._pending: tuple[int, InferenceResult] | None = None  # (delivery tick, result)
 
     @property
@@ -122,13 +121,19 @@ class SimulatedInferenceWorker:
     def request(self, obs: Observation, tick: int) -> bool:
         if self.busy:
             return False
-        chunk, compute_s, error = _call_policy(self.policy, obs)
-        latency_s = self.latency_model.latency(compute_s)
+        chunk, compute_s, error = self._call(obs)
+        latency_s = self._latency(compute_s)
         # Rounded up: a chunk that is 1 ms late for a tick misses that tick. (The epsilon keeps float
         # noise, e.g. 0.1 / 0.0125 = 8.000000001, from costing a whole tick.)
         delivery = tick + math.ceil(latency_s / self.period - 1e-9)
         self._pending = (delivery, InferenceResult(tick, chunk, latency_s, compute_s, error))
         return True
+
+    def _call(self, obs: Observation) -> tuple[ActionChunk | None, float, str | None]:
+        return _call_policy(self.policy, obs, self.warn)
+
+    def _latency(self, compute_s: float) -> float:
+        return self.latency_model.latency(compute_s)
 
     def poll(self, tick: int) -> InferenceResult | None:
         if self._pending is None or self._pending[0] > tick:
@@ -140,10 +145,31 @@ class SimulatedInferenceWorker:
         pass
 
 
+class SyncWorker(SimulatedInferenceWorker):
+    """The synchronous protocol's worker: the control loop with zero latency (control/executor.py). The policy
+    runs when asked and what it raises propagates: the world waits for it, so a failing policy ends the episode
+    instead of holding a robot. With `latency_ticks` (a latency played into an open loop, vla-replay) each chunk
+    arrives that many ticks after its request, except an episode's first, which the episode waits for."""
+
+    def __init__(self, policy: Policy, latency_ticks: int = 0):
+        super().__init__(policy, LatencyModel("fixed", 1000.0 * latency_ticks), control_period_s=1.0)
+        self._first = True
+
+    def _call(self, obs: Observation) -> tuple[ActionChunk, float, None]:
+        started = time.perf_counter()
+        chunk = self.policy.predict_chunk(obs)
+        return chunk, time.perf_counter() - started, None
+
+    def _latency(self, compute_s: float) -> float:
+        first, self._first = self._first, False
+        return 0.0 if first else self.latency_model.latency_s
+
+
 class ThreadedInferenceWorker:
     def __init__(self, policy: Policy, latency_model: LatencyModel | None = None):
         self.policy = policy
         self.latency_model = latency_model or LatencyModel("measured")
+        self.warn = _ThrottledWarning()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._request: tuple[Observation, int] | None = None
@@ -179,7 +205,7 @@ class ThreadedInferenceWorker:
                 return
             with self._lock:
                 obs, tick = self._request
-            chunk, compute_s, error = _call_policy(self.policy, obs)
+            chunk, compute_s, error = _call_policy(self.policy, obs, self.warn)
             latency_s = self.latency_model.latency(compute_s)
             if latency_s > compute_s:  # a latency model slower than this machine: wait it out
                 time.sleep(latency_s - compute_s)

@@ -29,7 +29,7 @@ from vla_runtime.control.action_queue import ActionQueue
 from vla_runtime.control.governor import BudgetGovernor
 from vla_runtime.control.inference import InferenceResult
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
-from vla_runtime.control.rtc import DelayEstimator, RTCConfig
+from vla_runtime.control.rtc import DelayEstimator, FixedDelay, RTCConfig
 from vla_runtime.control.safety import SafetyConfig, SafetyLayer
 from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import ActionChunk, ChunkPrefix, Observation, PolicySpec
@@ -141,7 +141,9 @@ class LoopMetrics:
     ticks: int = 0
     misses: int = 0
     startup_holds: int = 0
-    inference_latency_s: list[float] = field(default_factory=list)
+    inference_latency_s: list[float] = field(default_factory=list)  # what the loop waited (a latency model's)
+    compute_s: list[float] = field(default_factory=list)  # what each call really took
+    gate_s: list[float] = field(default_factory=list)  # what each reuse decision took (a gate may run the encoder)
     tick_jitter_s: list[float] = field(default_factory=list)
     reuses: int = 0
     policy_errors: list[str] = field(default_factory=list)
@@ -193,7 +195,7 @@ class ControlLoop:
     def __init__(self, robot: Robot, worker: InferenceWorker, config: RuntimeConfig,
                  clock: MonotonicClock | SimulatedClock | None = None, reuse_gate: ReuseGate | None = None,
                  governor: BudgetGovernor | None = None, set_profile: Callable[[str], None] | None = None,
-                 delays: DelayEstimator | None = None):
+                 delays: DelayEstimator | FixedDelay | None = None):
         self.robot = robot
         self.worker = worker
         if config.request_threshold is None:
@@ -230,7 +232,8 @@ class ControlLoop:
         recent = self.metrics.inference_latency_s[-20:]
         return float(np.percentile(recent, 95)) if recent else 0.0
 
-    def _wants_inference(self) -> bool:
+    def wants_inference(self) -> bool:
+        """Whether this tick asks for a chunk (or the reuse gate), given the actions left after the last tick."""
         if self.worker.busy:
             return False
         actions_left = len(self.action_queue)
@@ -279,6 +282,7 @@ class ControlLoop:
             self.metrics.policy_errors.append(result.error or "policy returned no chunk")
             return
         self.metrics.inference_latency_s.append(result.latency_s)
+        self.metrics.compute_s.append(result.compute_s)
         self.delays.observe(result.latency_s)
         self.last_chunk = result.chunk
         self.reuse_gate.on_inference(self._requested_observation, result.chunk)
@@ -291,6 +295,31 @@ class ControlLoop:
                 if self.set_profile is not None:
                     self.set_profile(profile.name)
 
+    def step(self, tick: int, observe: Callable[[], Observation]) -> np.ndarray | None:
+        """Steps 1-3 of a tick: the finished chunk merged; when due, the last chunk reused or a new one asked for
+        from `observe()`; this tick's action popped (None: a deadline miss or a startup hold). `run` steps it on
+        the clock; the synchronous protocol (control/executor.py) steps it as the world waits."""
+        self._collect(tick)
+        if self.wants_inference():
+            obs = observe()
+            if self.last_chunk is not None and self._reuse(obs):
+                self.metrics.reuses += 1
+                self._queue(tick, self.last_chunk, now=tick)
+            elif self.worker.request(self._with_prefix(obs, tick), tick):
+                self._requested_observation = obs
+                self._collect(tick)  # a worker with no latency answers within the tick
+        action = self.action_queue.pop(tick)
+        self._execute(action)
+        return action
+
+    def _reuse(self, obs: Observation) -> bool:
+        if isinstance(self.reuse_gate, NeverReuse):
+            return False
+        started = time.perf_counter()
+        reuse = self.reuse_gate.should_reuse(obs, self.last_chunk)
+        self.metrics.gate_s.append(time.perf_counter() - started)
+        return reuse
+
     def run(self, max_ticks: int, done: Callable[[], bool] = lambda: False) -> LoopMetrics:
         """Runs until `max_ticks`, `done()`, `stop()` or an e-stop; returns this run's metrics."""
         start = self.clock.now()
@@ -301,18 +330,7 @@ class ControlLoop:
             self.clock.sleep_until(deadline)
             self.metrics.tick_jitter_s.append(max(0.0, self.clock.now() - deadline))
 
-            self._collect(tick)
-            if self._wants_inference():
-                obs = self.robot.observe()
-                if self.last_chunk is not None and self.reuse_gate.should_reuse(obs, self.last_chunk):
-                    self.metrics.reuses += 1
-                    self._queue(tick, self.last_chunk, now=tick)
-                elif self.worker.request(self._with_prefix(obs, tick), tick):
-                    self._requested_observation = obs
-                    self._collect(tick)  # a worker with no latency answers within the tick
-
-            action = self.action_queue.pop(tick)
-            self._execute(action)
+            action = self.step(tick, self.robot.observe)
             command, _ = self.safety.filter(action, self.robot.observation_age_s())
             if self.safety.estopped:
                 break  # e-stop: not one more command

@@ -159,3 +159,16 @@ class DelayEstimator:
         if not self.latencies_s:
             return 0
         return math.ceil(float(np.percentile(self.latencies_s, 95)) / self.period_s - 1e-9)
+
+
+class FixedDelay:
+    """A delay known in advance, in place of a `DelayEstimator` (vla-replay's `latency_ticks`)."""
+
+    def __init__(self, ticks: int):
+        self._ticks = ticks
+
+    def observe(self, latency_s: float) -> None:
+        pass
+
+    def ticks(self) -> int:
+        return self._ticks
