@@ -30,7 +30,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -43,13 +42,12 @@ def pack(source: Path, bundle: Path, crf: int = VIDEO_CRF) -> None:
     import imageio.v3 as iio
     from tqdm.auto import tqdm
 
-    from vla_runtime.cli.train import robot_options
     from vla_runtime.data.episodes import EpisodeStore
-    from vla_runtime.sim import make_suite
+    from vla_runtime.policies.ref_vla.policy import recorded_robot
 
     store = EpisodeStore(source)
-    # As vla-train: the instructions of every task of the dataset's suite, and its control rate.
-    suite = make_suite(store.meta["sim"].get("sim", "metaworld"))
+    # As vla-train: the instructions of every task of the dataset's suite, and its robot.
+    suite, robot = recorded_robot(store)
     instructions = {task: suite.instruction(task) for task in suite.tasks()}
     (bundle / "video").mkdir(parents=True, exist_ok=True)
     episodes, arrays = [], {}
@@ -66,7 +64,7 @@ def pack(source: Path, bundle: Path, crf: int = VIDEO_CRF) -> None:
     np.savez_compressed(bundle / "arrays.npz", **arrays)
     (bundle / "meta.json").write_text(json.dumps(
         {"source": str(source), "video_crf": crf, "instructions": instructions,
-         "robot": robot_options(store.meta["sim"]), "episodes": episodes},
+         "robot": robot, "episodes": episodes},
         indent=1) + "\n")
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
     print(f"{len(episodes)} episodes -> {bundle} ({size_mb:.1f} MB)")
@@ -108,12 +106,13 @@ def unpack(bundle: Path) -> tuple[list, dict]:
     return episodes, meta
 
 
-def load_config(overrides: list[str]) -> tuple[SimpleNamespace, dict]:
-    """configs/train.yaml + configs/model/<model>.yaml with key=value overrides, without hydra."""
+def load_config(overrides: list[str]) -> tuple[dict, dict]:
+    """configs/train.yaml + configs/model/<model>.yaml with key=value overrides, without hydra: the ref_vla trainer's
+    settings (`TrainConfig`) and the model options."""
     import yaml
 
     settings = yaml.safe_load((REPO / "configs" / "train.yaml").read_text())
-    settings.pop("defaults"), settings.pop("hydra")
+    settings.pop("defaults"), settings.pop("hydra"), settings.pop("trainer")
     pairs = dict(item.split("=", 1) for item in overrides)
     model_name = pairs.pop("model", "ref_dit")
     model_options = yaml.safe_load((REPO / "configs" / "model" / f"{model_name}.yaml").read_text())
@@ -121,19 +120,20 @@ def load_config(overrides: list[str]) -> tuple[SimpleNamespace, dict]:
         if key not in settings:
             raise SystemExit(f"unknown setting '{key}' (train.yaml has {', '.join(settings)})")
         settings[key] = yaml.safe_load(text)
-    return SimpleNamespace(**settings, model_name=model_name), model_options
+    return settings, model_options
 
 
 def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> None:
     import torch
 
     from vla_runtime.data.torch_dataset import ActionChunkDataset
-    from vla_runtime.policies.ref_vla.training import train
+    from vla_runtime.policies.ref_vla.training import TrainConfig, train
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    cfg, model_options = load_config(overrides)
-    cfg.output_dir, cfg.dataset = str(output_dir), f"{bundle} (video bundle of {cfg.dataset})"
+    settings, model_options = load_config(overrides)
+    cfg = TrainConfig.from_settings({**settings, "output_dir": str(output_dir),
+                                     "dataset": f"{bundle} (video bundle of {settings['dataset']})"})
     started = time.monotonic()
     episodes, meta = unpack(bundle)
     print(f"decoded {len(episodes)} episodes in {time.monotonic() - started:.0f} s", flush=True)

@@ -24,7 +24,7 @@ def chunk(first_action):
 def warm_gate(policy, config):
     """A gate that has seen two real inferences on the first observation, with stable actions."""
     handle = action_reuse.apply(policy, config)
-    gate, obs = handle.info["gate"], observations(1)[0]
+    gate, obs = handle.reuse_gate, observations(1)[0]
     gate.reset()
     for _ in range(2):
         policy.predict_chunk(obs)

@@ -21,7 +21,8 @@ def device_train():
 
 
 def test_bundle_round_trip_keeps_arrays_and_nearly_the_pixels(tmp_path, device_train):
-    store = EpisodeStore(tmp_path / "data", {"image_size": 64, "cameras": ["corner4", "wrist"]}, create=True)
+    store = EpisodeStore(tmp_path / "data", {"sim": "metaworld", "image_size": 64, "cameras": ["corner4", "wrist"]},
+                         create=True)
     # Smooth images (a moving gradient), like rendered scenes; video coding of pure noise is not the use.
     ramp = np.linspace(0, 255, 64, dtype=np.float32)
     frames = np.stack([np.stack([np.roll(ramp, 3 * t)[None, :].repeat(64, 0),
@@ -47,7 +48,7 @@ def test_bundle_round_trip_keeps_arrays_and_nearly_the_pixels(tmp_path, device_t
 
 def test_device_config_rejects_unknown_settings(device_train):
     cfg, model_options = device_train.load_config(["model=ref_ar", "lr=1.0e-4"])
-    assert cfg.lr == 1e-4 and model_options["head"] == "ar"
+    assert cfg["lr"] == 1e-4 and model_options["head"] == "ar"
     with pytest.raises(SystemExit, match="unknown setting 'learning_rate'"):
         device_train.load_config(["learning_rate=1"])
 

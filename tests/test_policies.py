@@ -3,7 +3,9 @@ import functools
 import numpy as np
 import pytest
 
+from vla_runtime.control.loop import RuntimeConfig
 from vla_runtime.evaluation.runner import evaluate, run_episode
+from vla_runtime.evaluation.specs import LatencySpec, RealtimeSpec
 from vla_runtime.policies import make_policy, policy_names
 from vla_runtime.sim.metaworld.expert import MetaWorldExpert
 from vla_runtime.types import Policy, PolicySpec, PolicyStructure
@@ -68,8 +70,7 @@ def test_parallel_workers_give_the_same_results_as_inline(small_sim):
 
 
 def test_realtime_mode_with_zero_latency_equals_sync(small_sim):
-    realtime = {"loop": {"control_hz": 80.0}, "latency_model": {"kind": "fixed", "latency_ms": 0.0},
-                "reuse_gate": "never"}
+    realtime = RealtimeSpec(RuntimeConfig(control_hz=80.0), LatencySpec("fixed", 0.0))
     factory = functools.partial(make_policy, "expert", suite=small_sim)
     tasks = ["drawer-open-v3", "peg-insert-side-v3"]
     sync = evaluate(factory, small_sim, tasks, 3, progress=False)
@@ -79,8 +80,7 @@ def test_realtime_mode_with_zero_latency_equals_sync(small_sim):
 
 
 def test_realtime_latency_costs_ticks(small_sim):
-    realtime = {"loop": {"control_hz": 80.0}, "latency_model": {"kind": "fixed", "latency_ms": 100.0},
-                "reuse_gate": "never"}
+    realtime = RealtimeSpec(RuntimeConfig(control_hz=80.0), LatencySpec("fixed", 100.0))
     (result,) = evaluate(functools.partial(make_policy, "expert", suite=small_sim), small_sim, ["drawer-close-v3"], 1,
                          progress=False, realtime=realtime)
     # One action per chunk, each chunk 8 ticks late: the robot holds on 7 of every 8 ticks.

@@ -166,7 +166,7 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path, tokenizer):
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path):
-    store = EpisodeStore(tmp_path / "data", {"image_size": 64}, create=True)
+    store = EpisodeStore(tmp_path / "data", {"sim": "metaworld", "image_size": 64}, create=True)
     rng = np.random.default_rng(0)
     for seed in range(2):
         from vla_runtime.data import Episode
@@ -207,7 +207,7 @@ def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):
         with pytest.raises(FileNotFoundError, match="is not an episode dataset"):
             train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'none'}",
                                                         f"output_dir={tmp_path / 'run'}"]))
-        store = EpisodeStore(tmp_path / "small", {"image_size": 32}, create=True)
+        store = EpisodeStore(tmp_path / "small", {"sim": "metaworld", "image_size": 32}, create=True)
         from vla_runtime.data import Episode
 
         store.write(Episode("reach-v3", 43, INSTRUCTIONS["reach-v3"], 0, True,

@@ -7,9 +7,13 @@ decoder's layer list shortened in place), with the undo that restores it.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from vla_runtime.control.reuse import ReuseGate
 
 _REGISTRY_ATTRIBUTE = "_vla_hook_registry"
 
@@ -98,13 +102,21 @@ class HookRegistry:
 
 
 class Handle:
-    """What `apply` returns: `remove()` undoes every change the method made."""
+    """What `apply` returns: `remove()` undoes every change the method made; `stats()` is what it reports about the
+    calls since it was applied (benchmarks print it); `reuse_gate` (action reuse) goes to the control loop, which
+    asks it before each policy call. `info`: what the method's own tests look into."""
 
-    def __init__(self, method: str, undo: list[Any], info: dict | None = None):
+    def __init__(self, method: str, undo: list[Any], info: dict | None = None,
+                 stats: Callable[[], dict] | None = None, reuse_gate: ReuseGate | None = None):
         self.method = method
         self._undo = undo
         self.info = info or {}
+        self._stats = stats
+        self.reuse_gate = reuse_gate
         self.removed = False
+
+    def stats(self) -> dict:
+        return self._stats() if self._stats is not None else {}
 
     def remove(self) -> None:
         if self.removed:

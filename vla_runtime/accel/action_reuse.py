@@ -113,12 +113,12 @@ class ActionReuseGate:
 
 
 def apply(policy: Policy, config: ActionReuseConfig | None = None, artifact: dict | None = None) -> Handle:
-    """The handle's `info["gate"]` goes to the control loop (`ControlLoop(reuse_gate=...)`)."""
+    """The handle's `reuse_gate` goes to the control loop (`ControlLoop(reuse_gate=...)`)."""
     config = config or ActionReuseConfig()
     encoder = policy.structure.require("vision_encoder", "action_reuse")
     capture = _CaptureTokens()
     gate = ActionReuseGate(policy, config, capture)
-    return Handle("action_reuse", [add_hook(encoder, "action_reuse", capture)], info={"gate": gate})
+    return Handle("action_reuse", [add_hook(encoder, "action_reuse", capture)], reuse_gate=gate)
 
 
 METHOD = register_method(AccelMethod("action_reuse", ActionReuseConfig, apply,

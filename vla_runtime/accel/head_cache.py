@@ -237,11 +237,10 @@ def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = No
         removers += [add_hook(block.modulation, "head_cache_adaln", _BatchedModulation(counter, index))
                      for index, block in enumerate(head.blocks)]
     return Handle("head_cache", removers, info={"schedule": {k: sorted(v) for k, v in schedule.items()},
-                                                 "branches": hooks})
+                                                 "branches": hooks}, stats=lambda: _stats(list(hooks.values())))
 
 
-def _stats(info: dict) -> dict:
-    branches = info["branches"].values()
+def _stats(branches: list[_CachedBranch]) -> dict:
     computed, reused = sum(b.computed for b in branches), sum(b.reused for b in branches)
     return {"branch_updates_share": computed / max(1, computed + reused)}
 
@@ -249,4 +248,4 @@ def _stats(info: dict) -> dict:
 METHOD = register_method(AccelMethod(
     "head_cache", HeadCacheConfig, apply, requires=("denoising_head",), phase=Phase.HEAD,
     calibrate=lambda policy, observations, config: calibrate(policy, observations),
-    needs_calibration=lambda config: config.mode == "bac", stats=_stats))
+    needs_calibration=lambda config: config.mode == "bac"))

@@ -89,7 +89,9 @@ def _remove_layers(policy: Policy, indices: list[int]) -> Handle:
         undo = lm.remove_layers(sorted(indices))
     else:
         undo = drop_layers(lm.layers, lm.config, keep)
-    return Handle("layer_prune", [undo], info={"removed": sorted(indices), "kept": keep})
+    removed = sorted(indices)
+    return Handle("layer_prune", [undo], info={"removed": removed, "kept": keep},
+                  stats=lambda: {"removed_layers": removed})
 
 
 def _grouped_order(similarity: list[float], group: int) -> list[int]:
@@ -121,4 +123,4 @@ def apply(policy: Policy, config: LayerPruneConfig, calibration: dict) -> Handle
 METHOD = register_method(AccelMethod(
     "layer_prune", LayerPruneConfig, apply, requires=("language_model",), phase=Phase.LAYERS, calibrate=calibrate,
     needs_calibration=lambda config: config.num_layers > 0,
-    stats=lambda info: {"removed_layers": info["removed"]}))
+))

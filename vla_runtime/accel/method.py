@@ -26,10 +26,6 @@ def _never(config: Any) -> bool:
     return False
 
 
-def _no_stats(info: dict) -> dict:
-    return {}
-
-
 class Phase(IntEnum):
     """Where a method acts on a policy, in the order a profile's methods are applied (each sees the policy as the
     phases before it left it; within a phase, by name)."""
@@ -58,7 +54,6 @@ class AccelMethod:
     unsupported: Callable[[Any, Any], str | None] | None = None
     # Methods it cannot share a policy with -> why (checked both ways).
     exclusive_with: dict[str, str] = field(default_factory=dict)
-    stats: Callable[[dict], dict] = _no_stats  # Handle.info after a run -> what benchmarks report
 
     def make_config(self, settings: dict) -> Any:
         try:

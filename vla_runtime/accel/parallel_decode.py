@@ -74,13 +74,14 @@ class JacobiDecodeHook(ModelHook):
 def apply(policy: Policy, config: ParallelDecodeConfig | None = None, artifact: dict | None = None) -> Handle:
     decoder = policy.structure.require("ar_decoder", "parallel_decode")
     hook = JacobiDecodeHook(config or ParallelDecodeConfig(), decoder)
-    return Handle("parallel_decode", [add_hook(decoder.loop, "parallel_decode", hook)], info={"hook": hook})
+    return Handle("parallel_decode", [add_hook(decoder.loop, "parallel_decode", hook)], info={"hook": hook},
+                  stats=lambda: _stats(hook))
 
 
-def _stats(info: dict) -> dict:
-    passes = info["hook"].passes
+def _stats(hook: JacobiDecodeHook) -> dict:
+    passes = hook.passes
     return {"mean_passes": float(np.mean(passes)) if passes else None}
 
 
 METHOD = register_method(AccelMethod("parallel_decode", ParallelDecodeConfig, apply, requires=("ar_decoder",),
-                                     phase=Phase.DECODING, stats=_stats))
+                                     phase=Phase.DECODING))

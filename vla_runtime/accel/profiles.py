@@ -156,12 +156,12 @@ class ProfileHandle:
         self.profile = profile
         self.handles = handles
         self.execution = execution  # the execution backend, over the methods' hooks (vla_runtime/execution.py)
-        gates = [h.info["gate"] for h in handles if "gate" in h.info]
+        gates = [h.reuse_gate for h in handles if h.reuse_gate is not None]
         self.reuse_gate = gates[0] if gates else None
 
     def stats(self) -> dict[str, dict]:
         """What each method reports about the calls made since it was applied."""
-        return {h.method: METHODS.get(h.method).stats(h.info) for h in self.handles}
+        return {h.method: h.stats() for h in self.handles}
 
     def remove(self) -> None:
         if self.execution is not None:

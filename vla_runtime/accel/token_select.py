@@ -179,7 +179,8 @@ def _apply_at_input(policy: Policy, config: TokenSelectConfig) -> Handle:
     if reason:
         raise ValueError(f"token_select cannot run on this policy: {reason}")
     hook = InputSelectHook(config)
-    return Handle("token_select", [add_hook(module, "token_select", hook)], info={"hook": hook})
+    return Handle("token_select", [add_hook(module, "token_select", hook)], info={"hook": hook},
+                  stats=lambda: _stats(hook))
 
 
 def apply(policy: Policy, config: TokenSelectConfig, artifact: dict | None = None) -> Handle:
@@ -189,11 +190,12 @@ def apply(policy: Policy, config: TokenSelectConfig, artifact: dict | None = Non
     if config.layer >= len(lm.layers):
         raise ValueError(f"token_select layer {config.layer} does not exist: the LM has {len(lm.layers)} layers")
     hook = TokenSelectHook(config, lm)
-    return Handle("token_select", [add_hook(lm.module, "token_select", hook)], info={"hook": hook})
+    return Handle("token_select", [add_hook(lm.module, "token_select", hook)], info={"hook": hook},
+                  stats=lambda: _stats(hook))
 
 
-def _stats(info: dict) -> dict:
-    kept = info["hook"].kept_tokens
+def _stats(hook: InputSelectHook | TokenSelectHook) -> dict:
+    kept = hook.kept_tokens
     return {"kept_visual_tokens": int(np.mean(kept)) if kept else None}
 
 
@@ -218,6 +220,6 @@ def _unsupported(structure, config: TokenSelectConfig) -> str | None:
 
 
 METHOD = register_method(AccelMethod(
-    "token_select", TokenSelectConfig, apply, requires=(), phase=Phase.TOKENS, stats=_stats, unsupported=_unsupported,
+    "token_select", TokenSelectConfig, apply, requires=(), phase=Phase.TOKENS, unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix"),
     exclusive_with={"visual_kv_reuse": "both replace the language model's forward pass"}))

@@ -29,9 +29,10 @@ class VisionResolutionConfig:
 
 def apply(policy: Policy, config: VisionResolutionConfig, artifact: dict | None = None) -> Handle:
     set_resolution = policy.structure.require("vision_resolution", "vision_resolution")
-    return Handle("vision_resolution", [set_resolution(config.size)], info={"size": config.size})
+    return Handle("vision_resolution", [set_resolution(config.size)], info={"size": config.size},
+                  stats=lambda: {"vision_input_px": config.size})
 
 
 METHOD = register_method(AccelMethod(
     "vision_resolution", VisionResolutionConfig, apply, requires=("vision_resolution",), phase=Phase.INPUTS,
-    stats=lambda info: {"vision_input_px": info["size"]}))
+))

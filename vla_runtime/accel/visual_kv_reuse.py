@@ -171,11 +171,12 @@ def apply(policy: Policy, config: VisualKVReuseConfig | None = None, artifact: d
     if reason:
         raise ValueError(f"visual_kv_reuse cannot run on this policy: {reason}")
     hook = VisualKVReuseHook(config or VisualKVReuseConfig(), lm)
-    return Handle("visual_kv_reuse", [add_hook(lm.module, "visual_kv_reuse", hook)], info={"hook": hook})
+    return Handle("visual_kv_reuse", [add_hook(lm.module, "visual_kv_reuse", hook)], info={"hook": hook},
+                  stats=lambda: _stats(hook))
 
 
-def _stats(info: dict) -> dict:
-    reused = info["hook"].reused_tokens
+def _stats(hook: VisualKVReuseHook) -> dict:
+    reused = hook.reused_tokens
     return {"mean_reused_visual_tokens": float(np.mean(reused)) if reused else None}
 
 
@@ -187,6 +188,6 @@ def _unsupported(structure, config) -> str | None:
 
 
 METHOD = register_method(AccelMethod(
-    "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), phase=Phase.LM_CACHE, stats=_stats,
+    "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), phase=Phase.LM_CACHE,
     unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix")))  # and token_select: see there

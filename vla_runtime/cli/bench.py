@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.profiles import Accelerator, Profile, load_profiles
-from vla_runtime.cli.build import realtime_options, worker_accel
+from vla_runtime.cli.build import accel_spec, realtime_spec
 from vla_runtime.cli.common import (
     as_dict,
     command_line,
@@ -191,13 +191,13 @@ def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, rows: l
                  tasks: list[str], calibration_dir: str) -> dict[str, dict]:
     out: dict[str, dict] = {row.name: {} for row in rows}
     for row in rows:
-        accel = worker_accel(row.profile, cfg, policy_name, tasks, calibration_dir, row.execution)
+        accel = accel_spec(row.profile, cfg, policy_name, tasks, calibration_dir, row.execution)
         for mode in cfg.success_modes:
             runtime = OmegaConf.merge(cfg.runtime, {"mode": mode})
             print(f"success: {row.name}, {mode}")
             episodes = evaluate(factory, sim, tasks,
                                 positive_int(cfg, "episodes_per_task"), workers=positive_int(cfg, "workers"),
-                                realtime=realtime_options(runtime), accel=accel, policy_name=policy_name,
+                                realtime=realtime_spec(runtime, sim), accel=accel, policy_name=policy_name,
                                 launcher=cfg.launcher, ray_address=cfg.ray_address)
             summary = summarize(episodes, tasks)
             successes = sum(task["successes"] for task in summary["per_task"].values())

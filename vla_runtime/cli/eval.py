@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from vla_runtime.cli.build import accel_options, realtime_options
+from vla_runtime.cli.build import accel_options, realtime_spec
 from vla_runtime.cli.common import (
     UsageError,
     as_dict,
@@ -76,7 +76,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     episodes_per_task = positive_int(cfg, "episodes_per_task")
     policy_name, factory = policy_factory(cfg, sim)
     output_dir = Path(cfg.output_dir)
-    realtime = realtime_options(cfg.runtime)
+    realtime = realtime_spec(cfg.runtime, sim)
     accel = accel_options(cfg, policy_name, tasks)
     journal = episode_journal(cfg, output_dir)
     episodes = evaluate(
@@ -98,7 +98,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     sim_name = cfg.sim.name + (f" ({sim.label})" if sim.label else "")
     results = {"command": command, "policy": policy_name, "sim": sim_name, "runtime_mode": cfg.runtime.mode,
                "runtime": as_dict(cfg.runtime),
-               "accel": {"profile": accel["profile"].name, "methods": accel["profile"].methods} if accel else None,
+               "accel": {"profile": accel.profile.name, "methods": accel.profile.methods} if accel else None,
                **summarize(episodes, tasks)}
     write_json(output_dir / "results.json", results)
     if cfg.save_episodes and cfg.format == "lerobot":
@@ -106,7 +106,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
 
         root = convert_store(output_dir / "episodes", output_dir / LEROBOT_SUBDIR, use_videos=bool(cfg.lerobot_video))
         print(f"LeRobotDataset: {root}")
-    accelerated = f", accel={accel['profile'].name}" if accel else ""
+    accelerated = f", accel={accel.profile.name}" if accel else ""
     title = (f"{policy_name}{accelerated} on {sim_name}, {describe_runtime(cfg.runtime)} "
              f"({episodes_per_task} episodes per task)")
     summary = markdown_summary(results, title)

@@ -74,7 +74,7 @@ def build_server(cfg: DictConfig) -> PolicyServer:
         policies.append(policy)
     spec = policies[0].spec
     metadata = {"server": "vla_runtime", "policy": name, "spec": dataclasses.asdict(spec),
-                "profile": accel["profile"].name if accel else "none", "exec": str(cfg.exec)}
+                "profile": accel.profile.name if accel else "none", "exec": str(cfg.exec)}
     return PolicyServer(policies, config, metadata)
 
 

@@ -16,10 +16,10 @@ from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
 from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
 from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking
-from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.episodes import Episode, EpisodeStore
 from vla_runtime.evaluation.launchers import LAUNCHERS
 from vla_runtime.evaluation.observations import calibration_source
+from vla_runtime.evaluation.specs import AccelSpec, RealtimeSpec
 from vla_runtime.sim.suite import Env, Suite
 from vla_runtime.types import Observation, Policy
 
@@ -176,13 +176,13 @@ class EvalJob:
     seed: int
 
 
-def accelerate(policy: Policy, suite: Suite, accel: dict):
-    """Applies `accel` (see EpisodeWorker) to `policy`, calibrated on `suite`'s expert observations; a compiled
-    backend is warmed up now, so that the first episode's (or request's) latency is the policy's own."""
-    source = calibration_source(suite, accel["calibration_tasks"], accel["calibration_per_task"])
-    accelerator = Accelerator(policy, source, accel["calibration_dir"], accel["policy_name"],
-                              execution=accel.get("execution"))
-    handle = accelerator.apply(accel["profile"])
+def accelerate(policy: Policy, suite: Suite, accel: AccelSpec):
+    """Applies `accel` to `policy`, calibrated on `suite`'s expert observations; a compiled backend is warmed up
+    now, so that the first episode's (or request's) latency is the policy's own."""
+    calibration = accel.calibration
+    source = calibration_source(suite, list(calibration.tasks), calibration.per_task)
+    accelerator = Accelerator(policy, source, calibration.directory, accel.policy_name, execution=accel.execution)
+    handle = accelerator.apply(accel.profile)
     if handle.execution is not None:
         accelerator.warm_up()
     return handle
@@ -191,23 +191,19 @@ def accelerate(policy: Policy, suite: Suite, accel: dict):
 class EpisodeWorker:
     """Holds one policy and one env per task; runs jobs. Lives in a worker process (or inline).
 
-    `realtime`: None for the synchronous protocol, else {"loop": RuntimeConfig options,
-    "latency_model": LatencyModel options, "reuse_gate": name} for latency in the loop.
-    `accel`: None, or {"profile": a `Profile`, "calibration_dir", "calibration_tasks", "calibration_per_task",
-    "policy_name", "execution": an `ExecConfig` or None}: the acceleration profile applied to the policy,
-    calibrated (when a method needs it) on the suite's expert observations (its reuse gate, if any, replaces
-    the named one), on that execution backend.
-    `episodes_dir`: an existing episode dataset (EpisodeStore) each episode is written to (sync only).
-    `policy_name`: what errors call the policy (a policy that does not fit the suite).
+    `realtime`: None for the synchronous protocol, else latency in the loop. `accel`: None, or the acceleration
+    profile applied to the policy (its reuse gate, if any, replaces the named one). `episodes_dir`: an existing
+    episode dataset (EpisodeStore) each episode is written to (sync only). `policy_name`: what errors call the
+    policy (a policy that does not fit the suite).
     """
 
     def __init__(self, policy_factory: Any, suite: Suite, actions_per_chunk: int | None,
-                 video_dir: str | None, realtime: dict | None = None, accel: dict | None = None,
+                 video_dir: str | None, realtime: RealtimeSpec | None = None, accel: AccelSpec | None = None,
                  episodes_dir: str | None = None, policy_name: str = "this policy"):
         self.policy: Policy = policy_factory()
         self.suite = suite
         suite.check_policy(self.policy, policy_name)
-        self.accel = self._accelerate(accel) if accel else None
+        self.accel = accelerate(self.policy, suite, accel) if accel else None
         # Unless the caller says otherwise, a policy may declare how much of its chunk to execute.
         self.actions_per_chunk = actions_per_chunk or self.policy.spec.actions_per_chunk
         self.video_dir = Path(video_dir) if video_dir else None
@@ -216,30 +212,15 @@ class EpisodeWorker:
         if realtime is not None:
             if video_dir or episodes_dir:
                 raise ValueError("video=true and save_episodes=true are only available with runtime.mode=sync")
-            # control_hz null: the suite's own rate (Meta-World 80 Hz, LIBERO 20 Hz).
             # The whole chunk is queued; the policy's (or the caller's) executed horizon sets when to ask again.
-            loop = RuntimeConfig(**{**realtime["loop"],
-                                    "control_hz": realtime["loop"].get("control_hz") or 1.0 / suite.spec.control_dt,
-                                    "safety": self._safety(realtime["loop"].get("safety") or {})}
-                                 ).for_policy(self.policy.spec, actions_per_chunk)
+            loop = realtime.loop.for_policy(self.policy.spec, actions_per_chunk)
             profile_gate = self.accel.reuse_gate if self.accel else None
-            gate = profile_gate or make_reuse_gate(realtime["reuse_gate"])
+            gate = profile_gate or make_reuse_gate(realtime.reuse_gate)
             if loop.chunking == "rtc":
                 self.policy = RealTimeChunking(self.policy, loop.rtc)
-            self.realtime = (loop, LatencyModel(**realtime["latency_model"]), gate,
+            self.realtime = (loop, realtime.latency.model(), gate,
                              DelayEstimator(1.0 / loop.control_hz, loop.warmup_calls))
         self.envs: dict[str, Env] = {}
-
-    def _accelerate(self, accel: dict):
-        return accelerate(self.policy, self.suite, accel)
-
-    def _safety(self, options: dict) -> SafetyConfig:
-        """The runtime's safety settings, with the suite's action limits and held dimensions by default."""
-        spec = self.suite.spec
-        defaults = {"hold_dims": list(spec.hold_dims)}
-        if spec.action_low:
-            defaults.update(action_low=list(spec.action_low), action_high=list(spec.action_high))
-        return SafetyConfig(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
 
     def env(self, task: str) -> Env:
         """The env of `task`; the previous task's is closed first. Jobs come task after task, so a worker still
@@ -291,8 +272,8 @@ def evaluate(
     actions_per_chunk: int | None = None,
     video_dir: str | None = None,
     progress: bool = True,
-    realtime: dict | None = None,
-    accel: dict | None = None,
+    realtime: RealtimeSpec | None = None,
+    accel: AccelSpec | None = None,
     episodes_dir: str | None = None,
     policy_name: str = "this policy",
     launcher: str = "local",

@@ -1,5 +1,6 @@
-"""Name -> policy factory. A policy family is a module that registers its factories when imported and
-is found through the `vla_runtime.policies` entry point group (see `vla_runtime.plugins`)."""
+"""Name -> policy factory, and name -> trainer. A policy family is a module that registers its factories (and, if
+it trains, its trainer: what `vla-train trainer=<name>` runs) when imported, found through the
+`vla_runtime.policies` entry point group (see `vla_runtime.plugins`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ class PolicyFactory:
 
 
 POLICIES: Registry[PolicyFactory] = Registry("policy", "vla_runtime.policies")
+# (settings: configs/train.yaml without `model` and `trainer`, model options: `model=`) -> the checkpoint directory
+Trainer = Callable[[dict, dict], Path]
+TRAINERS: Registry[Trainer] = Registry("trainer", "vla_runtime.policies")
+
+
+def register_trainer(name: str) -> Callable[[Trainer], Trainer]:
+    return TRAINERS.register(name)
 
 
 def register_policy(name: str, needs_suite: bool = False) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:

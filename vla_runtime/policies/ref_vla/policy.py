@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from vla_runtime.policies.ref_vla.processing_ref_vla import (
     tokenize,
     train_instruction_tokenizer,
 )
-from vla_runtime.policies.registry import register_policy, shipped_checkpoint
+from vla_runtime.policies.registry import register_policy, register_trainer, shipped_checkpoint
 from vla_runtime.types import (
     ActionChunk,
     ARDecoder,
@@ -30,6 +31,10 @@ from vla_runtime.types import (
     PolicySpec,
     PolicyStructure,
 )
+
+if TYPE_CHECKING:
+    from vla_runtime.data.episodes import EpisodeStore
+    from vla_runtime.sim.suite import Suite
 
 TEXT_CACHE_SIZE = 256
 
@@ -128,6 +133,39 @@ def ref_dit(checkpoint: str | None = None, **options) -> RefVLAPolicy:
 @register_policy("ref_ar")
 def ref_ar(checkpoint: str | None = None, **options) -> RefVLAPolicy:
     return _trained("ref_ar", checkpoint, options)
+
+
+@register_trainer("ref_vla")
+def train_on_dataset(settings: dict, model_options: dict) -> Path:
+    """vla-train's trainer of ref_dit / ref_ar on a vla-collect dataset. The robot's dims, rate, cameras and image
+    size follow the suite and settings the dataset was recorded with (`model_options` may still set them); the
+    tokenizer knows every instruction of that suite, so a model trained on a subset still reads the others."""
+    from vla_runtime.data.episodes import EpisodeStore
+    from vla_runtime.data.torch_dataset import ActionChunkDataset
+    from vla_runtime.policies.ref_vla.training import TrainConfig, train
+
+    config = TrainConfig.from_settings(settings)
+    torch.set_num_threads(config.num_threads)
+    suite, robot = recorded_robot(EpisodeStore(config.dataset))
+    model_options = {**robot, **model_options}
+    dataset = ActionChunkDataset(config.dataset, chunk_size=model_options.get("chunk_size", 8))
+    return train(config, dataset, [suite.instruction(task) for task in suite.tasks()], model_options)
+
+
+def recorded_robot(store: EpisodeStore) -> tuple[Suite, dict]:
+    """The suite an `EpisodeStore`'s episodes were recorded in, and the model options that follow its robot: the
+    suite's dims and rate, the cameras and image size of the data."""
+    from vla_runtime.sim import make_suite
+
+    recorded = store.meta["sim"]
+    if "sim" not in recorded:
+        raise ValueError(f"{store.root} does not say which suite its episodes come from (sim.sim in its meta); "
+                         "record datasets with vla-collect")
+    suite = make_suite(recorded["sim"])
+    spec = suite.spec
+    return suite, {"control_dt": spec.control_dt, "state_dim": spec.state_dim, "action_dim": spec.action_dim,
+                   "cameras": list(recorded.get("cameras", spec.cameras)),
+                   "image_size": recorded.get("image_size", spec.image_size[0])}
 
 
 def identity_stats(config: RefVLAConfig) -> dict:

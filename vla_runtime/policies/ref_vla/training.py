@@ -7,8 +7,8 @@ import json
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,7 +33,58 @@ from vla_runtime.policies.ref_vla.processing_ref_vla import (
 )
 
 
-def learning_rate(progress: float, step: int, cfg: Any) -> float:
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a reference VLA is trained: configs/train.yaml holds the defaults (vla-train, scripts/device_train.py).
+
+    Attributes:
+        dataset: the episode dataset (what logs and the train state name).
+        output_dir: where the checkpoint, train state, log and loss plot go; a run there is resumed.
+        init_from: a checkpoint to start from (weights, stats, tokenizer; a fresh optimizer), or None.
+        batch_size: chunks per step.
+        lr, min_lr: the peak learning rate and the end of its cosine decay.
+        weight_decay: AdamW's.
+        warmup_steps: linear warm-up of the learning rate.
+        max_steps, max_minutes: the budgets; the schedule follows whichever is nearer its end.
+        save_every_steps, log_every_steps: checkpoint and log intervals.
+        diffusion_repeats: noise draws per language-model pass (DiT head only).
+        shift_pad: random-shift augmentation, pixels.
+        seed: of the model's initialisation and the data order.
+        num_threads: CPU threads for torch.
+        device: auto (cuda when torch sees one), cpu, cuda, cuda:N.
+        num_workers: DataLoader worker processes.
+    """
+
+    dataset: str
+    output_dir: str
+    init_from: str | None
+    batch_size: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int
+    max_minutes: float
+    save_every_steps: int
+    log_every_steps: int
+    diffusion_repeats: int
+    shift_pad: int
+    seed: int
+    num_threads: int
+    device: str
+    num_workers: int
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> TrainConfig:
+        """From a flat dict of settings; an unknown or missing one is an error naming the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(settings) - set(known)), [name for name in known if name not in settings]
+        if unknown or missing:
+            raise ValueError(f"training settings: unknown {unknown}, missing {missing}; known: {', '.join(known)}")
+        return cls(**settings)
+
+
+def learning_rate(progress: float, step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over `warmup_steps`, then cosine to `min_lr` as `progress` goes 0 -> 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -67,7 +118,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: Any, dataset: ActionChunkDataset, instructions: Iterable[str], model_options: dict) -> Path:
+def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[str], model_options: dict) -> Path:
     """Train (or resume, when `cfg.output_dir` holds a train state) a reference VLA.
 
     The learning-rate schedule runs on whichever budget is nearer its end, `max_steps` or
