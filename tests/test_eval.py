@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from vla_runtime.cli import eval as eval_cli
-from vla_runtime.evaluation.metrics import markdown_summary, summarize, wilson_interval
+from vla_runtime.evaluation.metrics import markdown_summary, paired_delta, summarize, wilson_interval
 from vla_runtime.evaluation.runner import EpisodeResult
 
 
@@ -73,9 +73,42 @@ def test_wilson_interval(successes, trials, expected):
     assert wilson_interval(successes, trials) == pytest.approx(expected, abs=1e-4)
 
 
+def episodes(outcomes: list[bool], seed0: int = 0) -> list[dict]:
+    return [{"task": f"task{i % 10}", "seed": seed0 + i // 10, "success": ok} for i, ok in enumerate(outcomes)]
+
+
+def test_a_profile_that_changes_no_outcome_has_a_zero_width_paired_interval():
+    run = episodes([i % 3 == 0 for i in range(200)])
+    paired = paired_delta(run, run)
+    assert (paired.pairs, paired.delta, paired.ci95, paired.wins, paired.losses, paired.p_value) == (
+        200, 0.0, (0.0, 0.0), 0, 0, 1.0)
+    assert paired.verdict(tolerance=0.0) == "no measurable loss" and str(paired) == "+0.0 [+0.0, +0.0]"
+
+
+def test_the_paired_interval_on_synthetic_pairs():
+    """The issue's MT10 example: 200 pairs, 7 discordant, 4 won by the profile and 3 by `none`: Wald [-2.1, +3.1]
+    points (independent Wilson intervals would be about +-9.7 wide), and McNemar's exact p = 1."""
+    base = [i < 88 for i in range(200)]  # 44.0 %
+    profile = [(i < 85) or (88 <= i < 92) for i in range(200)]  # loses 85-87, wins 88-91: 44.5 %
+    paired = paired_delta(episodes(base), episodes(profile))
+    assert (paired.wins, paired.losses, paired.delta) == (4, 3, 0.005)
+    assert paired.ci95 == pytest.approx((-0.020919, 0.030919), abs=1e-6)
+    assert paired.p_value == pytest.approx(1.0) and paired.verdict(0.03) == "no measurable loss"
+    # 8 lost, none won, of 100: p = 2 / 2^8; the interval [-13.3, -2.7] rules out no loss beyond 2 points.
+    lost = paired_delta(episodes([True] * 100), episodes([i >= 8 for i in range(100)]))
+    assert lost.p_value == pytest.approx(2 / 2**8) and lost.ci95 == pytest.approx((-0.13318, -0.02682), abs=1e-5)
+    assert lost.verdict(0.03) == "inconclusive" and lost.verdict(0.02) == "loss"
+    # Only episodes both runs ran are paired.
+    assert paired_delta(episodes(base), episodes(profile[:150])).pairs == 150
+    with pytest.raises(ValueError, match="No episode in common"):
+        paired_delta(episodes(base), episodes(profile, seed0=1000))
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
+        ("compare_to=/nonexistent/results.json", "compare_to=/nonexistent/results.json: not a vla-eval results.json"),
+        ("tolerance_points=-1", "tolerance_points must be a number of success points in [0, 100], got -1"),
         ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee' (did you mean 'coffee-push-v3'?). "
                                 "Valid task names: assembly-v3"),
         ("policy=random sim.cameras=[wrist]", "Camera 'wrist' does not exist"),

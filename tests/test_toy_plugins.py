@@ -71,12 +71,18 @@ def test_toy_suite_and_policy_through_vla_eval_bench_and_replay(tmp_path):
     toy_launched = cli("eval", "sim=toy", "policy=toy_vla", "launcher=toy_serial", "episodes_per_task=3",
                        f"output_dir={tmp_path / 'toy_launcher'}")
     local = cli("eval", "sim=toy", "policy=toy_vla", "launcher=local", "episodes_per_task=3", "workers=1",
-                f"output_dir={tmp_path / 'local_launcher'}")
+                f"compare_to={tmp_path / 'expert' / 'results.json'}", f"output_dir={tmp_path / 'local_launcher'}")
     assert toy_launched.returncode == 0 and local.returncode == 0, toy_launched.stderr + local.stderr
     episodes = [[{k: e[k] for k in ("task", "seed", "success", "length", "policy_calls")}
                  for e in json.loads((tmp_path / run / "results.json").read_text())["episodes"]]
                 for run in ("toy_launcher", "local_launcher")]
     assert episodes[0] == episodes[1]
+    # Against the expert on the same six episodes, paired.
+    paired = json.loads((tmp_path / "local_launcher" / "results.json").read_text())["paired_vs"]
+    toy_success = sum(e["success"] for e in episodes[1])
+    assert paired["pairs"] == 6 and (paired["wins"], paired["losses"]) == (0, 6 - toy_success)
+    assert paired["delta"] == pytest.approx((toy_success - 6) / 6)
+    assert "Against " in (tmp_path / "local_launcher" / "summary.md").read_text()
 
     # The toy VLA, head_cache applied through its DenoisingHead, every episode kept for replay.
     evaluated = cli("eval", "sim=toy", "policy=toy_vla", "accel=head_cache", "episodes_per_task=2", "workers=2",
@@ -95,6 +101,11 @@ def test_toy_suite_and_policy_through_vla_eval_bench_and_replay(tmp_path):
     assert cached["methods"]["head_cache"]["branch_updates_share"] == 0.5  # static: every 2nd of 4 steps
     assert cached["flops_ratio"] < 1 and cached["action_mse"] > 0 and not cached["actions_identical"]
     assert rows["none"]["actions_identical"] and set(cached["success"]["sync"]) >= {"success_rate", "ci95"}
+    # The baseline against itself: the same episodes, no outcome changed, a zero-width interval.
+    itself = rows["none"]["success"]["sync"]["paired_vs_none"]
+    assert (itself["delta"], itself["ci95"], itself["verdict"]) == (0.0, [0.0, 0.0], "no measurable loss")
+    assert cached["success"]["sync"]["paired_vs_none"]["pairs"] == 2
+    assert "| won / lost | verdict |" in (tmp_path / "bench" / "bench.md").read_text()
 
     replay = cli("replay", "sim=toy", "policy=toy_vla", f"source={tmp_path / 'eval' / 'episodes'}",
                  "accel=[none,head_cache]", f"output_dir={tmp_path / 'replay'}")

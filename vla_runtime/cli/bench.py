@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from vla_runtime.accel.profiles import Accelerator, Profile, load_profiles
-from vla_runtime.cli.build import accel_spec, realtime_spec
+from vla_runtime.cli.build import accel_spec, realtime_spec, tolerance
 from vla_runtime.cli.common import (
     as_dict,
     command_line,
@@ -31,7 +31,7 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
-from vla_runtime.evaluation.metrics import summarize, wilson_interval
+from vla_runtime.evaluation.metrics import paired_delta, summarize, wilson_interval
 from vla_runtime.evaluation.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
 from vla_runtime.evaluation.runner import evaluate
 from vla_runtime.execution import CompileStats, ExecConfig, exec_config
@@ -205,15 +205,26 @@ def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, rows: l
                 "success_rate": summary["success_rate"], "ci95": list(wilson_interval(successes, len(episodes))),
                 "episodes": len(episodes), "policy_calls": summary["policy_calls"],
                 "latency_ms": summary["latency_ms"], "control_loop": summary["control_loop"],
-                "per_task": {task: row["success_rate"] for task, row in summary["per_task"].items()}}
+                "per_task": {task: row["success_rate"] for task, row in summary["per_task"].items()},
+                "outcomes": [{"task": e.task, "seed": e.seed, "success": e.success} for e in episodes]}
     return out
+
+
+def add_paired_deltas(table: dict[str, dict], modes: list[str], tolerance: float) -> None:
+    """Each row's success against `none`'s on the same episodes (`paired_vs_none` beside its own rate)."""
+    for mode in modes:
+        baseline = table["none"]["success"][mode]["outcomes"]
+        for row in table.values():
+            row["success"][mode]["paired_vs_none"] = paired_delta(baseline, row["success"][mode]["outcomes"]
+                                                                  ).to_json(tolerance)
 
 
 def markdown_table(bench: dict) -> str:
     modes = bench["success_modes"] if bench["with_success"] else []
     header = ["profile", "backend", "methods", "p50 ms", "p95 ms", "speedup", "head speedup", "FLOPs",
               "action MSE / var"]
-    header += [f"success ({mode})" for mode in modes]
+    for mode in modes:
+        header += [f"success ({mode})", f"Δ vs none ({mode}), paired 95 %", "won / lost", "verdict"]
     if "realtime" in modes:
         header.append("policy calls (realtime)")
     lines = [f"## vla-bench: {bench['policy']} on {bench['sim']} ({bench['device']})", "",
@@ -227,7 +238,11 @@ def markdown_table(bench: dict) -> str:
         for mode in modes:
             result = row["success"][mode]
             low, high = result["ci95"]
-            cells.append(f"{100 * result['success_rate']:.1f} % [{100 * low:.0f}, {100 * high:.0f}]")
+            paired = result["paired_vs_none"]
+            delta_low, delta_high = paired["ci95"]
+            cells += [f"{100 * result['success_rate']:.1f} % [{100 * low:.0f}, {100 * high:.0f}]",
+                      f"{100 * paired['delta']:+.1f} [{100 * delta_low:+.1f}, {100 * delta_high:+.1f}]",
+                      f"{paired['wins']} / {paired['losses']}", paired["verdict"]]
         if "realtime" in modes:
             cells.append(str(row["success"]["realtime"]["policy_calls"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -236,6 +251,14 @@ def markdown_table(bench: dict) -> str:
               "(4 steps apart), the policy reset per sequence. FLOPs: torch.utils.flop_counter over one "
               "sequence, relative to `none`. Action MSE over the measurement observations, relative to the "
               "variance of the baseline's actions."]
+    if modes:
+        tolerance = 100 * bench["tolerance"]
+        lines += ["", f"Success: {bench['episodes_per_task']} episodes per task on the eval seeds, the same episodes "
+                  "(task, seed) under every profile; its interval is Wilson's. Δ vs none: the difference of paired "
+                  "proportions in points with its Wald 95 % interval; won / lost: episodes the profile succeeded "
+                  f"in and `none` failed / the other way round. Verdict: `no measurable loss` when the interval's "
+                  f"lower end is at or above -{tolerance:g} points, `loss` when its upper end is below it, else "
+                  "`inconclusive`."]
     compiled = {name: row for name, row in bench["profiles"].items() if row["compiled_units"]}
     if compiled:
         lines += ["", "Compiled rows, outside the latency: warm-up (the first pass over the measurement frames, "
@@ -261,11 +284,16 @@ def plot(bench: dict, path: Path) -> None:
             if mode not in bench["success_modes"]:
                 continue
             xs = [row["speedup"] for row in rows.values()]
-            ys = [100 * row["success"][mode]["success_rate"] for row in rows.values()]
-            ax.scatter(xs, ys, marker=marker, label=f"success, {mode}")
+            paired = [row["success"][mode]["paired_vs_none"] for row in rows.values()]
+            ys = [100 * p["delta"] for p in paired]
+            errors = [[100 * (p["delta"] - p["ci95"][0]) for p in paired], [100 * (p["ci95"][1] - p["delta"])
+                                                                             for p in paired]]
+            ax.errorbar(xs, ys, yerr=errors, fmt=marker, capsize=3, label=f"{mode} (paired 95 % interval)")
             for name, x, y in zip(rows, xs, ys, strict=True):
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_ylabel(f"success on {len(bench['tasks'])} tasks (%)")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(-100 * bench["tolerance"], color="grey", lw=0.8, ls="--", label="tolerance")
+        ax.set_ylabel(f"success vs none on the same episodes (points, {len(bench['tasks'])} tasks)")
         ax.legend()
     else:
         xs = [row["speedup"] for row in rows.values()]
@@ -306,6 +334,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         calibration_dir = str(accelerator.calibration_dir)
         for name, success in success_runs(cfg, sim, factory, policy_name, rows, tasks, calibration_dir).items():
             table[name]["success"] = success
+        add_paired_deltas(table, list(cfg.success_modes), tolerance(cfg))
     bench = {"command": command, "policy": policy_name, "sim": cfg.sim.name + (f" ({sim.label})" if sim.label else ""),
              "tasks": tasks,
              "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
@@ -314,6 +343,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
              "backends": [b.label for b in backends],
              "with_success": bool(cfg.with_success), "success_modes": list(cfg.success_modes),
              "episodes_per_task": cfg.episodes_per_task if cfg.with_success else None,
+             "tolerance": tolerance(cfg),
              "profile_methods": {p.name: p.methods for p in profiles}, "profiles": table}
     write_json(output_dir / "bench.json", bench)
     (output_dir / "bench.md").write_text(markdown_table(bench))

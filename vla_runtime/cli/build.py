@@ -17,6 +17,15 @@ from vla_runtime.sim.suite import Suite
 RUNTIME_MODES = ("sync", "realtime")
 
 
+def tolerance(cfg: DictConfig) -> float:
+    """`tolerance_points` as a share: the loss of success a paired comparison may rule out and still call a profile
+    lossless."""
+    points = cfg.tolerance_points
+    if not isinstance(points, int | float) or isinstance(points, bool) or not 0 <= points <= 100:
+        raise UsageError(f"tolerance_points must be a number of success points in [0, 100], got {points!r}")
+    return points / 100
+
+
 def safety_config(options: dict, suite: Suite) -> SafetyConfig:
     """`runtime.safety`, with the suite's action limits and held dimensions where it leaves them null."""
     spec = suite.spec

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from vla_runtime.cli.build import accel_options, realtime_spec
+from vla_runtime.cli.build import accel_options, realtime_spec, tolerance
 from vla_runtime.cli.common import (
     UsageError,
     as_dict,
@@ -19,7 +19,7 @@ from vla_runtime.cli.common import (
     task_list,
     write_json,
 )
-from vla_runtime.evaluation.metrics import markdown_summary, summarize
+from vla_runtime.evaluation.metrics import markdown_summary, paired_delta, summarize
 from vla_runtime.evaluation.runner import evaluate
 from vla_runtime.sim.suite import Suite
 
@@ -62,6 +62,19 @@ def episode_journal(cfg: DictConfig, output_dir: Path) -> Path:
     return journal
 
 
+def baseline_episodes(path: str | None) -> list[dict] | None:
+    """`compare_to`: the episodes of another run's results.json, read before this run starts."""
+    if path is None:
+        return None
+    try:
+        episodes = json.loads(Path(path).read_text())["episodes"]
+        if not all({"task", "seed", "success"} <= set(e) for e in episodes):
+            raise ValueError("an episode without task, seed or success")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"compare_to={path}: not a vla-eval results.json with its episodes ({exc})") from exc
+    return episodes
+
+
 def describe_runtime(runtime: DictConfig) -> str:
     if runtime.mode == "sync":
         return "sync"
@@ -78,6 +91,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     output_dir = Path(cfg.output_dir)
     realtime = realtime_spec(cfg.runtime, sim)
     accel = accel_options(cfg, policy_name, tasks)
+    baseline, tolerance_share = baseline_episodes(cfg.compare_to), tolerance(cfg)
     journal = episode_journal(cfg, output_dir)
     episodes = evaluate(
         factory,
@@ -100,6 +114,14 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
                "runtime": as_dict(cfg.runtime),
                "accel": {"profile": accel.profile.name, "methods": accel.profile.methods} if accel else None,
                **summarize(episodes, tasks)}
+    paired = None
+    if baseline is not None:
+        try:
+            paired = paired_delta(baseline, results["episodes"])
+        except ValueError as exc:  # this run's results are still written
+            print(f"compare_to={cfg.compare_to}: {exc}")
+    if paired is not None:
+        results["paired_vs"] = {"results": str(cfg.compare_to), **paired.to_json(tolerance_share)}
     write_json(output_dir / "results.json", results)
     if cfg.save_episodes and cfg.format == "lerobot":
         from vla_runtime.data.lerobot_format import LEROBOT_SUBDIR, convert_store
@@ -110,6 +132,10 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     title = (f"{policy_name}{accelerated} on {sim_name}, {describe_runtime(cfg.runtime)} "
              f"({episodes_per_task} episodes per task)")
     summary = markdown_summary(results, title)
+    if paired is not None:
+        summary += (f"\nAgainst {cfg.compare_to}, paired on {paired.pairs} episodes (task, seed): {paired} points "
+                    f"(Wald 95 %), {paired.wins} won / {paired.losses} lost, McNemar p = {paired.p_value:.2f}: "
+                    f"{paired.verdict(tolerance_share)} (tolerance {100 * tolerance_share:g} points).\n")
     if command:
         summary += f"\nCommand: `{command}`\n"
     (output_dir / "summary.md").write_text(summary)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.stats import binomtest
 
 from vla_runtime.control.loop import jump_statistics, percentiles_ms
 from vla_runtime.evaluation.runner import EpisodeResult
 
+Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
 
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score 95 % interval for a binomial proportion; (0, 1) when there are no trials."""
     if trials == 0:
         return 0.0, 1.0
@@ -20,6 +24,62 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     centre = (p + z**2 / (2 * trials)) / denominator
     half_width = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """A profile's success against a baseline's on the same episodes (task, seed and noise): far tighter than two
+    independent intervals, since a near-lossless profile changes the outcome of few episodes.
+
+    Attributes:
+        pairs: episodes run under both (matched by task and seed).
+        delta: the profile's success rate minus the baseline's over those pairs, a share (0.01: one point).
+        ci95: the Wald 95 % interval of the difference of paired proportions,
+            delta +- z sqrt(wins + losses - (wins - losses)^2 / pairs) / pairs; zero width when no episode changed
+            its outcome (and optimistic with very few that did: read it with `wins` and `losses`).
+        wins: pairs the profile succeeded in and the baseline failed.
+        losses: pairs the baseline succeeded in and the profile failed.
+        p_value: McNemar's exact test (a two-sided binomial test on the discordant pairs); 1 when there are none.
+    """
+
+    pairs: int
+    delta: float
+    ci95: tuple[float, float]
+    wins: int
+    losses: int
+    p_value: float
+
+    def verdict(self, tolerance: float) -> str:
+        """`no measurable loss` only when the interval's lower end is at or above -`tolerance` (a share); `loss` when
+        its upper end is below it; `inconclusive` otherwise (more episodes would tell)."""
+        if self.ci95[0] >= -tolerance:
+            return "no measurable loss"
+        return "loss" if self.ci95[1] < -tolerance else "inconclusive"
+
+    def to_json(self, tolerance: float) -> dict:
+        return {**asdict(self), "ci95": list(self.ci95), "verdict": self.verdict(tolerance),
+                "tolerance": tolerance}
+
+    def __str__(self) -> str:
+        low, high = self.ci95
+        return f"{100 * self.delta:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def paired_delta(baseline: Iterable[dict], profile: Iterable[dict]) -> PairedDelta:
+    """`profile` against `baseline`, each a list of episodes ({"task", "seed", "success"}, as results.json holds
+    them), paired by task and seed; episodes only one of them ran are left out (`pairs` says how many are in)."""
+    base = {(e["task"], e["seed"]): bool(e["success"]) for e in baseline}
+    other = {(e["task"], e["seed"]): bool(e["success"]) for e in profile}
+    keys = sorted(base.keys() & other.keys())
+    if not keys:
+        raise ValueError("No episode in common (same task and seed) between the two runs: nothing to pair")
+    n = len(keys)
+    wins = sum(other[k] and not base[k] for k in keys)
+    losses = sum(base[k] and not other[k] for k in keys)
+    delta = (wins - losses) / n
+    half = Z95 * math.sqrt(max(0.0, wins + losses - (wins - losses) ** 2 / n)) / n
+    p_value = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+    return PairedDelta(n, delta, (delta - half, delta + half), wins, losses, float(p_value))
 
 
 def summarize(episodes: Sequence[EpisodeResult], tasks: Sequence[str]) -> dict:
