@@ -7,6 +7,7 @@ it runs; e-stop; the episode's MCAP bag read back. Then vla-robot killed with SI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -282,6 +283,53 @@ def test_vla_robot_ends_cleanly_on_sigterm(ros_domain, tmp_path):
     bridges = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "vla_runtime.ros.sim_bridge"],
                              capture_output=True, text=True)
     assert bridges.stdout.strip() == ""  # no bridge left running in the session
+
+
+# How each is started: what a terminal's Ctrl-C reaches is a process group.
+LAUNCHES = {
+    "ros2 launch": [[sys.executable, "-m", "vla_runtime.ros.sim_bridge", "--ros-args", "-p", "step_hz:=20.0"],
+                    [sys.executable, "-m", "vla_runtime.ros.control_node", "--ros-args", "-p", "suite:=metaworld",
+                     "-p", "control_hz:=20.0", "-p", "num_threads:=1"]],
+    "vla-robot": [[sys.executable, "-m", "vla_runtime.cli.robot"]],  # the bridge is its child, in its group
+}
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_ctrl_c_ends_every_node_with_status_0_and_no_traceback(ros_domain, tmp_path, launch):
+    """Ctrl-C is SIGINT to every process of the terminal's group; then the launcher sends each node it started
+    one of its own (ros2 launch each node, vla-robot its bridge), and an impatient user presses Ctrl-C again:
+    interrupts arrive at every stage of a node's shutdown, down to the interpreter's teardown."""
+    rclpy.init()
+    probe = rclpy.create_node("ctrl_c_probe")
+    actions = []
+    probe.create_subscription(JointTrajectory, "/vla/action", actions.append, 10)
+    logs = [tmp_path / f"process_{i}.log" for i in range(len(LAUNCHES[launch]))]
+    processes = []
+    try:
+        for command, log in zip(LAUNCHES[launch], logs, strict=True):
+            with open(log, "w") as stderr:
+                processes.append(subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                                                  stderr=stderr))
+        deadline = time.monotonic() + 120
+        while len(actions) < 5:  # the loop runs: the policy's actions reach the bridge
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), \
+                [log.read_text() for log in logs]
+            rclpy.spin_once(probe, timeout_sec=0.1)
+        deadline = time.monotonic() + 30
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):  # that group has ended
+                    os.killpg(process.pid, signal.SIGINT)
+            time.sleep(0.05)
+        codes = [process.wait(timeout=1) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        probe.destroy_node()
+        rclpy.try_shutdown()
+    stderr = "\n".join(log.read_text() for log in logs)
+    assert codes == [0] * len(processes) and "Traceback" not in stderr, stderr
 
 
 def test_bridge_suite_options_and_camera_topics():

@@ -1,9 +1,12 @@
-"""ROS 2 message conversion and validation, the launch description, and the ROS 2 install layout."""
+"""ROS 2 message conversion and validation, the launch description, the ROS 2 install layout, and the control
+node's parameters, robot contract and fault log."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import random
 import subprocess
 import sys
 import types
@@ -12,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy", reason="needs the [ros] extra")
+rclpy = pytest.importorskip("rclpy", reason="needs the [ros] extra")
 
 from builtin_interfaces.msg import Time  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 
+from vla_runtime.cli import robot  # noqa: E402
+from vla_runtime.cli.common import UsageError  # noqa: E402
+from vla_runtime.cli.robot import settings  # noqa: E402
 from vla_runtime.control import inference  # noqa: E402
 from vla_runtime.data.messages import (  # noqa: E402
     MessageRejected,
@@ -26,8 +32,16 @@ from vla_runtime.data.messages import (  # noqa: E402
     image_from_msg,
     state_from_joint_state,
 )
+from vla_runtime.execution import exec_config  # noqa: E402
+from vla_runtime.policies import make_policy  # noqa: E402
 from vla_runtime.ros import LAUNCH_ARGUMENTS, node_parameters, robot_defaults  # noqa: E402
+from vla_runtime.ros.control_node import ControlNode  # noqa: E402
 from vla_runtime.ros.messages import action_to_msg, image_to_msg  # noqa: E402
+from vla_runtime.ros.parameters import BridgeParams, ControlParams, as_parameters, declare  # noqa: E402
+from vla_runtime.ros.profile_manager import ProfileManager  # noqa: E402
+from vla_runtime.ros.robot_adapter import FaultLog  # noqa: E402
+from vla_runtime.ros.robot_contract import read_robot_file, robot_contract, suite_fields  # noqa: E402
+from vla_runtime.types import PolicySpec, RobotSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,7 +147,7 @@ def _stub_launch_modules(monkeypatch) -> None:
         "launch": {"LaunchDescription": Recorded},
         "launch.actions": {"DeclareLaunchArgument": Recorded},
         "launch.conditions": {"IfCondition": Recorded},
-        "launch.substitutions": {"LaunchConfiguration": Recorded},
+        "launch.substitutions": {"IfElseSubstitution": Recorded, "LaunchConfiguration": Recorded},
         "launch_ros": {},
         "launch_ros.actions": {"Node": Recorded},
         "launch_ros.parameter_descriptions": {"ParameterValue": Recorded},
@@ -160,10 +174,14 @@ def test_launch_file_starts_both_nodes_with_the_parameters_vla_robot_uses(monkey
         node = nodes[executable]
         assert node["package"] == "vla_runtime"
         launched, extra = node["parameters"]
-        # Each launched parameter is the launch argument of the same name (step_hz: control_hz).
-        names = {name: value.args[0].args[0] for name, value in launched.items()}
-        assert set(names) | set(extra) == set(expected)
+        assert set(launched) | set(extra) == set(expected)
+        # Each launched parameter is the launch argument of the same name (step_hz: control_hz), but the control
+        # node's suite: the bridge's with use_sim, else none (as vla-robot's node_parameters).
+        names = {name: value.args[0].args[0] for name, value in launched.items()
+                 if (executable, name) != ("control_node", "suite")}
         assert all(arg == name or (name, arg) == ("step_hz", "control_hz") for name, arg in names.items())
+    condition, with_sim, without_sim = nodes["control_node"]["parameters"][0]["suite"].args[0].args
+    assert (condition.args[0], with_sim.args[0], without_sim) == ("use_sim", "suite", "")
     assert nodes["sim_bridge"]["condition"].args[0].args[0] == "use_sim"
 
 
@@ -190,3 +208,143 @@ def test_wheel_installs_the_ros2_package_layout(tmp_path, monkeypatch):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Unknown policy 'no_such_policy'" in result.stderr
+
+
+# ---- the control node's parameters and robot contract ---------------------------------------------------------
+METAWORLD = RobotSpec(action_dim=4, state_dim=4, cameras=("corner4",), image_size=(128, 128), control_dt=0.0125,
+                      action_low=(-1.0,) * 4, action_high=(1.0,) * 4, hold_dims=(3,))
+POLICY = PolicySpec(action_dim=4, state_dim=4, control_dt=0.0125)
+
+
+@pytest.fixture
+def ros_context():
+    """rclpy for nodes that only declare parameters, in a DDS domain of their own."""
+    rclpy.init(domain_id=random.randint(1, 101))
+    yield
+    rclpy.try_shutdown()
+
+
+def test_node_parameters_are_typed_frozen_dataclasses(ros_context):
+    node = rclpy.create_node("params", parameter_overrides=as_parameters(
+        {"control_hz": 20, "action_low": [-1, -0.5], "camera_names": [], "accel_ladder": ["none", "bac"]},
+        ControlParams))
+    params = declare(node, ControlParams)
+    assert params.control_hz == 20.0 and isinstance(params.control_hz, float)  # an int where a float is due
+    assert params.action_low == (-1.0, -0.5) and params.action_high is None and params.hold_dims is None
+    assert params.camera_names == () and params.accel_ladder == ("none", "bac") and params.suite == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.policy = "ref_ar"
+    assert all(node.describe_parameter(field.name).description for field in dataclasses.fields(ControlParams))
+    assert declare(rclpy.create_node("bridge_params"), BridgeParams) == BridgeParams()
+    with pytest.raises(ValueError, match="hold_dims: ROS cannot pass an empty list of numbers.*robot_file"):
+        as_parameters({"hold_dims": []}, ControlParams)
+
+
+def test_the_robot_contract_comes_from_parameters_then_robot_file_then_suite():
+    alone = robot_contract([], POLICY, "ref_dit")
+    assert (alone.action_low, alone.action_high, alone.hold_dims, alone.state_dim, alone.control_hz) == \
+        ((-1.0,) * 4, (1.0,) * 4, (), None, 80.0)
+    assert alone.origins["hold_dims"] == "default" and alone.origins["control_hz"] == "policy ref_dit"
+    suite = ("suite metaworld", suite_fields(METAWORLD))
+    assert robot_contract([suite], POLICY, "ref_dit").hold_dims == (3,)
+    robot_file = ("robot_file arm.yaml", {"hold_dims": (), "control_hz": 20.0, "action_high": (0.5,) * 4})
+    contract = robot_contract([("parameter", {"control_hz": 10.0}), robot_file, suite], POLICY, "ref_dit")
+    assert (contract.action_low, contract.action_high, contract.hold_dims, contract.state_dim,
+            contract.control_hz) == ((-1.0,) * 4, (0.5,) * 4, (), 4, 10.0)
+    assert contract.describe() == ("4-D actions in [-1, 0.5] (suite metaworld, robot_file arm.yaml), held dims [] "
+                                   "(robot_file arm.yaml), 4-D state, 10 Hz (parameter)")
+
+
+@pytest.mark.parametrize("fields, policy, message", [
+    ({"action_low": (-1.0,) * 7, "action_high": (1.0,) * 7}, POLICY,
+     r"the robot takes 7-D actions \(action_low \(from robot_file arm.yaml\)\); policy ref_dit outputs 4-D"),
+    ({"state_dim": 9}, POLICY, r"9-D state \(state_dim \(from robot_file arm.yaml\)\); policy ref_dit reads 4-D"),
+    ({"hold_dims": (4,)}, POLICY, r"hold_dims \(from robot_file arm.yaml\) \[4\] is outside the robot's 4 action"),
+    ({"action_low": (2.0,) * 4}, POLICY, r"action_low \(from robot_file arm.yaml\) exceeds action_high \(from "
+                                         r"default\) in dimension\(s\) \[0, 1, 2, 3\]"),
+    ({}, PolicySpec(action_dim=4, state_dim=4), "no control rate: set control_hz"),
+])
+def test_a_contract_the_policy_does_not_fit_is_one_line_naming_the_field_and_its_source(fields, policy, message):
+    with pytest.raises(ValueError, match=message):
+        robot_contract([("robot_file arm.yaml", fields)], policy, "ref_dit")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("action_hi: [1, 1]", "unknown field 'action_hi' \\(did you mean 'action_high'\\?\\); fields: action_low"),
+    ("action_low: [a, 1]", "action_low must be a list of numbers, got \\['a', 1\\]"),
+    ("hold_dims: [1.5]", "hold_dims must be a list of integers"),
+    ("control_hz: 0", "control_hz must be a positive number"),
+    ("state_dim: true", "state_dim must be a non-negative integer"),
+    ("- 1\n- 2", "must be a mapping of action_low, action_high, hold_dims, state_dim, control_hz"),
+    ("{action_low: [", "is not YAML or JSON"),
+])
+def test_a_bad_robot_file_is_one_line_naming_the_file_and_the_field(tmp_path, text, message):
+    path = tmp_path / "arm.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"robot_file {path}.*{message}") as error:
+        read_robot_file(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_a_robot_file_in_json(tmp_path):
+    path = tmp_path / "arm.json"
+    path.write_text('{"action_low": [-1, -2], "action_high": [1, 2], "hold_dims": [1], "control_hz": 30}')
+    assert read_robot_file(str(path)) == {"action_low": (-1.0, -2.0), "action_high": (1.0, 2.0), "hold_dims": (1,),
+                                          "control_hz": 30.0}
+    with pytest.raises(FileNotFoundError, match="robot_file nowhere.yaml: no such file"):
+        read_robot_file("nowhere.yaml")
+
+
+def test_the_control_node_asks_for_a_suite_only_where_one_is_needed(ros_context, tmp_path):
+    with pytest.raises(ValueError, match="policy random is built for a simulator suite's robot: set suite:=<one of "
+                                         ".*metaworld"):
+        ControlNode(parameter_overrides={"policy": "random", "autostart": False})
+    # A profile to calibrate, no artifact for it in the checkpoint, no suite: named at startup.
+    checkpoint = tmp_path / "ref_dit"
+    checkpoint.mkdir()
+    for part in (REPO / "checkpoints" / "ref_dit").iterdir():
+        if part.name != "calibration":
+            (checkpoint / part.name).symlink_to(part)
+    policy = make_policy("ref_dit", checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match=f"profile 'bac' needs calibration observations and the node has no suite: "
+                                         f"set suite:=.* or ship the checkpoint's calibration artifacts in "
+                                         f"{checkpoint}/calibration"):
+        ProfileManager(policy, "ref_dit", "bac", [], 0.0, None)
+    with pytest.raises(ValueError, match="exec=compile warms profile 'none' up on calibration observations and the "
+                                         "node has no suite: set suite:="):
+        ProfileManager(policy, "ref_dit", "none", [], 0.0, None, exec_config("compile"))
+    with pytest.raises(ValueError, match="the robot takes 7-D actions \\(action_low \\(from parameter\\)\\)"):
+        ControlNode(policy, {"action_low": [-1.0] * 7, "action_high": [1.0] * 7, "autostart": False})
+
+
+def test_the_fault_log_throttles_each_kind_apart():
+    """A flood of frames at the wrong resolution does not hide NaN joint states; each kind says what it left out."""
+    lines, now = [], [0.0]
+    log = FaultLog(lines.append, interval_s=1.0, clock=lambda: now[0])
+    for _ in range(100):
+        log("/camera/corner4/image_raw", MessageRejected("resolution", "256x256, the policy needs 128x128"))
+    log("/joint_states", MessageRejected("nan", "joint state positions contain NaN"))
+    log("/camera/corner4/image_raw", MessageRejected("size", "59 bytes"))
+    assert [line.split(":")[0] for line in lines] == ["dropped message on /camera/corner4/image_raw",
+                                                      "dropped message on /joint_states",
+                                                      "dropped message on /camera/corner4/image_raw"]
+    assert "NaN" in lines[1] and "59 bytes" in lines[2]
+    now[0] = 1.0  # an interval later: one line per kind again, with the count of what was not logged
+    log("/camera/corner4/image_raw", MessageRejected("resolution", "256x256, the policy needs 128x128"))
+    log("/joint_states", MessageRejected("nan", "joint state positions contain NaN"))
+    assert lines[3].endswith("(99 more 'resolution' not logged since the last)") and lines[4].endswith("NaN")
+
+
+def test_vla_robot_takes_its_arguments_as_given_and_its_suite_only_with_the_simulator(capsys):
+    argv = list(sys.argv)
+    config, command = settings(["policy=ref_ar", "control_hz=10", "use_sim=false", "robot_file=arm.yaml"])
+    assert sys.argv == argv
+    assert config["policy"] == "ref_ar" and config["control_hz"] == 10
+    assert command == "vla-robot control_hz=10 use_sim=false robot_file=arm.yaml policy=ref_ar"
+    control, bridge = node_parameters(config)
+    assert control["suite"] == "" and control["robot_file"] == "arm.yaml" and bridge["suite"] == "metaworld"
+    assert node_parameters(robot_defaults())[0]["suite"] == "metaworld"  # use_sim: the bridge's suite
+    with pytest.raises(UsageError, match="takes key=value overrides of configs/robot.yaml .*, not '--cfg'"):
+        settings(["--cfg", "job"])
+    robot.main(["--help"])
+    assert "usage: vla-robot [key=value ...]" in capsys.readouterr().out

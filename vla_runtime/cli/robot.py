@@ -8,16 +8,17 @@ SIGTERM, or `episodes` finished simulator episodes, end it cleanly: the bag is c
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
 import threading
 import time
+from importlib.resources import files
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from vla_runtime.cli.common import UsageError, as_dict, command_line, hydra_cli, write_json
+from vla_runtime.cli import CONFIG_MODULE
+from vla_runtime.cli.common import UsageError, as_dict, check_overrides, friendly_errors, write_json
 from vla_runtime.ros import node_parameters
 
 
@@ -69,22 +70,23 @@ def run(config: dict, command: str | None = None) -> dict:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
-    from vla_runtime.ros.common import speed_up_thread_switching
+    from vla_runtime.ros.common import init_ros, shutdown_ros, speed_up_thread_switching, spin_until_shutdown
     from vla_runtime.ros.control_node import ControlNode
 
     if not isinstance(config["episodes"], int) or config["episodes"] < 0:
         raise UsageError(f"episodes must be a non-negative integer, got {config['episodes']!r}")
     control_parameters, bridge_parameters = node_parameters(config)
     speed_up_thread_switching()
+    running = init_ros(args=["vla-robot"])  # SIGINT / SIGTERM shut ROS down; vla-robot's own arguments are not ROS's
     bridge = start_bridge(bridge_parameters) if config["use_sim"] else None
-    rclpy.init()  # installs SIGINT / SIGTERM handlers that shut the context down
     executor = MultiThreadedExecutor(num_threads=2)
-    node = None
+    node = spinner = None
     try:
         node = ControlNode(parameter_overrides=control_parameters)
+        running.set()
         monitor = EpisodeMonitor(node, (config.get("bridge") or {}).get("episode_topic", "/sim/episode"))
         executor.add_node(node)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner = threading.Thread(target=spin_until_shutdown, args=(executor.spin,), daemon=True)
         spinner.start()
         while rclpy.ok():
             if bridge is not None and bridge.poll() is not None:
@@ -100,14 +102,17 @@ def run(config: dict, command: str | None = None) -> dict:
                    "image_to_action_ms_samples": [1000 * s for s in node.publish_latency_s],
                    "tick_jitter_ms_samples": [1000 * s for m in node.run_metrics for s in m.tick_jitter_s]}
     finally:
-        # Loop first (it publishes), then the executor, then the node: destroying a node that an
-        # executor still spins leaves "cannot use Destroyable" errors behind.
+        # Loop first (it publishes), then the executor and its thread, then the node: destroying a node that an
+        # executor still spins leaves "cannot use Destroyable" errors behind, and a daemon thread still inside
+        # rclpy when the interpreter exits can abort it.
         if node is not None:
             node.stop()
         executor.shutdown()
+        if spinner is not None:
+            spinner.join(timeout=5.0)
         if node is not None:
             node.destroy_node()
-        rclpy.try_shutdown()
+        shutdown_ros()
         if bridge is not None:
             bridge.send_signal(signal.SIGINT)
             try:
@@ -136,25 +141,43 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# `policy` is also the name of a config group (configs/policy/, for vla-eval and friends) in the same search
-# path, so hydra reads `policy=X` as a group override and refuses it. vla-robot takes that argument itself.
-_policy_argument: list[str] = []
+def settings(args: list[str]) -> tuple[dict, str]:
+    """(vla-robot's settings, the command as typed) from its `key=value` overrides of configs/robot.yaml.
+
+    `policy` also names a config group (configs/policy/, for vla-eval and friends) in the same search path,
+    which hydra would read `policy=X` as, and refuse: the config is composed from the other overrides, and
+    `policy=` is set on it after. Hence no `@hydra.main` here (it reads sys.argv).
+    """
+    from hydra import compose, initialize_config_module
+
+    flags = [arg for arg in args if arg.startswith("-")]
+    if flags:
+        raise UsageError(f"vla-robot takes key=value overrides of configs/robot.yaml (episodes=1 policy=ref_dit "
+                         f"robot_file=arm.yaml, docs/ros2.md), not {flags[0]!r}")
+    policies = [arg.split("=", 1)[1] for arg in args if arg.startswith("policy=")]
+    overrides = [arg for arg in args if not arg.startswith("policy=")]
+    check_overrides("robot", overrides, version_base=None)
+    with initialize_config_module(CONFIG_MODULE, version_base=None):
+        config = as_dict(compose("robot", overrides=overrides))
+    if policies:
+        config["policy"] = policies[-1]
+    return config, " ".join(["vla-robot", *overrides, *(f"policy={name}" for name in policies[-1:])])
 
 
-@hydra_cli("robot", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    settings, command = as_dict(cfg), command_line("vla-robot")
-    if _policy_argument:
-        settings["policy"] = _policy_argument[-1]
-        command += f" policy={settings['policy']}"
-    summary = run(settings, command)
+@friendly_errors
+def main(args: list[str] | None = None) -> None:
+    """`vla-robot [key=value ...]`; `args`: the command line after the program (default: this process's)."""
+    args = sys.argv[1:] if args is None else args
+    if args in (["-h"], ["--help"]):  # the keys, their defaults and what each does
+        print(f"usage: vla-robot [key=value ...]\n\n{__doc__}\n{(files(CONFIG_MODULE) / 'robot.yaml').read_text()}")
+        return
+    config, command = settings(args)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")  # no robot.log anywhere
+    try:
+        summary = run(config, command)
+    except KeyboardInterrupt:  # stopped before the control node ran: nothing to summarise
+        return
     print(describe(summary))
-
-
-def main() -> None:
-    _policy_argument.extend(arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("policy="))
-    sys.argv = [arg for arg in sys.argv if not arg.startswith("policy=")]
-    _main()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""What the ROS 2 nodes share: QoS, parameter overrides, service answers, the process entry point."""
+"""What the ROS 2 nodes share: QoS, service answers, signals, the process entry point."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import rclpy
 import rclpy.exceptions
+import rclpy.executors
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile
 
 # Latched: a late-joining node still gets the current instruction / episode status.
@@ -30,11 +33,6 @@ def speed_up_thread_switching() -> None:
     sys.setswitchinterval(0.0005)
 
 
-def as_parameters(overrides: dict) -> list[Parameter]:
-    # An empty list has no ROS parameter type; [""] is how the nodes spell "not set".
-    return [Parameter(name, value=[""] if value == [] else value) for name, value in overrides.items()]
-
-
 def answer_trigger(handler: Callable[[], str], response):
     """A std_srvs/Trigger answer from `handler`: its message, or the error it raised."""
     try:
@@ -44,23 +42,66 @@ def answer_trigger(handler: Callable[[], str], response):
     return response
 
 
-def spin_node(node_class: Callable[[], Node], args: list[str] | None = None) -> None:
-    """Run one node until SIGINT/SIGTERM; a bad parameter ends it with one line naming it (exit 2)."""
+def init_ros(args: list[str] | None) -> threading.Event:
+    """rclpy.init with SIGINT and SIGTERM as a request to stop; -> the event to set once the node runs.
+
+    A terminal's Ctrl-C reaches every process of its group, and a launcher (ros2 launch, vla-robot) then sends
+    its own SIGINT to the nodes it started: a node gets two, the second while it cleans up. rclpy's handler
+    shuts ROS down and then calls Python's; that one raises KeyboardInterrupt only while the node is being
+    built (a slow start can be cut short), never once it runs, so the cleanup finishes and the exit is 0.
+    """
+    running = threading.Event()
+
+    def on_signal(signum: int, frame) -> None:
+        if not running.is_set():
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)  # before rclpy.init: rclpy's handlers call the ones they replace
     rclpy.init(args=args)
+    return running
+
+
+def shutdown_ros() -> None:
+    """rclpy.try_shutdown, then SIGINT and SIGTERM ignored: the node is done, and an interrupt that arrived during
+    the interpreter's own teardown (which gives Python's handlers back to the default) would end the process by
+    the signal instead of with its status."""
+    rclpy.try_shutdown()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def spin_until_shutdown(spin: Callable[[], object]) -> None:
+    """`spin()` (an executor's) until ROS shuts down. A signal shuts the context down at any moment, also between
+    the executor's check of it and its next wait set, which then raises instead of returning."""
+    try:
+        spin()
+    except rclpy.executors.ExternalShutdownException:
+        pass
+    except RCLError:
+        if rclpy.ok():
+            raise
+
+
+def spin_node(node_class: Callable[[], Node], args: list[str] | None = None) -> None:
+    """Run one node until SIGINT/SIGTERM (exit 0); a bad parameter ends it with one line naming it (exit 2)."""
+    running = init_ros(args)
     try:
         node = node_class()
+        running.set()
+    except KeyboardInterrupt:  # stopped before it ran
+        shutdown_ros()
+        return
     except (ValueError, FileNotFoundError, rclpy.exceptions.InvalidParameterTypeException) as exc:
-        hint = " (write floats with a decimal point: 20.0)" if "expecting type 'DOUBLE'" in str(exc) else ""
+        hint = " (write floats with a decimal point: 20.0)" if "expecting type 'DOUBLE" in str(exc) else ""
         print(f"error: {exc}{hint}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
     try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
+        spin_until_shutdown(lambda: rclpy.spin(node))
     finally:
         node.destroy_node()
-        rclpy.try_shutdown()
+        shutdown_ros()
 
 
 def json_object(text: str, parameter: str, what: str) -> dict:

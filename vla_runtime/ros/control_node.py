@@ -1,11 +1,13 @@
 """The control node: the real-time control loop (control/loop.py) between ROS 2 topics and a policy.
 
-It wires four parts: the parameters (`parameters.py`), the robot adapter that validates sensor messages
-and publishes commands (`robot_adapter.py`), the acceleration profile and governor (`profile_manager.py`)
-and the episode log (`bag_logger.py`). The loop runs in its own thread on the wall clock and publishes
-one action per tick; the policy runs in the inference worker's thread. A bad message is logged, counted
-and dropped; the loop and the node keep running. Services (std_srvs/Trigger): ~/start, ~/stop, ~/estop
-(latches: no command leaves the node until ~/reset), ~/reset.
+It wires five parts: the parameters (`parameters.py`), the robot contract the policy must fit
+(`robot_contract.py`: the parameters', a robot file's, or a suite's when the node is given one), the robot
+adapter that validates sensor messages and publishes commands (`robot_adapter.py`), the acceleration profile
+and governor (`profile_manager.py`) and the episode log (`bag_logger.py`). The loop runs in its own thread
+on the wall clock and publishes one action per tick; the policy runs in the inference worker's thread. A bad
+message is logged (throttled per topic and reason), counted and dropped; the loop and the node keep running.
+Services (std_srvs/Trigger): ~/start, ~/stop, ~/estop (latches: no command leaves the node until ~/reset),
+~/reset.
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
 from vla_runtime.evaluation.observations import calibration_source
 from vla_runtime.execution import exec_config
-from vla_runtime.ros import parameters
 from vla_runtime.ros.bag_logger import STATUS_TYPE, BagLogger, status_array
 from vla_runtime.ros.common import (
     LATCHED,
     answer_trigger,
-    as_parameters,
     camera_topic,
     json_object,
     speed_up_thread_switching,
@@ -43,9 +43,12 @@ from vla_runtime.ros.common import (
     suite_options,
 )
 from vla_runtime.ros.messages import action_message_class, action_to_msg
+from vla_runtime.ros.parameters import ControlParams, as_parameters, declare
 from vla_runtime.ros.profile_manager import ProfileManager
-from vla_runtime.ros.robot_adapter import SensorSettings, TopicRobot
-from vla_runtime.sim.suite import configured_suite
+from vla_runtime.ros.robot_adapter import FaultLog, SensorSettings, TopicRobot
+from vla_runtime.ros.robot_contract import FIELDS as CONTRACT_FIELDS
+from vla_runtime.ros.robot_contract import RobotContract, read_robot_file, robot_contract, suite_fields
+from vla_runtime.sim.suite import Suite, configured_suite, suite_names
 from vla_runtime.types import Policy
 
 MANY_TICKS = sys.maxsize  # the loop runs until stopped
@@ -54,7 +57,7 @@ MANY_TICKS = sys.maxsize  # the loop runs until stopped
 class ControlNode(Node):
     def __init__(self, policy: Policy | None = None, parameter_overrides: dict | None = None,
                  node_name: str = "vla_control"):
-        super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}))
+        super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}, ControlParams))
         # State first: destroy_node() may run on a node whose construction failed half-way.
         self._send_lock = threading.Lock()
         self.commands_published = 0
@@ -66,92 +69,103 @@ class ControlNode(Node):
         self._estopped = False
         self._last_chunk_seen = None
         self.bag: BagLogger | None = None
+        self._fault_log = FaultLog(self.get_logger().warning)
 
-        self.params = p = parameters.declare(self, parameters.CONTROL)
-        if p["control_hz"] <= 0:
-            raise ValueError(f"control_hz must be positive, got {p['control_hz']}")
-        suite, calibration_tasks = configured_suite(p["suite"], **suite_options(p["suite_options"]))
+        self.params = p = declare(self, ControlParams)
+        robot_file = read_robot_file(p.robot_file) if p.robot_file else {}
+        suite, calibration_tasks = configured_suite(p.suite, **suite_options(p.suite_options)) if p.suite \
+            else (None, [])
         self.policy = policy if policy is not None else self._build_policy(p, suite)
         spec = self.policy.spec
         if spec.privileged:
-            raise ValueError(f"Policy '{p['policy']}' reads simulator state; a ROS node has only topics")
-        self.profiles = ProfileManager(self.policy, p["policy"], p["accel"], [n.strip() for n in p["accel_ladder"]],
-                                       p["budget_ms"], calibration_source(suite, calibration_tasks, 2),
-                                       exec_config(p["exec"]))
+            raise ValueError(f"Policy '{p.policy}' reads simulator state; a ROS node has only topics")
+        self.contract = self._contract(p, robot_file, suite)
+        self.profiles = ProfileManager(self.policy, p.policy, p.accel, [n.strip() for n in p.accel_ladder],
+                                       p.budget_ms, calibration_source(suite, calibration_tasks, 2) if suite else None,
+                                       exec_config(p.exec))
         self.action_dim = spec.action_dim
-        if p["action_type"] == "twist" and self.action_dim > 6:
+        if p.action_type == "twist" and self.action_dim > 6:
             raise ValueError(f"action_type=twist carries at most 6 dimensions; the policy outputs {self.action_dim}")
-        self.action_names = list(p["action_names"] or [f"action_{i}" for i in range(self.action_dim)])
-        self.robot = self._robot(p, suite)
-        self.runtime = self._runtime(p, suite)
+        self.action_names = list(p.action_names or [f"action_{i}" for i in range(self.action_dim)])
+        self.robot = self._robot(p)
+        self.runtime = self._runtime(p, self.contract)
         if self.runtime.chunking == "rtc":  # outermost on the head's step: every profile runs inside the guidance
             self.policy = RealTimeChunking(self.policy, self.runtime.rtc)
         # One estimate for the node's life: the warm-up calls it leaves out are the process's first.
         self.delays = DelayEstimator(1.0 / self.runtime.control_hz, self.runtime.warmup_calls)
-        if p["log_bag"]:
-            self.bag = BagLogger(p["log_bag"], self.get_clock(), p["policy"])
+        if p.log_bag:
+            self.bag = BagLogger(p.log_bag, self.get_clock(), p.policy)
         self._connect(p)
-        governor = f", governor over {p['accel_ladder']} at {p['budget_ms']:g} ms" if self.profiles.governor else ""
+        governor = f", governor over {list(p.accel_ladder)} at {p.budget_ms:g} ms" if self.profiles.governor else ""
         cameras = dict(zip(self.robot.settings.cameras, self.image_topics, strict=True))
         self.get_logger().info(
-            f"policy {p['policy']} ({spec.describe()}; accel {self.profiles.active}{governor}), "
-            f"{self.runtime.control_hz:g} Hz, cameras {cameras}, actions -> {p['action_topic']} "
-            f"({p['action_type']})" + (f", logging to {p['log_bag']}" if self.bag else ""))
-        if p["autostart"]:
+            f"policy {p.policy} ({spec.describe()}; accel {self.profiles.active}{governor}), robot "
+            f"{self.contract.describe()}, cameras {cameras}, actions -> {p.action_topic} "
+            f"({p.action_type})" + (f", logging to {p.log_bag}" if self.bag else ""))
+        if p.autostart:
             self.start()
 
-    def _build_policy(self, p: dict, suite) -> Policy:
+    def _build_policy(self, p: ControlParams, suite: Suite | None) -> Policy:
         from vla_runtime.policies import make_policy
+        from vla_runtime.policies.registry import POLICIES
 
-        options = json_object(p["policy_options"], "policy_options", "policy settings")
-        if p["checkpoint"]:
-            options["checkpoint"] = p["checkpoint"]
-        if p["num_threads"]:  # this process's torch threads, whichever policy (a remote one computes elsewhere)
+        if suite is None and POLICIES.get(p.policy).needs_suite:
+            raise ValueError(f"policy {p.policy} is built for a simulator suite's robot: set suite:=<one of "
+                             f"{', '.join(suite_names())}>")
+        options = json_object(p.policy_options, "policy_options", "policy settings")
+        if p.checkpoint:
+            options["checkpoint"] = p.checkpoint
+        if p.num_threads:  # this process's torch threads, whichever policy (a remote one computes elsewhere)
             import torch
 
-            torch.set_num_threads(p["num_threads"])
-        return make_policy(p["policy"], suite=suite, **options)
+            torch.set_num_threads(p.num_threads)
+        return make_policy(p.policy, suite=suite, **options)
 
-    def _robot(self, p: dict, suite) -> TopicRobot:
+    def _contract(self, p: ControlParams, robot_file: dict, suite: Suite | None) -> RobotContract:
+        """The robot contract: the parameters, else the robot file, else the suite (when given one)."""
+        layers = [("parameter", {name: getattr(p, name) for name in CONTRACT_FIELDS if getattr(p, name) is not None})]
+        if robot_file:
+            layers.append((f"robot_file {p.robot_file}", robot_file))
+        if suite is not None:
+            layers.append((f"suite {p.suite}", suite_fields(suite.spec)))
+        return robot_contract(layers, self.policy.spec, p.policy)
+
+    def _robot(self, p: ControlParams) -> TopicRobot:
         spec = self.policy.spec
-        cameras = tuple(p["camera_names"] or spec.cameras)
-        self.image_topics = list(p["image_topics"] or [camera_topic(name) for name in cameras])
+        cameras = tuple(p.camera_names or spec.cameras)
+        self.image_topics = list(p.image_topics or [camera_topic(name) for name in cameras])
         if len(self.image_topics) != len(cameras):
             raise ValueError(f"image_topics {self.image_topics} and camera_names {list(cameras)} differ in length")
-        settings = SensorSettings(cameras=cameras, image_size=spec.image_size, resize_images=p["resize_images"],
-                                  state_dim=spec.state_dim, joint_names=tuple(p["joint_names"]),
-                                  max_message_age_s=p["max_message_age_s"])
-        return TopicRobot(settings, p["instruction"], lambda: self.get_clock().now().nanoseconds, self._publish,
+        settings = SensorSettings(cameras=cameras, image_size=spec.image_size, resize_images=p.resize_images,
+                                  state_dim=spec.state_dim, joint_names=p.joint_names,
+                                  max_message_age_s=p.max_message_age_s)
+        return TopicRobot(settings, p.instruction, lambda: self.get_clock().now().nanoseconds, self._publish,
                           self._on_fault)
 
-    def _runtime(self, p: dict, suite) -> RuntimeConfig:
-        robot = suite.spec
-        limits = (list(robot.action_low), list(robot.action_high)) if robot.action_dim == self.action_dim \
-            and robot.action_low else ([-1.0] * self.action_dim, [1.0] * self.action_dim)
-        hold = list(robot.hold_dims) if p["hold_dims"] == [-1] else p["hold_dims"]
+    def _runtime(self, p: ControlParams, contract: RobotContract) -> RuntimeConfig:
         return RuntimeConfig(
-            control_hz=p["control_hz"], request_when=p["request_when"],
-            request_threshold=None if p["request_threshold"] < 0 else p["request_threshold"],
-            execute_horizon=p["execute_horizon"] or None,
-            chunking=p["chunking"], rtc=RTCConfig(max_guidance=p["rtc_max_guidance"]),
-            safety=SafetyConfig(action_low=limits[0], action_high=limits[1],
-                                stale_observation_s=p["stale_observation_s"],
-                                hold_dims=[d for d in hold if 0 <= d < self.action_dim])).for_policy(self.policy.spec)
+            control_hz=contract.control_hz, request_when=p.request_when,
+            request_threshold=None if p.request_threshold < 0 else p.request_threshold,
+            execute_horizon=p.execute_horizon or None,
+            chunking=p.chunking, rtc=RTCConfig(max_guidance=p.rtc_max_guidance),
+            safety=SafetyConfig(action_low=list(contract.action_low), action_high=list(contract.action_high),
+                                stale_observation_s=p.stale_observation_s,
+                                hold_dims=list(contract.hold_dims))).for_policy(self.policy.spec)
 
-    def _connect(self, p: dict) -> None:
+    def _connect(self, p: ControlParams) -> None:
         """Subscriptions, publishers, timers and services."""
         for camera, topic in zip(self.robot.settings.cameras, self.image_topics, strict=True):
             self.create_subscription(Image, topic, lambda msg, c=camera, t=topic: self._on_message(
                 t, "sensor_msgs/msg/Image", msg, lambda: self.robot.on_image(c, t, msg)), qos_profile_sensor_data)
-        topic = p["joint_state_topic"]
+        topic = p.joint_state_topic
         self.create_subscription(JointState, topic, lambda msg: self._on_message(
             topic, "sensor_msgs/msg/JointState", msg, lambda: self.robot.on_joint_state(topic, msg)),
             qos_profile_sensor_data)
-        self.create_subscription(String, p["instruction_topic"], lambda msg: self._on_message(
-            p["instruction_topic"], "std_msgs/msg/String", msg, lambda: self.robot.on_instruction(msg.data)), LATCHED)
-        self.action_publisher = self.create_publisher(action_message_class(p["action_type"]), p["action_topic"], 10)
+        self.create_subscription(String, p.instruction_topic, lambda msg: self._on_message(
+            p.instruction_topic, "std_msgs/msg/String", msg, lambda: self.robot.on_instruction(msg.data)), LATCHED)
+        self.action_publisher = self.create_publisher(action_message_class(p.action_type), p.action_topic, 10)
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0 / p["diagnostics_hz"], self.publish_diagnostics)
+        self.create_timer(1.0 / p.diagnostics_hz, self.publish_diagnostics)
         for name, handler in (("start", self.start), ("stop", self.stop), ("estop", self.estop),
                               ("reset", self.reset)):
             self.create_service(Trigger, f"~/{name}", lambda _req, res, h=handler: answer_trigger(h, res))
@@ -163,7 +177,7 @@ class ControlNode(Node):
         handle()
 
     def _on_fault(self, topic: str, error: MessageRejected) -> None:
-        self.get_logger().warning(f"dropped message on {topic}: {error}", throttle_duration_sec=1.0)
+        self._fault_log(topic, error)
         if self.bag is not None:
             self.bag.fault(topic, error)
 
@@ -171,7 +185,7 @@ class ControlNode(Node):
         with self._send_lock:  # an e-stop waits for a command being published, then no other follows
             if self._estopped:
                 return
-            msg = action_to_msg(self.params["action_type"], command, self.get_clock().now().to_msg(),
+            msg = action_to_msg(self.params.action_type, command, self.get_clock().now().to_msg(),
                                 self.action_names, 1.0 / self.runtime.control_hz)
             try:
                 self.action_publisher.publish(msg)
@@ -182,7 +196,7 @@ class ControlNode(Node):
                 return
             self.commands_published += 1
         if self.bag is not None:
-            self.bag.log(self.params["action_topic"], ACTION_TYPE_NAMES[self.params["action_type"]], msg)
+            self.bag.log(self.params.action_topic, ACTION_TYPE_NAMES[self.params.action_type], msg)
         chunk = self.loop.last_chunk if self.loop else None
         if chunk is not None and chunk is not self._last_chunk_seen:
             # The first command from a new chunk: the chunk's t0 is its image's arrival time.
@@ -254,11 +268,11 @@ class ControlNode(Node):
         """Everything the diagnostics report, as a dict (over all runs since launch)."""
         latencies = [s for m in self.run_metrics for s in m.inference_latency_s]
         jitter = [s for m in self.run_metrics for s in m.tick_jitter_s]
-        budget_ms = self.params["budget_ms"]
+        budget_ms = self.params.budget_ms
         message_faults, received = self.robot.faults()
         return {
             "state": "estopped" if self._estopped else "running" if self.running else "idle",
-            "policy": self.params["policy"], "profile": self.profiles.active,
+            "policy": self.params.policy, "profile": self.profiles.active,
             "profile_switches": [switch for m in self.run_metrics for switch in m.profile_switches],
             "ticks": sum(m.ticks for m in self.run_metrics),
             "commands_published": self.commands_published,
@@ -283,7 +297,7 @@ class ControlNode(Node):
         if summary["state"] == "running" and (summary["message_faults"] or summary["loop_faults"]):
             level = DiagnosticStatus.WARN
         array = status_array(f"vla_runtime: {self.get_name()}", level, summary["state"], summary,
-                             self.params["policy"], self.get_clock().now().to_msg())
+                             self.params.policy, self.get_clock().now().to_msg())
         self.diagnostics_publisher.publish(array)
         if self.bag is not None:
             self.bag.log("/diagnostics", STATUS_TYPE, array)

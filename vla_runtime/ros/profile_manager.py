@@ -13,24 +13,42 @@ from vla_runtime.types import Observation, Policy
 
 
 class ProfileManager:
+    """`calibration`: the calibration observations (a suite's expert episodes), or None where the node has no
+    suite. Then every profile it may use is applied at startup, so one that needs calibrating, for which the
+    checkpoint ships no artifact, is an error before the loop starts instead of in a control tick."""
+
     def __init__(self, policy: Policy, policy_name: str, accel: str, ladder: list[str], budget_ms: float,
-                 calibration: Callable[[], list[Observation]], execution: ExecConfig | None = None):
+                 calibration: Callable[[], list[Observation]] | None, execution: ExecConfig | None = None):
         if ladder and budget_ms <= 0:
             raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
-        self.accelerator = Accelerator(policy, calibration, policy_name=policy_name, execution=execution)
+        self.accelerator = Accelerator(policy, calibration or self._no_calibration, policy_name=policy_name,
+                                       execution=execution)
         # No latency priors: every profile "fits" until measured, so the governor starts with the most
         # faithful (the first) and steps down the ladder only while measured p95 exceeds the budget.
         self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(ladder)],
                                        budget_ms) if ladder else None
         self.active = ""
+        self._applying = ""
         profiles = ladder or [accel]
-        if execution is not None and execution.backend != "eager":
-            # Every graph the node may need, built now, never inside a control tick; the first profile last.
+        self._compiled = execution is not None and execution.backend != "eager"
+        if self._compiled or calibration is None:
+            # Every profile the node may use, applied now, never first inside a control tick (a compiled one
+            # with its graphs built); the first profile last.
             for spec in reversed(profiles):
                 self.set(spec)
-                self.accelerator.warm_up()
+                if self._compiled:
+                    self.accelerator.warm_up()
         else:
             self.set(profiles[0])
+
+    def _no_calibration(self) -> list[Observation]:
+        if self._compiled:
+            raise ValueError(f"exec={self.accelerator.execution.backend} warms profile '{self._applying}' up on "
+                             f"calibration observations and the node has no suite: set suite:=<the suite the policy "
+                             f"was trained in> (its expert episodes), or exec:=eager")
+        raise ValueError(f"profile '{self._applying}' needs calibration observations and the node has no suite: set "
+                         f"suite:=<the suite the policy was trained in> (its expert episodes calibrate it), or ship "
+                         f"the checkpoint's calibration artifacts in {self.accelerator.calibration_dir}")
 
     @property
     def handle(self) -> ProfileHandle | None:
@@ -38,6 +56,7 @@ class ProfileManager:
 
     def set(self, spec: str) -> None:
         """Replace the active profile ("a+b" composes). Called between policy calls only."""
+        self._applying = spec
         (profile,) = load_profiles(spec.replace(" ", ""), with_baseline=False)
         self.accelerator.remove()
         execution = self.accelerator.execution

@@ -35,6 +35,33 @@ class SensorSettings:
     max_message_age_s: float
 
 
+class FaultLog:
+    """Logs dropped messages, throttled per (topic, reason): the first of a kind at once, then at most one line
+    per `interval_s` of that kind saying how many were not logged. A camera flooding the log with frames at the
+    wrong resolution cannot hide NaN joint states; the diagnostics count every fault either way."""
+
+    def __init__(self, log: Callable[[str], None], interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self._log = log
+        self._clock = clock
+        self._last_s: dict[tuple[str, str], float] = {}
+        self._suppressed: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, topic: str, error: MessageRejected) -> None:
+        kind = (topic, error.reason)
+        with self._lock:
+            now = self._clock()
+            if now - self._last_s.get(kind, -float("inf")) < self.interval_s:
+                self._suppressed[kind] += 1
+                return
+            self._last_s[kind] = now
+            suppressed = self._suppressed.pop(kind, 0)
+        more = f" ({suppressed} more '{error.reason}' not logged since the last)" if suppressed else ""
+        self._log(f"dropped message on {topic}: {error}{more}")
+
+
 class TopicRobot:
     def __init__(self, settings: SensorSettings, instruction: str, now_ns: Callable[[], int],
                  publish: Callable[[np.ndarray], None], on_fault: Callable[[str, MessageRejected], None]):

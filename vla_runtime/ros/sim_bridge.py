@@ -25,16 +25,9 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from vla_runtime.data.messages import MessageRejected, action_from_msg
-from vla_runtime.ros import parameters
-from vla_runtime.ros.common import (
-    LATCHED,
-    answer_trigger,
-    as_parameters,
-    camera_topic,
-    spin_node,
-    suite_options,
-)
+from vla_runtime.ros.common import LATCHED, answer_trigger, camera_topic, spin_node, suite_options
 from vla_runtime.ros.messages import action_message_class, image_to_msg, state_to_joint_state
+from vla_runtime.ros.parameters import BridgeParams, as_parameters, declare
 from vla_runtime.sim.suite import Env, configured_suite
 
 DEFAULT_CAMERA_HZ = 20.0  # a camera frame every step up to this rate (SIMPLER steps at 5 Hz, Meta-World at 80)
@@ -42,23 +35,23 @@ DEFAULT_CAMERA_HZ = 20.0  # a camera frame every step up to this rate (SIMPLER s
 
 class SimBridgeNode(Node):
     def __init__(self, parameter_overrides: dict | None = None, node_name: str = "vla_sim_bridge"):
-        super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}))
+        super().__init__(node_name, parameter_overrides=as_parameters(parameter_overrides or {}, BridgeParams))
         # First: destroy_node() may run on a node whose construction failed half-way.
         self._closing = threading.Event()
         self._sim_thread: threading.Thread | None = None
-        self.params = p = parameters.declare(self, parameters.BRIDGE)
-        action_class = action_message_class(p["action_type"])
-        overrides = suite_options(p["suite_options"])
-        if p["camera_names"]:
-            overrides["cameras"] = p["camera_names"]
-        if p["image_size"]:
-            overrides["image_size"] = p["image_size"]
-        self.suite, _ = configured_suite(p["suite"], **overrides)
+        self.params = p = declare(self, BridgeParams)
+        action_class = action_message_class(p.action_type)
+        overrides = suite_options(p.suite_options)
+        if p.camera_names:
+            overrides["cameras"] = list(p.camera_names)
+        if p.image_size:
+            overrides["image_size"] = p.image_size
+        self.suite, _ = configured_suite(p.suite, **overrides)
         self.spec = self.suite.spec
-        self.task = self.suite.resolve_task(p["task"])
+        self.task = self.suite.resolve_task(p.task)
         self.seeds = self.suite.seeds("eval")  # never a seed a policy was trained on
-        self.step_hz = p["step_hz"] or 1.0 / self.spec.control_dt
-        camera_hz = p["camera_hz"] or min(DEFAULT_CAMERA_HZ, self.step_hz)
+        self.step_hz = p.step_hz or 1.0 / self.spec.control_dt
+        camera_hz = p.camera_hz or min(DEFAULT_CAMERA_HZ, self.step_hz)
         if camera_hz < 0 or camera_hz > self.step_hz:
             raise ValueError(f"camera_hz must be in (0, step_hz={self.step_hz:g}], got {camera_hz}")
         self.steps_per_frame = max(1, round(self.step_hz / camera_hz))
@@ -68,7 +61,7 @@ class SimBridgeNode(Node):
         self.command_received_s = 0.0
         self.commands_received = 0
         self.rejected_commands = 0
-        self.episode = p["first_episode"]
+        self.episode = p.first_episode
         self.episodes_finished: list[dict] = []
         self.status: dict = {}
         self.done = False
@@ -78,10 +71,10 @@ class SimBridgeNode(Node):
         self.image_publishers = {camera: self.create_publisher(Image, camera_topic(camera),
                                                                qos_profile_sensor_data)
                                  for camera in self.spec.cameras}
-        self.state_publisher = self.create_publisher(JointState, p["joint_state_topic"], qos_profile_sensor_data)
-        self.instruction_publisher = self.create_publisher(String, p["instruction_topic"], LATCHED)
-        self.episode_publisher = self.create_publisher(String, p["episode_topic"], LATCHED)
-        self.create_subscription(action_class, p["action_topic"], self._on_action, 10)
+        self.state_publisher = self.create_publisher(JointState, p.joint_state_topic, qos_profile_sensor_data)
+        self.instruction_publisher = self.create_publisher(String, p.instruction_topic, LATCHED)
+        self.episode_publisher = self.create_publisher(String, p.episode_topic, LATCHED)
+        self.create_subscription(action_class, p.action_topic, self._on_action, 10)
         self.create_service(Trigger, "~/reset", lambda _req, res: answer_trigger(self.reset_episode, res))
         # MuJoCo's GL context belongs to the thread that made it: one thread owns the simulator.
         ready: list = []
@@ -98,7 +91,7 @@ class SimBridgeNode(Node):
 
     def _on_action(self, msg) -> None:
         try:
-            action = action_from_msg(self.params["action_type"], msg, self.spec.action_dim)
+            action = action_from_msg(self.params.action_type, msg, self.spec.action_dim)
         except MessageRejected as error:
             self.rejected_commands += 1
             self.get_logger().warning(f"ignored action command: {error}", throttle_duration_sec=1.0)
@@ -110,7 +103,7 @@ class SimBridgeNode(Node):
     def _current_command(self) -> np.ndarray:
         with self._lock:
             fresh = self.command is not None and \
-                time.monotonic() - self.command_received_s <= self.params["command_timeout_s"]
+                time.monotonic() - self.command_received_s <= self.params.command_timeout_s
             if fresh:
                 return self.command
             hold = np.zeros(self.spec.action_dim)
@@ -136,7 +129,7 @@ class SimBridgeNode(Node):
 
     def _simulate(self, ready: list, started: threading.Event) -> None:
         try:
-            env = self.suite.make_env(self.task, render=True, max_steps=self.params['max_steps'] or None)
+            env = self.suite.make_env(self.task, render=True, max_steps=self.params.max_steps or None)
             self._reset(env, self.episode)
             ready.append(env)
         except Exception as exc:  # reported by the constructor, in the caller's thread
@@ -162,7 +155,7 @@ class SimBridgeNode(Node):
         if self._reset_requested.is_set():
             self._reset_requested.clear()
             self._reset(env, self.episode + 1)
-        elif self.commands_received == 0 and self.params["start_on_command"]:
+        elif self.commands_received == 0 and self.params.start_on_command:
             # The controller is not up yet: show it the first frame again instead of moving on.
             if tick % self.steps_per_frame == 0:
                 self._publish(env.observe(render=True), images=True)
@@ -181,7 +174,7 @@ class SimBridgeNode(Node):
             self.episodes_finished.append(dict(self.status))
             self.get_logger().info(f"episode {self.episode}: {'success' if self.success else 'failure'} "
                                    f"after {env.steps} steps")
-            if self.params["auto_reset"]:
+            if self.params.auto_reset:
                 self._reset(env, self.episode + 1)
 
     def _publish(self, obs, images: bool) -> None:
