@@ -42,7 +42,8 @@ def trial(bridge_mode: str, switch_interval: float, seconds: float) -> dict:
     executor = MultiThreadedExecutor(num_threads=2)
     nodes = [SimBridgeNode(PARAMETERS)] if bridge_mode == "thread" else []
     try:
-        control = ControlNode(parameter_overrides={"policy": "ref_dit", "control_hz": 20.0, "num_threads": 1})
+        control = ControlNode(parameter_overrides={"policy": "ref_dit", "suite": "metaworld", "control_hz": 20.0,
+                                                   "num_threads": 1})
         nodes.append(control)
         for node in nodes:
             executor.add_node(node)

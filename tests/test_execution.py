@@ -7,7 +7,7 @@ import torch
 from test_accel import actions, observations, untrained
 
 from vla_runtime.accel.profiles import Accelerator, load_profile, load_profiles
-from vla_runtime.cli.bench import entries
+from vla_runtime.evaluation.speed import entries
 from vla_runtime.execution import CompileStats, ExecConfig, apply_execution, compile_units, exec_config
 from vla_runtime.hooks import HookRegistry
 

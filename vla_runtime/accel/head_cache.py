@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_runtime.accel.method import AccelMethod, Phase, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, Suggest, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.types import DenoisingHead, Observation, Policy
 
@@ -245,7 +245,15 @@ def _stats(branches: list[_CachedBranch]) -> dict:
     return {"branch_updates_share": computed / max(1, computed + reused)}
 
 
+def _search(suggest: Suggest, structure) -> dict:
+    """Static intervals of 2-4 steps, or BAC with 2 to all-but-one update steps per branch."""
+    if suggest.suggest_categorical("mode", ["static", "bac"]) == "static":
+        return {"mode": "static", "interval": suggest.suggest_int("interval", 2, 4)}
+    steps = structure.denoising_head.steps
+    return {"mode": "bac", "updates": suggest.suggest_int("updates", 2, max(2, steps - 1))}
+
+
 METHOD = register_method(AccelMethod(
     "head_cache", HeadCacheConfig, apply, requires=("denoising_head",), phase=Phase.HEAD,
     calibrate=lambda policy, observations, config: calibrate(policy, observations),
-    needs_calibration=lambda config: config.mode == "bac"))
+    needs_calibration=lambda config: config.mode == "bac", search=_search))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vla_runtime.accel.method import AccelMethod, Phase, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, Suggest, register_method
 from vla_runtime.hooks import Handle, drop_layers
 from vla_runtime.types import Observation, Policy
 
@@ -120,7 +120,15 @@ def apply(policy: Policy, config: LayerPruneConfig, calibration: dict) -> Handle
     return _remove_layers(policy, list(order[: config.num_layers]))
 
 
+def _search(suggest: Suggest, structure) -> dict:
+    """Up to a third of the layers, in the policy's groups."""
+    lm = structure.language_model
+    group = lm.prune_group
+    most = max(group, len(lm.layers) // 3 // group * group)
+    return {"num_layers": suggest.suggest_int("num_layers", group, most, step=group)}
+
+
 METHOD = register_method(AccelMethod(
     "layer_prune", LayerPruneConfig, apply, requires=("language_model",), phase=Phase.LAYERS, calibrate=calibrate,
-    needs_calibration=lambda config: config.num_layers > 0,
+    needs_calibration=lambda config: config.num_layers > 0, search=_search,
 ))

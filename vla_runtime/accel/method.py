@@ -12,18 +12,29 @@ method from another package is one module plus one entry point.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 from vla_runtime.hooks import Handle
 from vla_runtime.plugins import Registry
-from vla_runtime.types import Observation, Policy
+from vla_runtime.types import Observation, Policy, PolicyStructure
 
 
 def _never(config: Any) -> bool:
     return False
+
+
+class Suggest(Protocol):
+    """What a method's search space asks of a tuner for each setting (optuna's `Trial` is one; vla-tune prefixes
+    the names with the method's)."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int: ...
+
+    def suggest_float(self, name: str, low: float, high: float) -> float: ...
 
 
 class Phase(IntEnum):
@@ -54,6 +65,9 @@ class AccelMethod:
     unsupported: Callable[[Any, Any], str | None] | None = None
     # Methods it cannot share a policy with -> why (checked both ways).
     exclusive_with: dict[str, str] = field(default_factory=dict)
+    # (suggest, the policy's structure) -> settings for `config`: the space vla-tune searches (None: not searched,
+    # e.g. a method whose effect only the closed loop shows)
+    search: Callable[[Suggest, PolicyStructure], dict] | None = None
 
     def make_config(self, settings: dict) -> Any:
         try:

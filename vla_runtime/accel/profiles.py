@@ -55,27 +55,34 @@ def profile_names() -> list[str]:
 
 
 def _profile_file(name: str) -> Profile:
-    path = resources.files("vla_runtime.configs") / "profiles" / f"{name}.yaml"
+    """A shipped profile by name, or a profile file by its path (`accel=outputs/tune/ref_dit/tuned.yaml`)."""
+    if name.endswith(".yaml"):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"accel={name}: no such profile file")
+    else:
+        path = resources.files("vla_runtime.configs") / "profiles" / f"{name}.yaml"
     settings = yaml.safe_load(path.read_text()) or {}
     unknown = [m for m in settings.get("methods") or {} if m not in METHODS.names()]
     if unknown:
         raise ValueError(f"Profile '{name}' ({path}) names unknown methods {unknown}; "
                          f"known: {', '.join(METHODS.names())}")
-    return Profile(name, dict(settings.get("methods") or {}), bool(settings.get("skip_incompatible", False)),
-                   settings.get("description", ""))
+    return Profile(Path(name).stem, dict(settings.get("methods") or {}),
+                   bool(settings.get("skip_incompatible", False)), settings.get("description", ""))
 
 
 def load_profile(spec: str | list[str] | tuple[str, ...] | Profile, options: dict | None = None) -> Profile:
-    """`spec`: profile name, method name, or a list of those. `options`: {method: {field: value}} on top."""
+    """`spec`: profile name, profile file (`*.yaml`), method name, or a list of those. `options`: {method: {field:
+    value}} on top."""
     if isinstance(spec, Profile):
         profile = spec
     else:
         names = [spec] if isinstance(spec, str) else list(spec)
         if not names:
             raise ValueError("An empty accel list: use accel=none for no acceleration")
-        profile = Profile("+".join(names))
+        profile = Profile("+".join(Path(name).stem if name.endswith(".yaml") else name for name in names))
         for name in names:
-            if name in profile_names():
+            if name in profile_names() or name.endswith(".yaml"):
                 part = _profile_file(name)
                 profile.skip_incompatible |= part.skip_incompatible
                 for method, settings in part.methods.items():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from vla_runtime.accel.attention import allowed_attention, visual_relevance
-from vla_runtime.accel.method import AccelMethod, Phase, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, Suggest, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
@@ -219,7 +219,17 @@ def _unsupported(structure, config: TokenSelectConfig) -> str | None:
     return None
 
 
+def _search(suggest: Suggest, structure) -> dict:
+    """How many visual tokens are kept, chosen how, and from which layer on (where the LM can drop them inside)."""
+    lm = structure.language_model
+    settings = {"keep": suggest.suggest_categorical("keep", [8, 16, 24, 32, 48]),
+                "strategy": suggest.suggest_categorical("strategy", ["efficientvla", "dart"])}
+    if _cuts_into(lm):
+        settings["layer"] = suggest.suggest_int("layer", 0, len(lm.layers) - 1)
+    return settings
+
+
 METHOD = register_method(AccelMethod(
     "token_select", TokenSelectConfig, apply, requires=(), phase=Phase.TOKENS, unsupported=_unsupported,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix"),
-    exclusive_with={"visual_kv_reuse": "both replace the language model's forward pass"}))
+    exclusive_with={"visual_kv_reuse": "both replace the language model's forward pass"}, search=_search))

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from vla_runtime.accel.attention import allowed_attention, normed, visual_relevance
-from vla_runtime.accel.method import AccelMethod, Phase, register_method
+from vla_runtime.accel.method import AccelMethod, Phase, Suggest, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.transformers_compat import CACHE_ARG
 from vla_runtime.types import LanguageModel, Policy
@@ -187,7 +187,13 @@ def _unsupported(structure, config) -> str | None:
     return None
 
 
+def _search(suggest: Suggest, structure) -> dict:
+    """How similar a visual token must stay to keep its keys / values, and how often a full pass refreshes them."""
+    return {"similarity": suggest.suggest_float("similarity", 0.95, 0.999),
+            "refresh_every": suggest.suggest_int("refresh_every", 2, 8)}
+
+
 METHOD = register_method(AccelMethod(
     "visual_kv_reuse", VisualKVReuseConfig, apply, requires=("language_model",), phase=Phase.LM_CACHE,
-    unsupported=_unsupported,
+    unsupported=_unsupported, search=_search,
     excluded_by=("ar_decoder", "its decode loop reads a KV cache of the full prefix")))  # and token_select: see there

@@ -1,25 +1,16 @@
-"""vla-bench: what each acceleration profile buys (latency, FLOPs) and costs (action deviation, success).
-
-Latency is measured in one process, rounds interleaved over the rows (a profile on an execution backend:
-`exec=[eager,compile]`; the starting row rotates every round) so that drift of a noisy machine hits every
-row alike; speedups are ratios of medians within this run. Action deviation is against the eager `none`
-profile on the same observations with the same noise seed.
-"""
+"""vla-bench: what each acceleration profile buys (latency, FLOPs) and costs (action deviation, success): every
+profile on every backend (`exec=[eager,compile]`) measured against eager `none` in one run
+(`evaluation/speed.py`), then, with `with_success=true`, the same episodes under each, compared paired."""
 
 from __future__ import annotations
 
 import platform
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
-from vla_runtime.accel.profiles import Accelerator, Profile, load_profiles
+from vla_runtime.accel.profiles import Accelerator, load_profiles
 from vla_runtime.cli.build import accel_spec, realtime_spec, tolerance
 from vla_runtime.cli.common import (
     as_dict,
@@ -34,157 +25,9 @@ from vla_runtime.cli.common import (
 from vla_runtime.evaluation.metrics import paired_delta, summarize, wilson_interval
 from vla_runtime.evaluation.observations import MEASUREMENT_SEEDS, calibration_source, expert_sequences
 from vla_runtime.evaluation.runner import evaluate
-from vla_runtime.execution import CompileStats, ExecConfig, exec_config
-from vla_runtime.hooks import ModelHook, add_hook
+from vla_runtime.evaluation.speed import Entry, action_head, entries, measure, summarize_runs
+from vla_runtime.execution import exec_config
 from vla_runtime.sim.suite import Suite
-from vla_runtime.types import Observation, Policy
-
-
-class _Timer(ModelHook):
-    """Wall time spent inside a module (the action head), summed per inference; `skip(args, kwargs)` leaves
-    out the calls that are not the head's (SmolVLA's prefix pass through the same module). Before and after
-    the call, not around it: a hook that replaces a forward makes an execution backend compile the module's
-    children too."""
-
-    def __init__(self, skip=None):
-        self.elapsed_s = 0.0
-        self.skip = skip
-        self.started: float | None = None
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.started = None if self.skip is not None and self.skip(args, kwargs) else time.perf_counter()
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        if self.started is not None:
-            self.elapsed_s += time.perf_counter() - self.started
-        return output
-
-
-def action_head(policy: Policy):
-    """The module whose time counts as the action head's: the denoising step or the AR decode loop."""
-    structure = policy.structure
-    if structure.denoising_head is not None:
-        return structure.denoising_head.step
-    return structure.ar_decoder.loop if structure.ar_decoder is not None else None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One row of the table: a profile on an execution backend."""
-
-    name: str
-    profile: Profile
-    execution: ExecConfig
-
-
-def entries(profiles: list[Profile], backends: list[ExecConfig]) -> list[Entry]:
-    """Every profile on every backend; eager rows keep the profile's name, the others get `@<backend>`. The
-    baseline, eager `none`, is always there."""
-    if not any(execution.changes_nothing for execution in backends):
-        backends = [ExecConfig(), *backends]
-    rows = []
-    for execution in backends:
-        plain = execution.changes_nothing
-        rows += [Entry(p.name if plain else f"{p.name}@{execution.label}", p, execution) for p in profiles]
-    return rows
-
-
-def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Observation]],
-            rounds: int) -> dict[str, dict]:
-    """Per row: latency and head-time samples (interleaved rounds), FLOPs of one inference (eager: a compiled
-    graph computes the same), actions, and for a compiled row its warm-up (compile time, frames compiled)
-    apart from latency and the frames compiled during measurement (recompilations; 0 when shapes are
-    static). The policy is reset at the start of each sequence only, so methods that carry state from frame
-    to frame (visual_kv_reuse) are measured as a control loop would run them."""
-    policy = accelerator.policy
-    head = action_head(policy)
-    denoising = policy.structure.denoising_head
-    timer = _Timer(skip=denoising.is_prefix if denoising is not None else None)
-    remove_timer = add_hook(head, "bench_timer", timer) if head is not None else (lambda: None)
-    runs = {row.name: {"latency_s": [], "head_s": [], "recompiled_frames": 0, "eager_fallbacks": 0} for row in rows}
-
-    def apply(row: Entry, execution: ExecConfig | None = None):
-        accelerator.execution = execution if execution is not None else row.execution
-        return accelerator.apply(row.profile)
-
-    flops: dict[str, int] = {}  # per profile, counted eager once: every backend computes the same
-    try:
-        for row in tqdm(rows, desc="actions, FLOPs, warm-up", unit="row"):
-            if row.profile.name not in flops:
-                apply(row, ExecConfig())
-                try:
-                    policy.reset()
-                    with FlopCounterMode(display=False) as counter:
-                        for obs in sequences[0]:
-                            policy.predict_chunk(obs)
-                    flops[row.profile.name] = counter.get_total_flops()
-                finally:
-                    accelerator.remove()
-            handle = apply(row)
-            try:
-                actions = []
-                frames, started = CompileStats.frames(), time.perf_counter()
-                for sequence in sequences:  # for a compiled row, its warm-up: compiles every shape it meets
-                    policy.reset()
-                    actions += [policy.predict_chunk(obs).actions for obs in sequence]
-                units = handle.execution.info["compiled_units"] if handle.execution else []
-                runs[row.name].update(actions=np.stack(actions), flops=flops[row.profile.name],
-                                      methods=handle.stats(), backend=row.execution.label, compiled_units=units,
-                                      warm_up_s=time.perf_counter() - started,
-                                      warm_up_frames=CompileStats.frames() - frames)
-            finally:
-                accelerator.remove()
-        bar = tqdm(total=rounds * len(rows), desc="latency (interleaved)", unit="row-round")
-        for round_index in range(rounds):
-            start = round_index % len(rows)
-            for row in rows[start:] + rows[:start]:
-                apply(row)
-                frames, fallbacks = CompileStats.frames(), CompileStats.fallbacks()
-                try:
-                    for sequence in sequences:
-                        policy.reset()
-                        for obs in sequence:
-                            timer.elapsed_s = 0.0
-                            started = time.perf_counter()
-                            policy.predict_chunk(obs)
-                            runs[row.name]["latency_s"].append(time.perf_counter() - started)
-                            runs[row.name]["head_s"].append(timer.elapsed_s)
-                finally:
-                    accelerator.remove()
-                runs[row.name]["recompiled_frames"] += CompileStats.frames() - frames
-                runs[row.name]["eager_fallbacks"] += CompileStats.fallbacks() - fallbacks
-                bar.update()
-        bar.close()
-    finally:
-        remove_timer()
-        accelerator.execution = None
-    return runs
-
-
-def summarize_runs(runs: dict[str, dict], has_head: bool) -> dict[str, dict]:
-    base = runs["none"]
-    base_p50 = float(np.median(base["latency_s"]))
-    base_head = float(np.median(base["head_s"])) if has_head else None
-    action_variance = float(base["actions"].reshape(-1, base["actions"].shape[-1]).var(0).mean())
-    table = {}
-    for name, run in runs.items():
-        p50, p95 = (1000 * float(np.percentile(run["latency_s"], q)) for q in (50, 95))
-        mse = float(np.mean((run["actions"] - base["actions"]) ** 2))
-        head_p50 = float(np.median(run["head_s"])) if has_head else None
-        table[name] = {
-            "latency_ms_p50": p50, "latency_ms_p95": p95, "speedup": base_p50 * 1000 / p50,
-            "head_ms_p50": 1000 * head_p50 if has_head else None,
-            "head_speedup": base_head / head_p50 if has_head and head_p50 > 0 else None,
-            "flops": run["flops"], "flops_ratio": run["flops"] / base["flops"],
-            "action_mse": mse, "action_mse_rel_variance": mse / action_variance if action_variance else None,
-            "actions_identical": bool(np.array_equal(run["actions"], base["actions"])),
-            "methods": run["methods"], "latency_samples": len(run["latency_s"]), "backend": run["backend"],
-            "compiled_units": run["compiled_units"], "warm_up_s": run["warm_up_s"],
-            "warm_up_frames": run["warm_up_frames"], "recompiled_frames": run["recompiled_frames"],
-            "eager_fallbacks": run["eager_fallbacks"],
-        }
-    return table
 
 
 def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, rows: list[Entry],

@@ -36,7 +36,8 @@ from vla_runtime.cli.common import (
 )
 from vla_runtime.control.executor import SyncExecutor, sync_config
 from vla_runtime.control.governor import BudgetGovernor, Candidate
-from vla_runtime.control.loop import CHUNKING, jump_statistics, percentiles_ms
+from vla_runtime.control.loop import CHUNKING
+from vla_runtime.control.metrics import jump_statistics, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.control.rtc import RealTimeChunking, RTCConfig
 from vla_runtime.data.episodes import Episode

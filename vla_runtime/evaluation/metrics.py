@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from vla_runtime.control.loop import jump_statistics, percentiles_ms
+from vla_runtime.control.metrics import jump_statistics, percentiles_ms
 from vla_runtime.evaluation.runner import EpisodeResult
 
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval

@@ -26,7 +26,8 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from vla_runtime.control.inference import ThreadedInferenceWorker
-from vla_runtime.control.loop import ControlLoop, LoopMetrics, RuntimeConfig, percentiles_ms
+from vla_runtime.control.loop import ControlLoop, RuntimeConfig
+from vla_runtime.control.metrics import LoopMetrics, percentiles_ms
 from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking, RTCConfig
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
