@@ -282,3 +282,33 @@ def test_sync_executor_queues_actions_per_chunk_and_hides_privileged_state():
     expert = ChunkPolicy()
     expert.spec = PolicySpec(action_dim=4, state_dim=4, privileged=True)
     assert policy_view(expert, obs) is obs and policy_view(policy, obs).privileged_state is None
+
+
+class EveryOtherReuse:
+    """A reuse gate that holds the last chunk every second time it is asked."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def should_reuse(self, obs, last_chunk):
+        self.asked += 1
+        return self.asked % 2 == 1
+
+    def on_inference(self, obs, chunk):
+        pass
+
+    def reset(self):
+        self.asked = 0
+
+
+def test_sync_executor_replays_a_reused_chunk_as_the_loop_does():
+    """The synchronous protocol is the loop with zero latency: a reused chunk's executed actions run again (the
+    separate executor it replaced had nothing queued after a reuse)."""
+    from vla_runtime.control.executor import SyncExecutor
+
+    policy = ChunkPolicy(horizon=8)
+    executor = SyncExecutor(policy, actions_per_chunk=2, gate=EveryOtherReuse())
+    obs = Observation({}, np.zeros(4, np.float32), "test", 0.0)
+    commands = [executor.act(obs)[0] for _ in range(8)]
+    assert commands == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.02, 0.02, 0.02, 0.02])
+    assert policy.calls == 2 and executor.reuses == 2 and len(executor.gate_s) == 3
