@@ -41,6 +41,20 @@ def test_the_front_and_the_finalists():
     assert candidate(3, 2.0, 0.01).profile().methods == {"head_cache": {"mode": "static", "interval": 2}}
 
 
+def test_the_choice_is_the_fastest_lossless_finalist_that_still_meets_the_goal():
+    from vla_runtime.cli.tune import choose
+
+    def row(trial, speedup, shortfall, verdict, low):
+        return {"trial": trial, "speedup": speedup, "shortfall": shortfall,
+                "paired": {"verdict": verdict, "ci95": [low, 0.02]}}
+
+    rows = [row(1, 1.2, 0.1, "no measurable loss", -0.01), row(2, 1.5, -0.1, "no measurable loss", -0.02),
+            row(3, 1.9, -0.4, "inconclusive", -0.08)]
+    assert choose(rows)["trial"] == 2  # 3 is faster but may lose; 1 is lossless but missed the goal measured again
+    assert choose(rows[:1])["trial"] == 1  # lossless beats meeting the goal
+    assert choose([rows[2], row(4, 1.4, -0.1, "loss", -0.12)])["trial"] == 3 and choose([]) is None
+
+
 class ScriptedTrial:
     """A stand-in for optuna's Trial: every method on, the first choice or the low end of each range."""
 

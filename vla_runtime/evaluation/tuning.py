@@ -166,8 +166,8 @@ def search(study: Any, accelerator: Accelerator, sequences: list[list[Observatio
         on_trial(candidate)
         return candidate.action_deviation, candidate.speedup
 
-    if trials > len(finished):
-        study.optimize(objective, n_trials=trials - len(finished))
+    if trials > len(finished):  # a proposal that cannot be applied fails its trial (logged), not the search
+        study.optimize(objective, n_trials=trials - len(finished), catch=(ValueError,))
 
 
 def candidates(study: Any) -> list[Candidate]:
