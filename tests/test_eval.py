@@ -108,6 +108,7 @@ def test_the_paired_interval_on_synthetic_pairs():
     ("override", "message"),
     [
         ("compare_to=/nonexistent/results.json", "compare_to=/nonexistent/results.json: not a vla-eval results.json"),
+        ("accel=/nonexistent/profile.yaml", "accel=/nonexistent/profile.yaml: no such profile file"),
         ("tolerance_points=-1", "tolerance_points must be a number of success points in [0, 100], got -1"),
         ("tasks=[make-coffee]", "Unknown Meta-World task 'make-coffee' (did you mean 'coffee-push-v3'?). "
                                 "Valid task names: assembly-v3"),
