@@ -9,7 +9,7 @@ from test_accel import actions, observations, untrained
 
 from vla_runtime.accel import action_reuse
 from vla_runtime.accel.method import METHODS, methods_in_order
-from vla_runtime.accel.profiles import Accelerator, Profile, compatible_methods, load_profile, profile_names
+from vla_runtime.accel.profiles import Accelerator, Profile, compatible_methods, ladder, load_profile, profile_names
 from vla_runtime.types import ActionChunk
 
 
@@ -211,3 +211,15 @@ def test_visual_kv_reuse_on_an_unchanged_frame_matches_a_full_pass_and_threshold
         compatible_methods(policy, load_profile(["token_select", "visual_kv_reuse"]))
     with pytest.raises(ValueError, match="visual_kv_reuse cannot run on ref_ar: its decode loop reads a KV cache"):
         compatible_methods(untrained("ar"), load_profile("vlacache"), "ref_ar")
+
+
+def test_a_ladder_folder_stands_for_its_profiles_in_name_order(tmp_path):
+    front = tmp_path / "front"
+    front.mkdir()
+    for name in ("01_trial8.yaml", "00_trial29.yaml", "notes.md"):
+        (front / name).write_text("methods: {}\n")
+    assert ladder(["none", str(front), "bac"]) == ["none", str(front / "00_trial29.yaml"),
+                                                   str(front / "01_trial8.yaml"), "bac"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no profile"):
+        ladder([str(tmp_path / "empty")])

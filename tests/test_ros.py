@@ -33,8 +33,10 @@ from std_srvs.srv import Trigger  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from vla_runtime.cli.robot import start_bridge  # noqa: E402
+from vla_runtime.cli.tune import write_profile  # noqa: E402
 from vla_runtime.data.messages import stamp_ns  # noqa: E402
 from vla_runtime.data.rosbag import BagError, read_bag  # noqa: E402
+from vla_runtime.evaluation.tuning import Candidate as TuneCandidate  # noqa: E402
 from vla_runtime.ros.common import LATCHED, speed_up_thread_switching  # noqa: E402
 from vla_runtime.ros.control_node import ControlNode  # noqa: E402
 from vla_runtime.ros.messages import image_to_msg  # noqa: E402
@@ -179,9 +181,14 @@ def test_closed_loop_episode_with_faults_estop_and_bag(ros_domain, tmp_path):
     assert instruction == "close the drawer"
 
 
-def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
-    """A budget no call can meet: after one window of calls the governor leaves `none` for `bac`, and the
-    node's policy then runs with bac applied; with real-time chunking on, outermost on the head's step."""
+def test_the_budget_governor_steps_down_a_ladder_from_a_tune_runs_front(ros_domain, tmp_path):
+    """A budget no call can meet: after one window of calls the governor leaves the front's most faithful profile
+    (no method) for the next (bac), and the node's policy then runs with it applied; with real-time chunking on,
+    outermost on the head's step. The ladder is a vla-tune run's `front/` folder as vla-tune writes it."""
+    front = tmp_path / "front"
+    for index, methods in enumerate([{}, {"head_cache": {"mode": "bac", "updates": 4}}]):
+        write_profile(front / f"{index:02d}_trial{index}.yaml", TuneCandidate(index, methods, 1.0, 1.0, 0.0, 1.0, 0.0))
+    first, second = (str(path) for path in sorted(front.iterdir()))
     speed_up_thread_switching()
     rclpy.init()
     executor = MultiThreadedExecutor(num_threads=2)
@@ -189,15 +196,15 @@ def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
     try:
         control = ControlNode(parameter_overrides={
             "policy": "ref_dit", "control_hz": CONTROL_HZ, "num_threads": 1, "instruction": "close the drawer",
-            "accel_ladder": ["none", "bac"], "budget_ms": 1.0, "chunking": "rtc"})
-        assert control.profiles.active == "none" and control.profiles.handle is None
+            "accel_ladder": [str(front)], "budget_ms": 1.0, "chunking": "rtc"})
+        assert control.profiles.active == first and control.profiles.handle is None
         probe = Probe(rclpy.create_node("probe"))
         executor.add_node(control)
         executor.add_node(probe.node)
         threading.Thread(target=executor.spin, daemon=True).start()
         frame = np.full((128, 128, 3), 90, np.uint8)
         deadline = time.monotonic() + 120
-        while control.profiles.active == "none" and time.monotonic() < deadline:
+        while control.profiles.active == first and time.monotonic() < deadline:
             stamp = control.get_clock().now().to_msg()
             probe.images.publish(image_to_msg(frame, stamp, "corner4"))
             state = JointState(position=[0.0, 0.6, 0.2, 1.0])
@@ -205,10 +212,11 @@ def test_the_budget_governor_steps_down_the_accel_ladder(ros_domain):
             probe.joint_states.publish(state)
             time.sleep(1 / CONTROL_HZ)
         summary = control.summary()
-        assert summary["profile"] == "bac", summary
-        assert summary["profile_switches"][0]["from"] == "none" and summary["profile_switches"][0]["to"] == "bac"
-        assert summary["policy_calls"] >= 20  # one full governor window under `none`
-        assert control.profiles.handle is not None and control.profiles.handle.profile.name == "bac"
+        assert summary["profile"] == second, summary
+        assert summary["profile_switches"][0]["from"] == first and summary["profile_switches"][0]["to"] == second
+        assert summary["policy_calls"] >= 20  # one full governor window under the first
+        assert control.profiles.handle is not None and control.profiles.handle.profile.methods == {
+            "head_cache": {"mode": "bac", "updates": 4}}
         assert summary["policy_errors"] == 0 and control.loop.metrics.rtc_delays  # guided requests, none failed
     finally:
         executor.shutdown()

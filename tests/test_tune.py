@@ -35,10 +35,21 @@ def test_the_front_and_the_finalists():
     found = [candidate(0, 1.0, 0.0), candidate(1, 1.6, 0.02), candidate(2, 1.4, 0.03), candidate(3, 2.0, 0.01),
              candidate(4, 1.7, 0.05)]
     assert [c.trial for c in pareto_front(found)] == [0, 3]  # 1, 2 and 4 are beaten by 3 on both
-    assert [c.trial for c in finalists(found, 2)] == [3, 1]  # meet 1.5x, most faithful first; 0 has no methods
+    # none of those that meet 1.5x moves actions by at most 0.001: the most faithful of them; 0 has no methods
+    assert [c.trial for c in finalists(found, 2, max_deviation=0.001)] == [3, 1]
     slow = [candidate(0, 1.0, 0.0), candidate(1, 1.2, 0.02), candidate(2, 1.3, 0.1)]
-    assert [c.trial for c in finalists(slow, 3)] == [2]  # none meets the goal: the closest to it
+    assert [c.trial for c in finalists(slow, 3, max_deviation=1.0)] == [2]  # none meets the goal: the closest to it
     assert candidate(3, 2.0, 0.01).profile().methods == {"head_cache": {"mode": "static", "interval": 2}}
+
+
+def test_the_finalists_spread_along_the_front_under_the_deviation_cap():
+    found = [candidate(6, 1.4, 0.0005), candidate(1, 1.6, 0.001), candidate(5, 1.7, 0.003), candidate(2, 1.8, 0.002),
+             candidate(3, 2.2, 0.004), candidate(7, 2.4, 0.008), candidate(4, 2.5, 0.02)]
+    # the front of those meeting 1.5x: 1, 2, 3, 7, 4 (5 is beaten by 2); 4 moves actions too much; 6 misses the goal
+    assert [c.trial for c in finalists(found, 3, max_deviation=0.01)] == [1, 3, 7]  # both ends and the middle
+    assert [c.trial for c in finalists(found, 2, max_deviation=0.01)] == [1, 7]
+    assert [c.trial for c in finalists(found, 9, max_deviation=0.01)] == [1, 2, 3, 7]
+    assert [c.trial for c in finalists(found, 1, max_deviation=0.01)] == [1]
 
 
 def test_the_choice_is_the_fastest_lossless_finalist_that_still_meets_the_goal():
@@ -91,12 +102,14 @@ def test_proposals_come_from_the_methods_spaces_and_hold_only_what_runs_together
 def test_vla_tune_on_the_toy_suite_writes_a_profile_the_other_commands_take_and_resumes(tmp_path):
     args = ["sim=toy", "policy=toy_vla", "min_speedup=1.01", "rounds=1", "finalist_rounds=1", "measurement_per_task=1",
             "frames_per_sequence=2", "calibration_per_task=1", "episodes_per_task=2", "workers=1", "num_threads=1",
-            "finalists=1", f"output_dir={tmp_path / 'tune'}"]
+            "finalists=1", "references=[bac]", f"output_dir={tmp_path / 'tune'}"]
     first = cli("tune", "trials=3", *args)
     assert first.returncode == 0, first.stderr
     report = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert report["trials"] == 3 and report["front"][0]["methods"] == {}  # the empty profile is always tried
     assert (tmp_path / "tune" / "pareto.png").stat().st_size > 0 and (tmp_path / "tune" / "front").is_dir()
+    assert [row["name"] for row in report["references"]] == ["bac"]  # measured beside the finalists
+    assert "| bac | head_cache mode=bac" in (tmp_path / "tune" / "tune.md").read_text()
     for row in report["finalists"]:
         assert row["methods"] and row["paired"]["pairs"] == 4 and row["paired"]["verdict"]
     if report["chosen"] is not None:

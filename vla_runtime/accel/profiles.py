@@ -110,6 +110,22 @@ def load_profiles(specs: str | list[str], with_baseline: bool = True) -> list[Pr
     return profiles
 
 
+def ladder(specs: list[str] | tuple[str, ...]) -> list[str]:
+    """A budget governor's ladder, most faithful first: profile specs, where a folder (a vla-tune run's `front/`)
+    stands for the profile files it holds, in name order."""
+    expanded = []
+    for spec in specs:
+        if Path(spec).is_dir():
+            files = sorted(Path(spec).glob("*.yaml"))
+            if not files:
+                raise ValueError(f"Ladder folder {spec} holds no profile (*.yaml); a vla-tune run writes its Pareto "
+                                 "front, most faithful first, to <output_dir>/front")
+            expanded += [str(path) for path in files]
+        else:
+            expanded.append(spec)
+    return expanded
+
+
 def _why_not(method: AccelMethod, policy: Policy, chosen: list[AccelMethod], policy_name: str,
              settings: dict) -> str | None:
     structure = policy.structure

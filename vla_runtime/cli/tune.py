@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from vla_runtime.accel.profiles import Accelerator, Profile
+from vla_runtime.accel.profiles import Accelerator, Profile, load_profile, profile_names
 from vla_runtime.cli.build import accel_spec, tolerance
 from vla_runtime.cli.common import (
     UsageError,
@@ -95,6 +95,25 @@ def write_profile(path: Path, candidate: Candidate) -> None:
                                                                      "methods": profile.methods}, sort_keys=False))
 
 
+def references(cfg: DictConfig, accelerator: Accelerator) -> list[Profile]:
+    """The hand-written profiles whose speed the finalists are measured beside: `references`, or (null) every
+    shipped one the policy runs, other policies' tuned profiles left out."""
+    if cfg.references is None:
+        names = [name for name in profile_names() if name != "none" and not name.startswith("tuned_")]
+    else:
+        names = [cfg.references] if isinstance(cfg.references, str) else list(cfg.references)
+    profiles = []
+    for profile in map(load_profile, names):
+        try:
+            accelerator.check(profile)
+        except ValueError:
+            if cfg.references is not None:
+                raise
+            continue
+        profiles.append(profile)
+    return profiles
+
+
 def choose(finalists: list[dict]) -> dict | None:
     """The fastest finalist with no measurable loss that meets the goal as measured again, else the fastest with no
     measurable loss, else the one whose loss is least sure (the highest lower end of its interval)."""
@@ -115,8 +134,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['trial']} | {methods_text(row['methods'])} | {row['speedup']:.2f}x | "
                      f"{row['latency_ms']:.1f} | {row['action_deviation']:.4f} | {100 * row['flops_ratio']:.0f} % | "
                      f"{'yes' if row['shortfall'] <= 0 else 'no'} |")
-    lines += ["", f"Stage 2: the finalists' speed measured again with `none`, {report['finalist_rounds']} interleaved "
-              f"rounds; closed loop, {report['episodes_per_task']} episodes per task on the development seeds "
+    lines += ["", f"Stage 2: finalists spread along the front of the candidates that meet the goal and move actions "
+              f"by at most {report['max_deviation']:g} of their variance; their speed measured again with `none` and "
+              f"the hand-written profiles, {report['finalist_rounds']} interleaved rounds:", "",
+              "| profile | methods | speedup | p50 ms | action MSE / var |", "|---|---|---:|---:|---:|"]
+    for row in [*report["references"], *({**row, "name": f"trial {row['trial']}"} for row in report["finalists"])]:
+        lines.append(f"| {row['name']} | {methods_text(row['methods'])} | {row['speedup']:.2f}x | "
+                     f"{row['latency_ms']:.1f} | {row['action_deviation']:.4f} |")
+    lines += ["", f"Closed loop, {report['episodes_per_task']} episodes per task on the development seeds "
               f"({report['seeds']}), each finalist on the same episodes as `none` ({100 * report['none_success']:.1f} "
               "%), compared paired (Wald 95 %):", "",
               "| finalist | speedup | meets goal | success | Δ vs none | won / lost | verdict |",
@@ -129,10 +154,19 @@ def markdown(report: dict) -> str:
                      f"{paired['wins']} / {paired['losses']} | {paired['verdict']} |")
     chosen = report["chosen"]
     lines += ["", f"**Chosen: trial {chosen['trial']}** ({methods_text(chosen['methods'])}), written to "
-              f"`{report['profile']}`." if chosen else "", "",
+              f"`{report['profile']}`; {versus_references(chosen, report['references'])}." if chosen else "", "",
               "Confirm on the reporting seeds (never seen by the search):", "", "```bash",
               *report["confirm"], "```", "", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def versus_references(chosen: dict, references: list[dict]) -> str:
+    faster = [row for row in references if row["speedup"] >= chosen["speedup"]]
+    if not references:
+        return "no hand-written profile was measured beside it"
+    if not faster:
+        return f"faster than every hand-written profile measured beside it ({len(references)})"
+    return "slower than " + ", ".join(f"`{row['name']}` ({row['speedup']:.2f}x)" for row in faster)
 
 
 def methods_text(methods: dict[str, dict]) -> str:
@@ -160,6 +194,12 @@ def plot(report: dict, found: list[Candidate], path: Path) -> None:
         ax.annotate(f"trial {row['trial']}: {100 * row['paired']['delta']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]",
                     (row["speedup"], max(row["action_deviation"], 1e-6)), textcoords="offset points",
                     xytext=(8, -14 - 12 * index), fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.5})
+    hand_written = report["references"]
+    ax.scatter([r["speedup"] for r in hand_written], [max(r["action_deviation"], 1e-6) for r in hand_written],
+               marker="x", c="tab:gray", label="hand-written profiles (measured with the finalists)")
+    for row in hand_written:
+        ax.annotate(row["name"], (row["speedup"], max(row["action_deviation"], 1e-6)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7, color="tab:gray")
     goal = report["goal_spec"]
     if goal["min_speedup"] is not None:
         ax.axvline(goal["min_speedup"], color="grey", ls="--", lw=0.8, label="goal")
@@ -203,9 +243,11 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         search(study, accelerator, sequences, goal, trials, positive_int(cfg, "rounds"), execution, progress)
     found = candidates(study)
     front = pareto_front(found)
-    picked = finalists(found, positive_int(cfg, "finalists"))
-    # Stage 1's speedups come from a few rounds each: the finalists are measured again, together, with more.
-    speed = measure_profiles(accelerator, [c.profile() for c in picked], sequences,
+    picked = finalists(found, positive_int(cfg, "finalists"), cfg.max_deviation)
+    # Stage 1's speedups come from a few rounds each: the finalists are measured again, together, with more, and
+    # beside the hand-written profiles.
+    hand_written = references(cfg, accelerator)
+    speed = measure_profiles(accelerator, [*hand_written, *(c.profile() for c in picked)], sequences,
                              positive_int(cfg, "finalist_rounds"), execution, progress=True)
     episodes = closed_loop(cfg, sim, factory, policy_name, tasks, [c.profile() for c in picked],
                            str(accelerator.calibration_dir), output_dir)
@@ -215,6 +257,9 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
              "success": sum(e["success"] for e in episodes[c.name]) / len(episodes[c.name]),
              "paired": paired_delta(none, episodes[c.name]).to_json(tolerance_share)} for c in picked]
     chosen = choose(rows)
+    reference_rows = [{"name": p.name, "methods": p.methods, "speedup": speed[p.name]["speedup"],
+                       "latency_ms": speed[p.name]["latency_ms_p50"],
+                       "action_deviation": speed[p.name]["action_mse_rel_variance"] or 0.0} for p in hand_written]
     for index, candidate in enumerate(sorted(front, key=lambda c: c.action_deviation)):
         write_profile(output_dir / "front" / f"{index:02d}_trial{candidate.trial}.yaml", candidate)
     profile_path = output_dir / "tuned.yaml"
@@ -236,6 +281,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
               "none_success": sum(e["success"] for e in none) / len(none),
               "episodes_per_task": cfg.episodes_per_task, "seeds": f"eval seeds from {seeds.start}",
               "finalist_rounds": cfg.finalist_rounds,
+              "references": reference_rows, "max_deviation": cfg.max_deviation,
               "chosen": chosen, "profile": str(profile_path) if chosen else None, "confirm": confirm}
     write_json(output_dir / "tune.json", report)
     (output_dir / "tune.md").write_text(markdown(report))

@@ -4,9 +4,9 @@ its actions least, and what that costs in closed-loop success.
 Stage 1 (open loop, cheap): optuna's multi-objective TPE sampler proposes profiles from the methods' declared search
 spaces (`AccelMethod.search`); each is measured against `none` in one run (`speed.measure`: latency interleaved,
 actions on the same observations with the same noise), which gives its speedup and its action deviation (MSE over
-the variance of `none`'s actions); the goal is a constraint. Stage 2 (closed loop): the most faithful candidates that
-meet the goal run the same episodes as `none` on the development seeds, compared paired. Both stages resume: the
-study lives in an sqlite file and each closed-loop run in an episode journal.
+the variance of `none`'s actions); the goal is a constraint. Stage 2 (closed loop): candidates spread along the
+front of those that meet the goal run the same episodes as `none` on the development seeds, compared paired. Both
+stages resume: the study lives in an sqlite file and each closed-loop run in an episode journal.
 """
 
 from __future__ import annotations
@@ -187,10 +187,17 @@ def pareto_front(found: list[Candidate]) -> list[Candidate]:
     return sorted(unique.values(), key=lambda c: (c.speedup, c.trial))
 
 
-def finalists(found: list[Candidate], count: int) -> list[Candidate]:
-    """Stage 2's candidates: the `count` most faithful that meet the goal (with methods), else the closest to it."""
-    meeting = sorted((c for c in found if c.meets_goal and c.methods), key=lambda c: (c.action_deviation, c.trial))
+def finalists(found: list[Candidate], count: int, max_deviation: float) -> list[Candidate]:
+    """Stage 2's candidates. Among those that meet the goal (with methods) and move actions by at most
+    `max_deviation`: `count` spread evenly along their Pareto front from its most faithful to its fastest end, so
+    the closed loop can pick a profile faster than the goal. Without such a candidate: the most faithful that meet the
+    goal; without one of those, the closest to it."""
+    meeting = [c for c in found if c.meets_goal and c.methods]
+    front = [c for c in pareto_front(meeting) if c.action_deviation <= max_deviation]
+    if front:
+        spread = [round(i * (len(front) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
+        return [front[index] for index in dict.fromkeys(spread)]
     if meeting:
-        return meeting[:count]
+        return sorted(meeting, key=lambda c: (c.action_deviation, c.trial))[:count]
     closest = min((c for c in found if c.methods), key=lambda c: (c.shortfall, c.trial), default=None)
     return [closest] if closest is not None and math.isfinite(closest.shortfall) else []

@@ -83,7 +83,7 @@ class ControlNode(Node):
         self.contract = self._contract(p, robot_file, suite)
         self.profiles = ProfileManager(self.policy, p.policy, p.accel, [n.strip() for n in p.accel_ladder],
                                        p.budget_ms, calibration_source(suite, calibration_tasks, 2) if suite else None,
-                                       exec_config(p.exec))
+                                       exec_config(p.exec), p.calibration_dir)
         self.action_dim = spec.action_dim
         if p.action_type == "twist" and self.action_dim > 6:
             raise ValueError(f"action_type=twist carries at most 6 dimensions; the policy outputs {self.action_dim}")

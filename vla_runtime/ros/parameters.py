@@ -58,7 +58,11 @@ class ControlParams:
                                                "real-time rate, else the rate the policy declares)")
     accel: str = parameter("none", "acceleration profile(s), '+'-joined")
     accel_ladder: tuple[str, ...] = parameter((), "profiles the budget governor picks from, most faithful first "
-                                                  "(needs budget_ms)")
+                                                  "(needs budget_ms); a folder stands for its profile files in name "
+                                                  "order, e.g. a vla-tune run's <output_dir>/front")
+    calibration_dir: str = parameter("", "where acceleration methods find and keep their calibration artifacts "
+                                         "(default: the checkpoint's calibration folder; a vla-tune run's front: its "
+                                         "<output_dir>/calibration)")
     exec: str = parameter("eager", "execution backend: eager | compile | cuda_graphs; every profile the node may use "
                                    "is compiled (warmed up on the calibration frames) before its loop starts")
     budget_ms: float = parameter(0.0, "latency budget per policy call (0: none)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vla_runtime.accel.profiles import Accelerator, ProfileHandle, load_profiles
+from vla_runtime.accel.profiles import Accelerator, ProfileHandle, ladder, load_profiles
 from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
 from vla_runtime.execution import ExecConfig
@@ -17,19 +17,21 @@ class ProfileManager:
     suite. Then every profile it may use is applied at startup, so one that needs calibrating, for which the
     checkpoint ships no artifact, is an error before the loop starts instead of in a control tick."""
 
-    def __init__(self, policy: Policy, policy_name: str, accel: str, ladder: list[str], budget_ms: float,
-                 calibration: Callable[[], list[Observation]] | None, execution: ExecConfig | None = None):
-        if ladder and budget_ms <= 0:
+    def __init__(self, policy: Policy, policy_name: str, accel: str, accel_ladder: list[str], budget_ms: float,
+                 calibration: Callable[[], list[Observation]] | None, execution: ExecConfig | None = None,
+                 calibration_dir: str | None = None):
+        if accel_ladder and budget_ms <= 0:
             raise ValueError("accel_ladder needs budget_ms > 0 (the governor picks from the ladder by the budget)")
-        self.accelerator = Accelerator(policy, calibration or self._no_calibration, policy_name=policy_name,
-                                       execution=execution)
+        self.accelerator = Accelerator(policy, calibration or self._no_calibration, calibration_dir or None,
+                                       policy_name=policy_name, execution=execution)
+        steps = ladder(accel_ladder)
         # No latency priors: every profile "fits" until measured, so the governor starts with the most
         # faithful (the first) and steps down the ladder only while measured p95 exceeds the budget.
-        self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(ladder)],
-                                       budget_ms) if ladder else None
+        self.governor = BudgetGovernor([Candidate(name, 0.0, -rank) for rank, name in enumerate(steps)],
+                                       budget_ms) if steps else None
         self.active = ""
         self._applying = ""
-        profiles = ladder or [accel]
+        profiles = steps or [accel]
         self._compiled = execution is not None and execution.backend != "eager"
         if self._compiled or calibration is None:
             # Every profile the node may use, applied now, never first inside a control tick (a compiled one
