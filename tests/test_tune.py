@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_accel import untrained
+from test_accel import observations, untrained
 from test_toy_plugins import cli
 
 from vla_runtime.accel.profiles import Accelerator, Profile, load_profile
@@ -64,6 +64,22 @@ def test_the_choice_is_the_fastest_lossless_finalist_that_still_meets_the_goal()
     assert choose(rows)["trial"] == 2  # 3 is faster but may lose; 1 is lossless but missed the goal measured again
     assert choose(rows[:1])["trial"] == 1  # lossless beats meeting the goal
     assert choose([rows[2], row(4, 1.4, -0.1, "loss", -0.12)])["trial"] == 3 and choose([]) is None
+
+
+def test_the_references_are_the_hand_written_profiles_the_policy_runs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vla_runtime.cli.tune import references
+
+    accelerator = Accelerator(untrained("dit"), lambda: observations(2), tmp_path)
+    names = [p.name for p in references(OmegaConf.create({"references": None}), accelerator)]
+    assert {"bac", "vlacache", "flashvla"} <= set(names) and "none" not in names
+    # efficientvla(_deep) select tokens or prune layers beyond this tiny LM; pdvla needs an AR decoder; tuned_*: not
+    # written by hand
+    assert not {"efficientvla", "efficientvla_deep", "pdvla", "tuned_ref_dit"} & set(names)
+    assert accelerator.active is None
+    with pytest.raises(ValueError, match="num_layers"):  # named by the user: an error, not left out
+        references(OmegaConf.create({"references": ["efficientvla_deep"]}), accelerator)
 
 
 class ScriptedTrial:

@@ -97,7 +97,8 @@ def write_profile(path: Path, candidate: Candidate) -> None:
 
 def references(cfg: DictConfig, accelerator: Accelerator) -> list[Profile]:
     """The hand-written profiles whose speed the finalists are measured beside: `references`, or (null) every
-    shipped one the policy runs, other policies' tuned profiles left out."""
+    shipped one the policy runs (applies: a setting may not fit its size), other policies' tuned profiles left
+    out."""
     if cfg.references is None:
         names = [name for name in profile_names() if name != "none" and not name.startswith("tuned_")]
     else:
@@ -105,11 +106,13 @@ def references(cfg: DictConfig, accelerator: Accelerator) -> list[Profile]:
     profiles = []
     for profile in map(load_profile, names):
         try:
-            accelerator.check(profile)
+            accelerator.apply(profile)
         except ValueError:
             if cfg.references is not None:
                 raise
             continue
+        finally:
+            accelerator.remove()
         profiles.append(profile)
     return profiles
 
