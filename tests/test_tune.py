@@ -64,6 +64,7 @@ def test_the_choice_is_the_fastest_lossless_finalist_that_still_meets_the_goal()
     assert choose(rows)["trial"] == 2  # 3 is faster but may lose; 1 is lossless but missed the goal measured again
     assert choose(rows[:1])["trial"] == 1  # lossless beats meeting the goal
     assert choose([rows[2], row(4, 1.4, -0.1, "loss", -0.12)])["trial"] == 3 and choose([]) is None
+    assert choose([row(5, 1.4, -0.1, "inconclusive", -0.055), row(6, 1.45, -0.1, "inconclusive", -0.055)])["trial"] == 6
 
 
 def test_the_references_are_the_hand_written_profiles_the_policy_runs(tmp_path):

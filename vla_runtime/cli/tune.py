@@ -119,12 +119,13 @@ def references(cfg: DictConfig, accelerator: Accelerator) -> list[Profile]:
 
 def choose(finalists: list[dict]) -> dict | None:
     """The fastest finalist with no measurable loss that meets the goal as measured again, else the fastest with no
-    measurable loss, else the one whose loss is least sure (the highest lower end of its interval)."""
+    measurable loss, else the one whose loss is least sure (the highest lower end of its interval; the faster of
+    equals)."""
     lossless = [row for row in finalists if row["paired"]["verdict"] == "no measurable loss"]
     meeting = [row for row in lossless if row["shortfall"] <= 0]
     if meeting or lossless:
         return max(meeting or lossless, key=lambda row: row["speedup"])
-    return max(finalists, key=lambda row: row["paired"]["ci95"][0], default=None)
+    return max(finalists, key=lambda row: (round(row["paired"]["ci95"][0], 9), row["speedup"]), default=None)
 
 
 def markdown(report: dict) -> str:
