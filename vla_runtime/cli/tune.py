@@ -193,11 +193,16 @@ def plot(report: dict, found: list[Candidate], path: Path) -> None:
     finalists = report["finalists"]
     ax.scatter([r["speedup"] for r in finalists], [max(r["action_deviation"], 1e-6) for r in finalists], marker="*",
                s=120, c="tab:red", zorder=3, label="finalists (speed measured again)")
-    for index, row in enumerate(finalists):
+    lines = []
+    for number, row in enumerate(finalists, 1):
         low, high = row["paired"]["ci95"]
-        ax.annotate(f"trial {row['trial']}: {100 * row['paired']['delta']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]",
-                    (row["speedup"], max(row["action_deviation"], 1e-6)), textcoords="offset points",
-                    xytext=(8, -14 - 12 * index), fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.5})
+        ax.annotate(str(number), (row["speedup"], max(row["action_deviation"], 1e-6)), textcoords="offset points",
+                    xytext=(5, -12), fontsize=8, color="tab:red")
+        lines.append(f"{number}: trial {row['trial']}, {row['speedup']:.2f}x, "
+                     f"{100 * row['paired']['delta']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    if lines:
+        ax.text(0.02, 0.98, "finalists, Δ success vs none:\n" + "\n".join(lines), transform=ax.transAxes,
+                va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "lightgray"})
     hand_written = report["references"]
     ax.scatter([r["speedup"] for r in hand_written], [max(r["action_deviation"], 1e-6) for r in hand_written],
                marker="x", c="tab:gray", label="hand-written profiles (measured with the finalists)")
