@@ -31,6 +31,7 @@ def test_collect_then_read_is_exact(tmp_path, small_sim):
     assert episode.seed == small_sim.seeds("train").seed(0)
     assert episode.task_id == small_sim.task_id("drawer-close-v3")
     assert EpisodeStore(tmp_path / "ds").meta["sim"] == small_sim.settings()  # what made the images
+    assert EpisodeStore(tmp_path / "ds").suite_name == "metaworld"
     assert episode.success and episode.instruction == "close the drawer" and episode.task == "drawer-close-v3"
     assert np.array_equal(episode.images["corner4"], np.stack(replay.images["corner4"]))
     assert np.array_equal(episode.state, np.stack(replay.states))
@@ -129,6 +130,8 @@ def test_resume_with_other_settings_and_damaged_metadata_are_clear_errors(tmp_pa
     EpisodeStore(tmp_path, {"image_size": 64}, create=True)
     with pytest.raises(ValueError, match="different simulator settings"):
         EpisodeStore(tmp_path, {"image_size": 128}, create=True)
+    with pytest.raises(ValueError, match="does not say which suite"):  # converting or training from it would guess
+        _ = EpisodeStore(tmp_path).suite_name
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(ValueError, match="dataset.json is not valid JSON"):
         EpisodeStore(tmp_path)

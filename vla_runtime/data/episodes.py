@@ -94,6 +94,14 @@ class EpisodeStore:
                              f"existing {self.meta['sim']}, requested {sim_settings}. "
                              f"Use another output_dir or the same settings.")
 
+    @property
+    def suite_name(self) -> str:
+        """The suite the episodes were recorded in (`sim.sim` in dataset.json)."""
+        if "sim" not in self.meta["sim"]:
+            raise ValueError(f"{self.root} does not say which suite its episodes come from (sim.sim in its "
+                             "dataset.json); record datasets with vla-collect")
+        return self.meta["sim"]["sim"]
+
     # --- writing -------------------------------------------------------------------------------
     def remove_partial_episodes(self) -> list[str]:
         """Delete what killed writers left behind; returns the names removed."""

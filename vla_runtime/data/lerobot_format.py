@@ -156,6 +156,5 @@ def convert_store(source: str | Path, root: str | Path, use_videos: bool = True,
     from vla_runtime.sim import make_suite
 
     store = EpisodeStore(source)
-    suite_name = store.meta["sim"].get("sim", "metaworld")
-    fps = round(1 / make_suite(suite_name).spec.control_dt)
-    return write_lerobot(store, root, fps, use_videos=use_videos, robot_type=suite_name, workers=workers)
+    fps = round(1 / make_suite(store.suite_name).spec.control_dt)
+    return write_lerobot(store, root, fps, use_videos=use_videos, robot_type=store.suite_name, workers=workers)

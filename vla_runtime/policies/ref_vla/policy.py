@@ -158,10 +158,7 @@ def recorded_robot(store: EpisodeStore) -> tuple[Suite, dict]:
     from vla_runtime.sim import make_suite
 
     recorded = store.meta["sim"]
-    if "sim" not in recorded:
-        raise ValueError(f"{store.root} does not say which suite its episodes come from (sim.sim in its meta); "
-                         "record datasets with vla-collect")
-    suite = make_suite(recorded["sim"])
+    suite = make_suite(store.suite_name)
     spec = suite.spec
     return suite, {"control_dt": spec.control_dt, "state_dim": spec.state_dim, "action_dim": spec.action_dim,
                    "cameras": list(recorded.get("cameras", spec.cameras)),
