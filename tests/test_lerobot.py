@@ -297,6 +297,29 @@ def test_methods_that_do_not_apply_to_smolvla_are_refused_with_the_reason(smolvl
     assert full == ["layer_prune", "head_cache", "action_reuse"]
 
 
+def test_vla_tune_searches_smolvla_with_the_settings_it_takes(smolvla):
+    """Token selection runs on SmolVLA only before its LM (layer 0, dart): vla-tune's space proposes it so."""
+    from vla_runtime.accel.profiles import Accelerator, Profile
+    from vla_runtime.evaluation.tuning import propose, searchable
+
+    class AllOn:
+        def suggest_categorical(self, name, choices):
+            return True if list(choices) == [False, True] else choices[-1]
+
+        def suggest_int(self, name, low, high, step=1):
+            return high
+
+        def suggest_float(self, name, low, high):
+            return high
+
+    accelerator = Accelerator(smolvla, None)
+    methods = searchable(accelerator)
+    assert methods == ["layer_prune", "token_select", "head_cache"]  # visual_kv_reuse replaces an LM forward
+    proposal = propose(AllOn(), accelerator, methods)
+    assert proposal["token_select"] == {"keep": 48, "strategy": "dart", "layer": 0}
+    accelerator.check(Profile("proposed", proposal))
+
+
 @pytest.fixture(scope="module", params=["pi0", "pi05"])
 def pi(request) -> LeRobotPolicy:
     """A tiny pi0 / pi0.5 with random weights for Meta-World's robot (built by patching lerobot's internals)."""

@@ -220,14 +220,15 @@ def _unsupported(structure, config: TokenSelectConfig) -> str | None:
 
 
 def _search(suggest: Suggest, structure) -> dict:
-    """How many visual tokens are kept, chosen how, and from which layer on (where the LM can drop them inside): within
-    the first two thirds, which layer_prune's space (at most a third removed, before this) always leaves."""
+    """How many visual tokens are kept, chosen how, and from which layer on where the LM can drop them inside
+    (within the first two thirds, which layer_prune's space, at most a third removed before this, always leaves);
+    else before the LM, by DART."""
     lm = structure.language_model
-    settings = {"keep": suggest.suggest_categorical("keep", [8, 16, 24, 32, 48]),
-                "strategy": suggest.suggest_categorical("strategy", ["efficientvla", "dart"])}
-    if _cuts_into(lm):
-        settings["layer"] = suggest.suggest_int("layer", 0, len(lm.layers) - 1 - len(lm.layers) // 3)
-    return settings
+    keep = suggest.suggest_categorical("keep", [8, 16, 24, 32, 48])
+    if not _cuts_into(lm):
+        return {"keep": keep, "strategy": "dart", "layer": 0}
+    return {"keep": keep, "strategy": suggest.suggest_categorical("strategy", ["efficientvla", "dart"]),
+            "layer": suggest.suggest_int("layer", 0, len(lm.layers) - 1 - len(lm.layers) // 3)}
 
 
 METHOD = register_method(AccelMethod(

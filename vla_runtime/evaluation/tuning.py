@@ -105,14 +105,29 @@ class _Named:
         return self.trial.suggest_float(f"{self.method}.{name}", low, high)
 
 
+class _FirstChoice:
+    """A proposal from a search space without a study: the first choice, the low end of each range."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return choices[0]
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
+        return low
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        return low
+
+
 def searchable(accelerator: Accelerator) -> list[str]:
-    """The methods with a search space that can run on the policy, in the order profiles apply them."""
+    """The methods with a search space that can run on the policy (as their space proposes them: a policy may take
+    a method only with some settings), in the order profiles apply them."""
     names = []
     for method in methods_in_order():
         if method.search is None:
             continue
         try:
-            accelerator.check(Profile(method.name, {method.name: {}}))
+            proposal = method.search(_FirstChoice(), accelerator.policy.structure)
+            accelerator.check(Profile(method.name, {method.name: proposal}))
         except ValueError:
             continue
         names.append(method.name)
