@@ -5,6 +5,7 @@ the toy suite of the test tree."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from test_accel import observations, untrained
@@ -17,7 +18,7 @@ GOAL = Goal(min_speedup=1.5)
 
 
 def candidate(trial: int, speedup: float, deviation: float) -> Candidate:
-    methods = {"head_cache": {"mode": "static", "interval": 2}} if trial else {}
+    methods = {"head_cache": {"mode": "static", "interval": trial + 1}} if trial else {}
     return Candidate(trial, methods, speedup, 100 / speedup, deviation, 1 / speedup,
                      GOAL.shortfall(100 / speedup, speedup))
 
@@ -37,9 +38,11 @@ def test_the_front_and_the_finalists():
     assert [c.trial for c in pareto_front(found)] == [0, 3]  # 1, 2 and 4 are beaten by 3 on both
     # none of those that meet 1.5x moves actions by at most 0.001: the most faithful of them; 0 has no methods
     assert [c.trial for c in finalists(found, 2, max_deviation=0.001)] == [3, 1]
+    twice = [*found, replace(candidate(3, 1.9, 0.01), trial=5)]  # trial 3's profile again: one finalist of both
+    assert [c.trial for c in finalists(twice, 2, max_deviation=0.001)] == [3, 1]
     slow = [candidate(0, 1.0, 0.0), candidate(1, 1.2, 0.02), candidate(2, 1.3, 0.1)]
     assert [c.trial for c in finalists(slow, 3, max_deviation=1.0)] == [2]  # none meets the goal: the closest to it
-    assert candidate(3, 2.0, 0.01).profile().methods == {"head_cache": {"mode": "static", "interval": 2}}
+    assert candidate(3, 2.0, 0.01).profile().methods == {"head_cache": {"mode": "static", "interval": 4}}
 
 
 def test_the_finalists_spread_along_the_front_under_the_deviation_cap():

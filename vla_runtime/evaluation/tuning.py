@@ -11,6 +11,7 @@ stages resume: the study lives in an sqlite file and each closed-loop run in an 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -212,7 +213,9 @@ def finalists(found: list[Candidate], count: int, max_deviation: float) -> list[
     if front:
         spread = [round(i * (len(front) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
         return [front[index] for index in dict.fromkeys(spread)]
-    if meeting:
-        return sorted(meeting, key=lambda c: (c.action_deviation, c.trial))[:count]
+    if meeting:  # a sampler proposes some profiles twice: each runs in closed loop once
+        distinct = {json.dumps(c.methods, sort_keys=True): c
+                    for c in sorted(meeting, key=lambda c: (c.action_deviation, c.trial), reverse=True)}
+        return sorted(distinct.values(), key=lambda c: (c.action_deviation, c.trial))[:count]
     closest = min((c for c in found if c.methods), key=lambda c: (c.shortfall, c.trial), default=None)
     return [closest] if closest is not None and math.isfinite(closest.shortfall) else []
