@@ -129,6 +129,8 @@ def test_vla_tune_on_the_toy_suite_writes_a_profile_the_other_commands_take_and_
     assert report["trials"] == 3 and report["front"][0]["methods"] == {}  # the empty profile is always tried
     assert (tmp_path / "tune" / "pareto.png").stat().st_size > 0 and (tmp_path / "tune" / "front").is_dir()
     assert [row["name"] for row in report["references"]] == ["bac"]  # measured beside the finalists
+    # the confirmation commands name the policy and suite as this command did (a policy's config, not its family)
+    assert report["confirm"][0].startswith("vla-eval sim=toy policy=toy_vla tasks=")
     assert "| bac | head_cache mode=bac" in (tmp_path / "tune" / "tune.md").read_text()
     for row in report["finalists"]:
         assert row["methods"] and row["paired"]["pairs"] == 4 and row["paired"]["verdict"]

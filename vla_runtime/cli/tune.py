@@ -88,6 +88,19 @@ def closed_loop(cfg: DictConfig, sim, factory, policy_name: str, tasks: list[str
     return episodes
 
 
+def policy_and_suite() -> str:
+    """This run's policy and suite as arguments of another command: the groups' choices and what the command line
+    set inside them (`policy.path=...`), the evaluation seeds left to the caller."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    given = [o for o in hydra.overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in ("policy", "sim")
+             and not o.lstrip("+~").startswith("sim.eval_seeds")]
+    groups = [f"{group}={hydra.runtime.choices[group]}" for group in ("policy", "sim")
+              if not any(o.lstrip("+~").startswith(f"{group}=") for o in given)]
+    return " ".join([*groups, *given])
+
+
 def write_profile(path: Path, candidate: Candidate) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = candidate.profile()
@@ -277,10 +290,9 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     seeds = sim.seeds("eval")
     report_start = seeds.start + seeds.count // 2
     task_arg = cfg.tasks if isinstance(cfg.tasks, str) else f"[{','.join(cfg.tasks)}]"
-    confirm = [f"vla-eval policy={cfg.policy.name} sim={cfg.sim.name} tasks={task_arg} episodes_per_task=20 "
-               f"sim.eval_seeds.start={report_start} output_dir={output_dir}/report_none",
-               f"vla-eval policy={cfg.policy.name} sim={cfg.sim.name} tasks={task_arg} episodes_per_task=20 "
-               f"sim.eval_seeds.start={report_start} accel={profile_path} "
+    evaluated = f"vla-eval {policy_and_suite()} tasks={task_arg} episodes_per_task=20"
+    confirm = [f"{evaluated} sim.eval_seeds.start={report_start} output_dir={output_dir}/report_none",
+               f"{evaluated} sim.eval_seeds.start={report_start} accel={profile_path} "
                f"calibration_dir={accelerator.calibration_dir} compare_to={output_dir}/report_none/results.json "
                f"output_dir={output_dir}/report_tuned"]
     report = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "tasks": tasks, "goal": str(goal),

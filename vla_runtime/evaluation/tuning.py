@@ -122,12 +122,12 @@ class _FirstChoice:
 def searchable(accelerator: Accelerator) -> list[str]:
     """The methods with a search space that can run on the policy (as their space proposes them: a policy may take
     a method only with some settings), in the order profiles apply them."""
-    names = []
+    structure, names = accelerator.policy.structure, []
     for method in methods_in_order():
-        if method.search is None:
-            continue
+        if method.search is None or any(getattr(structure, point, None) is None for point in method.requires):
+            continue  # its space reads the hook points it needs
         try:
-            proposal = method.search(_FirstChoice(), accelerator.policy.structure)
+            proposal = method.search(_FirstChoice(), structure)
             accelerator.check(Profile(method.name, {method.name: proposal}))
         except ValueError:
             continue
