@@ -223,3 +223,15 @@ def test_a_ladder_folder_stands_for_its_profiles_in_name_order(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no profile"):
         ladder([str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("name", [name for name in profile_names() if name.startswith("tuned_ref_dit")])
+def test_tuned_profiles_ship_their_calibration_with_the_checkpoint(name):
+    """A tuned profile runs as it was confirmed: its artifacts are in the checkpoint, nothing calibrates again
+    (there are no calibration observations here to do it with)."""
+    from vla_runtime.policies import make_policy
+
+    accelerator = Accelerator(make_policy("ref_dit"), None, policy_name="ref_dit")
+    handle = accelerator.apply(load_profile(name))
+    assert list(handle.profile.methods) == list(load_profile(name).methods)
+    accelerator.remove()
