@@ -348,3 +348,15 @@ def test_vla_robot_takes_its_arguments_as_given_and_its_suite_only_with_the_simu
         settings(["--cfg", "job"])
     robot.main(["--help"])
     assert "usage: vla-robot [key=value ...]" in capsys.readouterr().out
+
+
+def test_vla_robot_says_which_profiles_the_governor_switched_between():
+    from vla_runtime.cli.robot import describe
+
+    control = {"latency_ms": {"p50": 40.0}, "image_to_action_ms": {"p50": None}, "tick_jitter_ms": {},
+               "ticks": 90, "commands_published": 90, "deadline_misses": 0, "message_faults": 0, "loop_faults": 0,
+               "profile_switches": [{"tick": 41, "from": "none", "to": "bac"},
+                                    {"tick": 82, "from": "bac", "to": "efficientvla"}]}
+    text = describe({"episodes": [], "control": control})
+    assert "  profile none -> bac (tick 41) -> efficientvla (tick 82)" in text.splitlines()
+    assert "profile" not in describe({"episodes": [], "control": {**control, "profile_switches": []}})

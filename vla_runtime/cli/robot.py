@@ -135,6 +135,9 @@ def describe(summary: dict) -> str:
         lines.append(f"  policy calls {control['policy_calls']}, inference p50 {latency['p50']:.1f} ms, "
                      f"image -> action p50/p99 {publish['p50']:.1f}/{publish['p99']:.1f} ms, "
                      f"tick jitter p99 {jitter['p99']:.2f} ms")
+    if control["profile_switches"]:
+        lines.append("  profile " + " -> ".join([control["profile_switches"][0]["from"], *(
+            f"{s['to']} (tick {s['tick']})" for s in control["profile_switches"])]))
     lines.append(f"  ticks {control['ticks']}, commands {control['commands_published']}, deadline misses "
                  f"{control['deadline_misses']}, message faults {control['message_faults']}, "
                  f"loop faults {control['loop_faults']}")
