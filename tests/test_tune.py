@@ -148,3 +148,5 @@ def test_vla_tune_on_the_toy_suite_writes_a_profile_the_other_commands_take_and_
     assert changed.returncode == 2 and "holds a tune run with other min_speedup" in changed.stderr
     two_goals = cli("tune", "budget_ms=40", f"output_dir={tmp_path / 'two'}")  # min_speedup is 1.3 by default
     assert two_goals.returncode == 2 and "Give one goal, budget_ms=<ms> or min_speedup=<x>" in two_goals.stderr
+    vague = cli("tune", "max_deviation=small", f"output_dir={tmp_path / 'vague'}")
+    assert vague.returncode == 2 and "max_deviation must be a share of the actions' variance" in vague.stderr

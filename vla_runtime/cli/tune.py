@@ -238,6 +238,9 @@ def plot(report: dict, found: list[Candidate], path: Path) -> None:
 
 def run(cfg: DictConfig, command: str | None = None) -> dict:
     goal = Goal(cfg.budget_ms, cfg.min_speedup)
+    if isinstance(cfg.max_deviation, bool) or not isinstance(cfg.max_deviation, int | float) or cfg.max_deviation < 0:
+        raise UsageError(f"max_deviation must be a share of the actions' variance, >= 0 (0.01: 1 %), got "
+                         f"{cfg.max_deviation!r}")
     tolerance_share = tolerance(cfg)
     torch.set_num_threads(positive_int(cfg, "num_threads"))
     sim = suite(cfg)
