@@ -214,8 +214,9 @@ def finalists(found: list[Candidate], count: int, max_deviation: float) -> list[
         spread = [round(i * (len(front) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
         return [front[index] for index in dict.fromkeys(spread)]
     if meeting:  # a sampler proposes some profiles twice: each runs in closed loop once
-        distinct = {json.dumps(c.methods, sort_keys=True): c
-                    for c in sorted(meeting, key=lambda c: (c.action_deviation, c.trial), reverse=True)}
-        return sorted(distinct.values(), key=lambda c: (c.action_deviation, c.trial))[:count]
+        by_profile: dict[str, Candidate] = {}
+        for candidate in sorted(meeting, key=lambda c: (c.action_deviation, c.trial)):
+            by_profile.setdefault(json.dumps(candidate.methods, sort_keys=True), candidate)
+        return list(by_profile.values())[:count]
     closest = min((c for c in found if c.methods), key=lambda c: (c.shortfall, c.trial), default=None)
     return [closest] if closest is not None and math.isfinite(closest.shortfall) else []
