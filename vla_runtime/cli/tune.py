@@ -93,11 +93,14 @@ def policy_and_suite() -> str:
     set inside them (`policy.path=...`), the evaluation seeds left to the caller."""
     from hydra.core.hydra_config import HydraConfig
 
+    def key(override: str) -> str:
+        return override.lstrip("+~").split("=")[0]
+
     hydra = HydraConfig.get()
-    given = [o for o in hydra.overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in ("policy", "sim")
-             and not o.lstrip("+~").startswith("sim.eval_seeds")]
+    given = [o for o in hydra.overrides.task
+             if key(o).split(".")[0] in ("policy", "sim") and not key(o).startswith("sim.eval_seeds")]
     groups = [f"{group}={hydra.runtime.choices[group]}" for group in ("policy", "sim")
-              if not any(o.lstrip("+~").startswith(f"{group}=") for o in given)]
+              if group not in map(key, given)]
     return " ".join([*groups, *given])
 
 
