@@ -7,7 +7,7 @@ import torch
 from test_accel import actions, observations, untrained
 
 from vla_runtime.accel.profiles import Accelerator, load_profile, load_profiles
-from vla_runtime.evaluation.speed import entries
+from vla_runtime.evaluation.speed import _latency_round, entries
 from vla_runtime.execution import CompileStats, ExecConfig, apply_execution, compile_units, exec_config
 from vla_runtime.hooks import HookRegistry
 
@@ -103,6 +103,20 @@ def test_bench_rows_are_every_profile_on_every_backend_with_eager_none_as_the_ba
     rows = entries(load_profiles(["bac"]), [exec_config("eager"), exec_config({"backend": "compile",
                                                                                   "freezing": True})])
     assert [row.name for row in rows] == ["none", "bac", "none@compile-frozen", "bac@compile-frozen"]
+
+
+def test_latency_rounds_take_eager_turns_per_sequence_and_compiled_turns_per_round():
+    none, bac, none_c, bac_c = entries(load_profiles(["bac"]), [exec_config("compile")])
+    rows = [none, bac, none_c, bac_c]
+    first, second = (_latency_round(rows, 3, index) for index in range(2))
+    names = [(row.name, indices) for row, indices in first]
+    assert names == [("none", [0]), ("bac", [0]), ("bac", [1]), ("none", [1]), ("none", [2]), ("bac", [2]),
+                     ("none@compile", [0, 1, 2]), ("bac@compile", [0, 1, 2])]
+    assert [(row.name, indices) for row, indices in second][:2] == [("bac", [0]), ("none", [0])]
+    assert [row.name for row, _ in second][-2:] == ["bac@compile", "none@compile"]
+    for blocks in (first, second):  # every row measures every sequence once per round
+        for row in rows:
+            assert sorted(i for r, indices in blocks if r is row for i in indices) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("profile", ["none", "bac", "vlacache", "flashvla", "layer_prune", "token_select",
