@@ -225,13 +225,17 @@ def test_a_ladder_folder_stands_for_its_profiles_in_name_order(tmp_path):
         ladder([str(tmp_path / "empty")])
 
 
-@pytest.mark.parametrize("name", [name for name in profile_names() if name.startswith("tuned_ref_dit")])
+@pytest.mark.parametrize("name", [name for name in profile_names() if name.startswith("tuned_")])
 def test_tuned_profiles_ship_their_calibration_with_the_checkpoint(name):
-    """A tuned profile runs as it was confirmed: its artifacts are in the checkpoint, nothing calibrates again
-    (there are no calibration observations here to do it with)."""
+    """A tuned profile (`tuned_<policy config>[_fast]`) runs as it was confirmed: its artifacts are in its policy's
+    checkpoint, nothing calibrates again (there are no calibration observations here to do it with)."""
+    from vla_runtime.cli.common import policy_spec
     from vla_runtime.policies import make_policy
 
-    accelerator = Accelerator(make_policy("ref_dit"), None, policy_name="ref_dit")
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        cfg = compose("eval", overrides=[f"policy={name.removeprefix('tuned_').removesuffix('_fast')}"])
+    policy_name, options = policy_spec(cfg)
+    accelerator = Accelerator(make_policy(policy_name, **options), None, policy_name=policy_name)
     handle = accelerator.apply(load_profile(name))
     assert list(handle.profile.methods) == list(load_profile(name).methods)
     accelerator.remove()

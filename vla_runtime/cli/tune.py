@@ -133,6 +133,17 @@ def references(cfg: DictConfig, accelerator: Accelerator) -> list[Profile]:
     return profiles
 
 
+def confirm_commands(cfg: DictConfig, report_start: int, profile_path: Path, calibration_dir: Path) -> list[str]:
+    """`none` and the chosen profile on the reporting seeds (from `report_start`, which the search never saw),
+    paired, 20 episodes per task."""
+    tasks = cfg.tasks if isinstance(cfg.tasks, str) else f"[{','.join(cfg.tasks)}]"
+    evaluated = f"vla-eval {policy_and_suite()} tasks={tasks} episodes_per_task=20 sim.eval_seeds.start={report_start}"
+    output_dir = cfg.output_dir
+    return [f"{evaluated} output_dir={output_dir}/report_none",
+            f"{evaluated} accel={profile_path} calibration_dir={calibration_dir} "
+            f"compare_to={output_dir}/report_none/results.json output_dir={output_dir}/report_tuned"]
+
+
 def choose(finalists: list[dict]) -> dict | None:
     """The fastest finalist with no measurable loss that meets the goal as measured again, else the fastest with no
     measurable loss, else the one whose loss is least sure (the highest lower end of its interval; the faster of
@@ -294,13 +305,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     if chosen is not None:
         write_profile(profile_path, next(c for c in picked if c.trial == chosen["trial"]))
     seeds = sim.seeds("eval")
-    report_start = seeds.start + seeds.count // 2
-    task_arg = cfg.tasks if isinstance(cfg.tasks, str) else f"[{','.join(cfg.tasks)}]"
-    evaluated = f"vla-eval {policy_and_suite()} tasks={task_arg} episodes_per_task=20"
-    confirm = [f"{evaluated} sim.eval_seeds.start={report_start} output_dir={output_dir}/report_none",
-               f"{evaluated} sim.eval_seeds.start={report_start} accel={profile_path} "
-               f"calibration_dir={accelerator.calibration_dir} compare_to={output_dir}/report_none/results.json "
-               f"output_dir={output_dir}/report_tuned"]
+    confirm = confirm_commands(cfg, seeds.start + seeds.count // 2, profile_path, accelerator.calibration_dir)
     report = {"command": command, "policy": policy_name, "sim": cfg.sim.name, "tasks": tasks, "goal": str(goal),
               "goal_spec": {"budget_ms": goal.budget_ms, "min_speedup": goal.min_speedup},
               "device": f"CPU, {torch.get_num_threads()} torch threads, {execution.label}",
