@@ -1,6 +1,7 @@
 """Action reuse, profiles (composition, incompatibility, calibration artifacts) and vla-bench."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -211,6 +212,18 @@ def test_visual_kv_reuse_on_an_unchanged_frame_matches_a_full_pass_and_threshold
         compatible_methods(policy, load_profile(["token_select", "visual_kv_reuse"]))
     with pytest.raises(ValueError, match="visual_kv_reuse cannot run on ref_ar: its decode loop reads a KV cache"):
         compatible_methods(untrained("ar"), load_profile("vlacache"), "ref_ar")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("description: empty: nothing\nmethods: {}\n", "is not valid yaml: mapping values are not allowed here at line 1"),
+    ("- head_cache\n", "must be a mapping with `description:` and `methods:"),
+    ("methods: [head_cache]\n", "must be a mapping with `description:` and `methods:"),
+])
+def test_a_broken_profile_file_is_named_with_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"Profile '{path}' ({path}) {message}")):
+        load_profile(str(path))
 
 
 def test_a_ladder_folder_stands_for_its_profiles_in_name_order(tmp_path):

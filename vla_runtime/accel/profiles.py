@@ -62,7 +62,16 @@ def _profile_file(name: str) -> Profile:
             raise ValueError(f"accel={name}: no such profile file")
     else:
         path = resources.files("vla_runtime.configs") / "profiles" / f"{name}.yaml"
-    settings = yaml.safe_load(path.read_text()) or {}
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"Profile '{name}' ({path}) is not valid yaml: {problem}{where}") from exc
+    if not isinstance(settings, dict) or not isinstance(settings.get("methods") or {}, dict):
+        raise ValueError(f"Profile '{name}' ({path}) must be a mapping with `description:` and `methods: {{method: "
+                         f"{{field: value}}}}`, got {type(settings).__name__}")
     unknown = [m for m in settings.get("methods") or {} if m not in METHODS.names()]
     if unknown:
         raise ValueError(f"Profile '{name}' ({path}) names unknown methods {unknown}; "
