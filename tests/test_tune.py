@@ -122,13 +122,15 @@ def test_proposals_come_from_the_methods_spaces_and_hold_only_what_runs_together
 def test_vla_tune_on_the_toy_suite_writes_a_profile_the_other_commands_take_and_resumes(tmp_path):
     args = ["sim=toy", "policy=toy_vla", "min_speedup=1.01", "rounds=1", "finalist_rounds=1", "measurement_per_task=1",
             "frames_per_sequence=2", "calibration_per_task=1", "episodes_per_task=2", "workers=1", "num_threads=1",
-            "finalists=1", "references=[bac]", f"output_dir={tmp_path / 'tune'}"]
+            "finalists=1", "references=[bac,full]", f"output_dir={tmp_path / 'tune'}"]
     first = cli("tune", "trials=3", *args)
     assert first.returncode == 0, first.stderr
     report = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert report["trials"] == 3 and report["front"][0]["methods"] == {}  # the empty profile is always tried
     assert (tmp_path / "tune" / "pareto.png").stat().st_size > 0 and (tmp_path / "tune" / "front").is_dir()
-    assert [row["name"] for row in report["references"]] == ["bac"]  # measured beside the finalists
+    assert [row["name"] for row in report["references"]] == ["bac", "full"]  # measured beside the finalists
+    # each as it ran: the methods `full` skips on this policy are not listed
+    assert report["references"][1]["methods"].keys() < load_profile("full").methods.keys()
     # the confirmation commands name the policy and suite as this command did (a policy's config, not its family)
     assert report["confirm"][0].startswith("vla-eval sim=toy policy=toy_vla tasks=")
     assert "| bac | head_cache mode=bac" in (tmp_path / "tune" / "tune.md").read_text()

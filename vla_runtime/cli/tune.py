@@ -296,7 +296,9 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
              "success": sum(e["success"] for e in episodes[c.name]) / len(episodes[c.name]),
              "paired": paired_delta(none, episodes[c.name]).to_json(tolerance_share)} for c in picked]
     chosen = choose(rows)
-    reference_rows = [{"name": p.name, "methods": p.methods, "speedup": speed[p.name]["speedup"],
+    # A profile's methods as they ran: those the policy cannot take (skip_incompatible) are left out.
+    reference_rows = [{"name": p.name, "speedup": speed[p.name]["speedup"],
+                       "methods": {m: p.methods[m] for m in speed[p.name]["methods"]},
                        "latency_ms": speed[p.name]["latency_ms_p50"],
                        "action_deviation": speed[p.name]["action_mse_rel_variance"] or 0.0} for p in hand_written]
     for index, candidate in enumerate(sorted(front, key=lambda c: c.action_deviation)):
