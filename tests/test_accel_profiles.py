@@ -240,13 +240,17 @@ def test_a_ladder_folder_stands_for_its_profiles_in_name_order(tmp_path):
 
 @pytest.mark.parametrize("name", [name for name in profile_names() if name.startswith("tuned_")])
 def test_tuned_profiles_ship_their_calibration_with_the_checkpoint(name):
-    """A tuned profile (`tuned_<policy config>[_fast]`) runs as it was confirmed: its artifacts are in its policy's
-    checkpoint, nothing calibrates again (there are no calibration observations here to do it with)."""
+    """A tuned profile (`tuned_<policy config>[_<variant>]`) runs as it was confirmed: its artifacts are in its
+    policy's checkpoint, nothing calibrates again (there are no calibration observations here to do it with)."""
+    from importlib import resources
+
     from vla_runtime.cli.common import policy_spec
     from vla_runtime.policies import make_policy
 
+    configs = [p.name.removesuffix(".yaml") for p in (resources.files("vla_runtime.configs") / "policy").iterdir()]
+    tuned_for = max((c for c in configs if f"{name}_".startswith(f"tuned_{c}_")), key=len)
     with initialize_config_module("vla_runtime.configs", version_base="1.3"):
-        cfg = compose("eval", overrides=[f"policy={name.removeprefix('tuned_').removesuffix('_fast')}"])
+        cfg = compose("eval", overrides=[f"policy={tuned_for}"])
     policy_name, options = policy_spec(cfg)
     accelerator = Accelerator(make_policy(policy_name, **options), None, policy_name=policy_name)
     handle = accelerator.apply(load_profile(name))
