@@ -108,6 +108,8 @@ def test_bench_rows_are_every_profile_on_every_backend_with_eager_none_as_the_ba
 def test_latency_rounds_take_eager_turns_per_sequence_and_compiled_turns_per_round():
     none, bac, none_c, bac_c = entries(load_profiles(["bac"]), [exec_config("compile")])
     rows = [none, bac, none_c, bac_c]
+    half = entries(load_profiles(["bac"]), [exec_config({"backend": "eager", "dtype": "bf16"})])[-1]
+    assert _latency_round([none, half], 2, 0) == [(none, [0]), (none, [1]), (half, [0, 1])]  # casts when applied
     first, second = (_latency_round(rows, 3, index) for index in range(2))
     names = [(row.name, indices) for row, indices in first]
     assert names == [("none", [0]), ("bac", [0]), ("bac", [1]), ("none", [1]), ("none", [2]), ("bac", [2]),

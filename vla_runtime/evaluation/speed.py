@@ -1,5 +1,5 @@
 """How fast an acceleration profile runs and how far it moves the actions: latency measured in one process, rounds
-interleaved over the rows (a profile on an execution backend; eager rows take turns sequence by sequence) so that
+interleaved over the rows (a profile on an execution backend; plain eager rows take turns sequence by sequence) so that
 drift of a noisy machine hits every row alike; FLOPs of one inference; actions against the eager `none` row on the
 same observations with the same noise seed. What vla-bench tabulates and vla-tune searches with."""
 
@@ -137,20 +137,20 @@ def measure(accelerator: Accelerator, rows: list[Entry], sequences: list[list[Ob
 
 
 def _latency_round(rows: list[Entry], n_sequences: int, round_index: int) -> list[tuple[Entry, list[int]]]:
-    """One latency round as (row, sequence indices) blocks. Eager rows take turns sequence by sequence (applying
-    one costs nothing), the first row rotating every sequence and round; compiled rows, which compile or capture
-    when applied, run all sequences at a time after them, their first row rotating every round. The finer the
-    turns, the less a row's place in the round weighs: with every row's sequences in one block, an empty profile
-    measured up to 1.16x against `none` in two rounds on 2 cores."""
+    """One latency round as (row, sequence indices) blocks. Plain eager rows take turns sequence by sequence (applying
+    a profile's hooks is cheap), the first row rotating every sequence and round; rows on another backend or dtype,
+    which compile, capture or cast weights when applied, run all sequences at a time after them, their first row
+    rotating every round. With every row's sequences in one block an empty profile measured 0.94x-0.97x against
+    `none`, sequence by sequence 0.99x-1.01x (benchmarks/latency_interleaving)."""
 
     def rotated(group: list[Entry], start: int) -> list[Entry]:
         start %= max(len(group), 1)
         return group[start:] + group[:start]
 
-    eager = [row for row in rows if row.execution.backend == "eager"]
-    compiled = [row for row in rows if row.execution.backend != "eager"]
-    blocks = [(row, [index]) for index in range(n_sequences) for row in rotated(eager, round_index + index)]
-    return blocks + [(row, list(range(n_sequences))) for row in rotated(compiled, round_index)]
+    plain = [row for row in rows if row.execution.changes_nothing]
+    applied = [row for row in rows if not row.execution.changes_nothing]
+    blocks = [(row, [index]) for index in range(n_sequences) for row in rotated(plain, round_index + index)]
+    return blocks + [(row, list(range(n_sequences))) for row in rotated(applied, round_index)]
 
 
 def summarize_runs(runs: dict[str, dict], has_head: bool) -> dict[str, dict]:
