@@ -229,6 +229,10 @@ class PolicyStructure:
     def available(self) -> list[str]:
         return [name for name in HOOK_POINTS if getattr(self, name) is not None]
 
+    def missing(self, points: Sequence[str]) -> list[str]:
+        """The hook points of `points` this policy does not declare."""
+        return [point for point in points if getattr(self, point, None) is None]
+
     def require(self, point: str, who: str) -> Any:
         value = getattr(self, point, None)
         if value is None:

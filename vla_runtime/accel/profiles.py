@@ -138,7 +138,7 @@ def ladder(specs: list[str] | tuple[str, ...]) -> list[str]:
 def _why_not(method: AccelMethod, policy: Policy, chosen: list[AccelMethod], policy_name: str,
              settings: dict) -> str | None:
     structure = policy.structure
-    missing = [point for point in method.requires if getattr(structure, point, None) is None]
+    missing = structure.missing(method.requires)
     if missing:
         return (f"needs the hook point(s) {missing}, which {policy_name} does not declare "
                 f"(it declares: {', '.join(structure.available()) or 'none'})")

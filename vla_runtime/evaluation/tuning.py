@@ -124,7 +124,7 @@ def searchable(accelerator: Accelerator) -> list[str]:
     a method only with some settings), in the order profiles apply them."""
     structure, names = accelerator.policy.structure, []
     for method in methods_in_order():
-        if method.search is None or any(getattr(structure, point, None) is None for point in method.requires):
+        if method.search is None or structure.missing(method.requires):
             continue  # its space reads the hook points it needs
         try:
             proposal = method.search(_FirstChoice(), structure)
