@@ -59,8 +59,9 @@ def test_action_reuse_is_bounded_and_needs_a_similar_frame_and_stable_actions():
 
 
 def test_every_method_is_a_registered_descriptor_in_application_order():
-    assert [m.name for m in methods_in_order()] == ["vision_resolution", "layer_prune", "token_select",
-                                                    "visual_kv_reuse", "head_cache", "parallel_decode", "action_reuse"]
+    assert [m.name for m in methods_in_order()] == ["quantize", "vision_resolution", "layer_prune", "token_select",
+                                                    "visual_kv_reuse", "head_cache", "step_reduction",
+                                                    "parallel_decode", "action_reuse"]
     assert METHODS.get("parallel_decode").requires == ("ar_decoder",)
     assert METHODS.get("head_cache").requires == ("denoising_head",)
     assert METHODS.get("token_select").excluded_by[0] == "ar_decoder"

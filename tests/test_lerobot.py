@@ -28,6 +28,8 @@ from vla_runtime.accel import (  # noqa: E402
     action_reuse,
     head_cache,
     layer_prune,
+    quantize,
+    step_reduction,
     token_select,
     vision_resolution,
     visual_kv_reuse,
@@ -196,6 +198,12 @@ def test_diffusion_loads_from_its_folder_declares_its_unet_and_one_with_an_obser
     assert not np.array_equal(cached, actions)
     handle.remove()
     np.testing.assert_array_equal(chunk(policy, observation()), actions)
+    # Its epsilon is extrapolated over the scheduler's steps: 0, 1 real, 2 forecast, 3 real, the last real.
+    handle = step_reduction.apply(policy, step_reduction.StepReductionConfig(mode="extrapolate", order=1))
+    reduced = chunk(policy, observation())
+    assert handle.info["skipper"].skipped == 1 and not np.array_equal(reduced, actions)
+    handle.remove()
+    np.testing.assert_array_equal(chunk(policy, observation()), actions)
     gate = action_reuse.apply(policy, action_reuse.ActionReuseConfig()).reuse_gate
     np.testing.assert_array_equal(chunk(policy, observation()), actions)  # a gate: the chunk is the policy's own
     assert gate._token_similarity(observation()) == pytest.approx(1.0)
@@ -214,6 +222,11 @@ def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -
     elif method == "head_cache_bac":
         handle = head_cache.apply(policy, head_cache.HeadCacheConfig(mode="bac", updates=3),
                                   head_cache.calibrate(policy, [obs]))
+    elif method == "head_cache_forecast":
+        handle = head_cache.apply(policy, head_cache.HeadCacheConfig(interval=2, order=1))
+    elif method == "quantize":  # the VLM's and the expert's layers cast their inputs to their linears' dtype
+        handle = quantize.apply(policy, quantize.QuantizeConfig(parts=["language_model", "head", "vision"]))
+        assert handle.stats()["quantized_layers"] > 0
     elif method == "layer_prune":
         calibration = layer_prune.calibrate(policy, [obs])
         assert len(calibration["similarity"]) == 4 and all(-1 <= s <= 1 for s in calibration["similarity"])
@@ -242,8 +255,8 @@ def method_round_trip(policy, method: str, layers_kept: int, tokens_kept: int) -
     np.testing.assert_array_equal(chunk(policy, obs), baseline)
 
 
-@pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "layer_prune", "token_select",
-                                    "action_reuse", "vision_resolution"])
+@pytest.mark.parametrize("method", ["head_cache_static", "head_cache_bac", "head_cache_forecast", "quantize",
+                                    "layer_prune", "token_select", "action_reuse", "vision_resolution"])
 def test_acceleration_methods_change_smolvla_and_their_removal_restores_it_exactly(smolvla, method):
     method_round_trip(smolvla, method, layers_kept=2, tokens_kept=2)  # layers leave in aligned pairs
 
@@ -314,7 +327,8 @@ def test_vla_tune_searches_smolvla_with_the_settings_it_takes(smolvla):
 
     accelerator = Accelerator(smolvla, None)
     methods = searchable(accelerator)
-    assert methods == ["layer_prune", "token_select", "head_cache"]  # visual_kv_reuse replaces an LM forward
+    # visual_kv_reuse replaces an LM forward; step_reduction cannot forecast a VLM-with-expert's output
+    assert methods == ["quantize", "layer_prune", "token_select", "head_cache"]
     proposal = propose(AllOn(), accelerator, methods)
     assert proposal["token_select"] == {"keep": 48, "strategy": "dart", "layer": 0}
     accelerator.check(Profile("proposed", proposal))
@@ -328,7 +342,7 @@ def pi(request) -> LeRobotPolicy:
                        n_action_steps=4)
 
 
-@pytest.mark.parametrize("method", ["head_cache_bac", "layer_prune", "token_select", "action_reuse"])
+@pytest.mark.parametrize("method", ["head_cache_bac", "quantize", "layer_prune", "token_select", "action_reuse"])
 def test_acceleration_methods_change_pi0_and_their_removal_restores_it_exactly(pi, method):
     assert pi.structure.available() == ["vision_encoder", "preprocess_images", "visual_tokens", "language_model",
                                         "denoising_head"]

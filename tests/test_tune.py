@@ -108,13 +108,16 @@ class ScriptedTrial:
 def test_proposals_come_from_the_methods_spaces_and_hold_only_what_runs_together():
     accelerator = Accelerator(untrained("dit"), None)
     methods = searchable(accelerator)
-    assert methods == ["layer_prune", "token_select", "visual_kv_reuse", "head_cache"]  # no AR decoder, no gate
+    assert methods == ["quantize", "layer_prune", "token_select", "visual_kv_reuse", "head_cache",
+                       "step_reduction"]  # no AR decoder, no gate
     trial = ScriptedTrial()
     chosen = propose(trial, accelerator, methods)
     # token_select and visual_kv_reuse both replace the LM's forward: the later one is left out.
-    assert chosen == {"layer_prune": {"num_layers": 1}, "token_select": {"keep": 8, "strategy": "efficientvla",
+    assert chosen == {"quantize": {"scheme": "dynamic_int8", "parts": ["language_model"]},
+                      "layer_prune": {"num_layers": 1}, "token_select": {"keep": 8, "strategy": "efficientvla",
                                                                           "layer": 0},
-                      "head_cache": {"mode": "static", "interval": 2}}
+                      "head_cache": {"mode": "static", "interval": 2, "order": 0, "tolerance": None},
+                      "step_reduction": {"mode": "schedule", "steps": 2}}
     assert "head_cache.mode" in trial.asked and "layer_prune.num_layers" in trial.asked
     accelerator.check(Profile("proposed", chosen))  # what it proposes applies
 

@@ -124,7 +124,7 @@ def hot_paths(policy: Policy) -> list[nn.Module]:
 def _replaces_forward(module: nn.Module) -> bool:
     """Whether one of `module`'s hooks replaces its forward (and may call its children itself)."""
     registry = HookRegistry.find(module)
-    return registry is not None and any(type(hook).new_forward is not ModelHook.new_forward
+    return registry is not None and any(type(hook).new_forward is not ModelHook.new_forward and not hook.calls_through
                                         for hook in registry.hooks.values())
 
 

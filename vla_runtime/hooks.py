@@ -20,7 +20,11 @@ _REGISTRY_ATTRIBUTE = "_vla_hook_registry"
 
 class ModelHook:
     """Override what you need. `new_forward` replaces the module's forward (return NotImplemented to
-    fall through to the next hook / the original forward)."""
+    fall through to the next hook / the original forward). `calls_through`: a `new_forward` that runs the module
+    only through `call_next`, never its children one by one (an execution backend then compiles the module
+    whole, beneath the hook)."""
+
+    calls_through = False
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         return args, kwargs

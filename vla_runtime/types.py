@@ -189,6 +189,15 @@ class DenoisingHead:
     # the Euler loop x <- x + v / steps from noise at t = 0 to actions at t = 1.
     actions_in: Callable[[np.ndarray], Any] | None = None
 
+    def step_of(self, args: tuple, kwargs: dict, last: int) -> int:
+        """Which denoising step a call of `step` with (args, kwargs) is, -1 for the prefix pass; `last`: the
+        previous call's."""
+        if self.is_prefix is not None:
+            return -1 if self.is_prefix(args, kwargs) else last + 1
+        if self.step_index is not None:
+            return self.step_index(args, kwargs)
+        return int(round(float(args[1].reshape(-1)[0]) * self.steps))
+
 
 @dataclass
 class ARDecoder:

@@ -12,6 +12,13 @@ are still computed).
   branch's update steps to every branch upstream of it.
 Step 0 is always an update step, so nothing leaks from one inference into the next.
 
+Either schedule reuses a cached output as it is (`order: 0`), or forecasts it (`order: 1 | 2`, TaylorSeer /
+AB-Cache style, `accel/forecast.py`): the line or parabola through the branch's last two or three computed
+outputs, at the step being skipped. With a `tolerance`, a confidence gate: each computed step that could have
+been forecast also measures the forecast's relative error there, and when any branch's last error exceeds the
+tolerance every branch computes at the next step, whatever its schedule says. The gate is decided on the step
+module's own hook, outside a compiled step: a compiled head sees it as one more guard.
+
 When any branch skips a step, the blocks' adaLN modulations for every step are also computed at step 0
 in one batched call (`batch_conditioning`): they depend only on the denoising time and the cognition
 feature, and reading each adaLN weight matrix once per inference instead of once per step is what a
@@ -29,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vla_runtime.accel.forecast import History
 from vla_runtime.accel.method import AccelMethod, Phase, Suggest, register_method
 from vla_runtime.hooks import Handle, ModelHook, add_hook
 from vla_runtime.types import DenoisingHead, Observation, Policy
@@ -36,53 +44,71 @@ from vla_runtime.types import DenoisingHead, Observation, Policy
 
 @dataclass
 class HeadCacheConfig:
-    mode: str = "static"  # static | bac
-    interval: int = 2  # static: update every `interval` steps (1 = no caching)
-    updates: int = 4  # bac: update steps per branch, step 0 included
-    batch_conditioning: bool = True  # modulations of all steps at step 0 (heads with adaLN modulations only)
+    """
+    Attributes:
+        mode: `static` (every branch every `interval` steps) or `bac` (calibrated update steps per branch).
+        interval: static: update every `interval` steps (1 = no caching).
+        updates: bac: update steps per branch, step 0 included.
+        batch_conditioning: the modulations of all steps at step 0 (heads with adaLN modulations only).
+        order: what a skipped step gets: 0 = the last computed output as it is, 1 / 2 = forecast from the last
+            two / three computed outputs.
+        tolerance: the confidence gate (order >= 1): every branch computes at the step after a forecast's
+            relative error on a computed step exceeded it (None: no gate).
+    """
+
+    mode: str = "static"
+    interval: int = 2
+    updates: int = 4
+    batch_conditioning: bool = True
+    order: int = 0
+    tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "bac"):
             raise ValueError(f"head_cache mode must be 'static' or 'bac', got '{self.mode}'")
         if self.interval < 1 or self.updates < 1:
             raise ValueError("head_cache interval and updates must be >= 1")
+        if self.order not in (0, 1, 2):
+            raise ValueError(f"head_cache order must be 0, 1 or 2, got {self.order}")
+        if self.tolerance is not None and (self.order == 0 or not self.tolerance > 0):
+            raise ValueError("head_cache tolerance gates a forecast: it needs order >= 1 and a value > 0")
 
 
 class _StepCounter(ModelHook):
     """On the head: which denoising step is running (t = step / steps in the Euler loop); with
     `blocks`, also every block's adaLN output for every step, computed at step 0."""
 
-    def __init__(self, head: DenoisingHead, batched: bool = False):
+    def __init__(self, head: DenoisingHead, batched: bool = False, tolerance: float | None = None):
         self.head = head
         self.steps = head.steps
         self.step = 0
         self.batched = batched
+        self.tolerance = tolerance
+        self.branches: list[_CachedBranch] = []
+        self.trusted = True  # the gate: whether the branches' forecasts may stand in for this step
+        self.forced: Counter[int] = Counter()  # calls the gate made compute at a step their schedule skips
         self.modulations: list[torch.Tensor] | None = None  # per block [steps, batch, 6 * dim]
         # Calls per step, for the statistics. Counted here, outside the head's forward: a compiled head would
         # specialise (and recompile) on a counter its branches incremented.
         self.calls: Counter[int] = Counter()
 
     def pre_forward(self, module, *args, **kwargs):
-        args, kwargs = self._locate(args, kwargs)
+        self.step = self.head.step_of(args, kwargs, self.step)
         self.calls[self.step] += 1
-        return args, kwargs
-
-    def _locate(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.head.is_prefix is not None:
-            self.step = -1 if self.head.is_prefix(args, kwargs) else self.step + 1
-            return args, kwargs
-        if self.head.step_index is not None:
-            self.step = self.head.step_index(args, kwargs)
-            return args, kwargs
-        noisy, t, cognition = args
-        self.step = int(round(float(t.reshape(-1)[0]) * self.steps))
+        if self.tolerance is not None:
+            self.trusted = self.step <= 0 or all(
+                branch.history.error is None or float(branch.history.error) <= self.tolerance
+                for branch in self.branches)
+            if not self.trusted:
+                self.forced[self.step] += 1
         if self.batched and self.step == 0:
+            noisy, t, cognition = args
             batch = cognition.shape[0]
             # The same float times the Euler loop builds with torch.full(step / steps).
             times = torch.tensor([s / self.steps for s in range(self.steps)], device=cognition.device)
             conditions = self.head.condition(times.repeat_interleave(batch), cognition.repeat(self.steps, 1))
             self.modulations = [block.modulation(conditions).view(self.steps, batch, -1) for block in self.head.blocks]
-        return (noisy, t, cognition), {}
+        return args, kwargs
 
     def reset_state(self, module) -> None:
         self.modulations = None
@@ -103,28 +129,34 @@ class _BatchedModulation(ModelHook):
 
 
 class _CachedBranch(ModelHook):
-    def __init__(self, counter: _StepCounter, update_steps: set[int]):
+    def __init__(self, counter: _StepCounter, update_steps: set[int], order: int):
         self.counter = counter
         self.update_steps = update_steps | {0}
-        self.cached: torch.Tensor | None = None
+        self.history = History(order)
+        self.measure = counter.tolerance is not None
 
     def new_forward(self, module, call_next, *args, **kwargs):
-        fresh = self.counter.step in self.update_steps
-        if fresh or self.cached is None or self.cached.shape[0] != args[0].shape[0]:
-            self.cached = call_next(*args, **kwargs)
-        return self.cached
+        step, points = self.counter.step, self.history.points
+        if (step in self.update_steps or not self.counter.trusted or not points
+                or points[-1][1].shape[0] != args[0].shape[0]):
+            output = call_next(*args, **kwargs)
+            self.history.record(step, output, self.measure)
+            return output
+        return self.history.forecast(step)
 
     @property
     def computed(self) -> int:
-        """Calls that computed this branch since it was applied (by its schedule: step 0 always updates)."""
-        return sum(calls for step, calls in self.counter.calls.items() if step in self.update_steps)
+        """Calls that computed this branch since it was applied (by its schedule, step 0 always updating, and
+        the gate's forced steps)."""
+        return sum(calls if step in self.update_steps else self.counter.forced[step]
+                   for step, calls in self.counter.calls.items() if step >= 0)
 
     @property
     def reused(self) -> int:
-        return sum(calls for step, calls in self.counter.calls.items() if step >= 0 and step not in self.update_steps)
+        return sum(calls for step, calls in self.counter.calls.items() if step >= 0) - self.computed
 
     def reset_state(self, module) -> None:
-        self.cached = None
+        self.history.clear()
 
 
 def _branches(policy: Policy) -> tuple[DenoisingHead, list[tuple[str, nn.Module]]]:
@@ -229,8 +261,9 @@ def apply(policy: Policy, config: HeadCacheConfig, calibration: dict | None = No
     # takes the time in its input tokens) caches its branches all the same.
     modulated = head.condition is not None and all(block.modulation is not None for block in head.blocks)
     batched = config.batch_conditioning and skips and modulated
-    counter = _StepCounter(head, batched)
-    hooks = {name: _CachedBranch(counter, schedule[name]) for name, _ in branches}
+    counter = _StepCounter(head, batched, config.tolerance)
+    hooks = {name: _CachedBranch(counter, schedule[name], config.order) for name, _ in branches}
+    counter.branches = list(hooks.values())
     removers = [add_hook(head.step, "head_cache_counter", counter)]
     removers += [add_hook(module, "head_cache", hooks[name]) for name, module in branches]
     if batched:
@@ -246,14 +279,22 @@ def _stats(branches: list[_CachedBranch]) -> dict:
 
 
 def _search(suggest: Suggest, structure) -> dict:
-    """Static intervals of 2-4 steps, or BAC with 2 to all-but-one update steps per branch."""
+    """Static intervals of 2-4 steps, or BAC with 2 to all-but-one update steps per branch; either reusing or
+    forecasting (order 0-2), a forecast gated or not."""
     if suggest.suggest_categorical("mode", ["static", "bac"]) == "static":
-        return {"mode": "static", "interval": suggest.suggest_int("interval", 2, 4)}
-    steps = structure.denoising_head.steps
-    return {"mode": "bac", "updates": suggest.suggest_int("updates", 2, max(2, steps - 1))}
+        settings = {"mode": "static", "interval": suggest.suggest_int("interval", 2, 4)}
+    else:
+        steps = structure.denoising_head.steps
+        settings = {"mode": "bac", "updates": suggest.suggest_int("updates", 2, max(2, steps - 1))}
+    order = suggest.suggest_int("order", 0, 2)
+    tolerance = suggest.suggest_categorical("tolerance", [None, 0.05, 0.1, 0.2]) if order else None
+    return {**settings, "order": order, "tolerance": tolerance}
 
 
 METHOD = register_method(AccelMethod(
     "head_cache", HeadCacheConfig, apply, requires=("denoising_head",), phase=Phase.HEAD,
     calibrate=lambda policy, observations, config: calibrate(policy, observations),
-    needs_calibration=lambda config: config.mode == "bac", search=_search))
+    needs_calibration=lambda config: config.mode == "bac", search=_search,
+    # Forecasting changes what a skipped step gets, not what the calibration measures.
+    calibration_settings=lambda config: {name: getattr(config, name)
+                                         for name in ("mode", "interval", "updates", "batch_conditioning")}))

@@ -13,7 +13,7 @@ method from another package is one module plus one entry point.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -41,11 +41,12 @@ class Phase(IntEnum):
     """Where a method acts on a policy, in the order a profile's methods are applied (each sees the policy as the
     phases before it left it; within a phase, by name)."""
 
+    WEIGHTS = 0  # what the weights are (quantize)
     INPUTS = 1  # what enters the vision encoder (vision_resolution)
     LAYERS = 2  # which layers the model has (layer_prune)
     TOKENS = 3  # which tokens flow through the language model (token_select)
     LM_CACHE = 4  # what the language model reuses from the last frame (visual_kv_reuse)
-    HEAD = 5  # the action head's denoising steps (head_cache)
+    HEAD = 5  # the action head's denoising steps (head_cache, step_reduction)
     DECODING = 6  # how action tokens are decoded (parallel_decode)
     CALLS = 7  # whether the policy is called at all (action_reuse's gate)
 
@@ -68,6 +69,12 @@ class AccelMethod:
     # (suggest, the policy's structure) -> settings for `config`: the space vla-tune searches (None: not searched,
     # e.g. a method whose effect only the closed loop shows)
     search: Callable[[Suggest, PolicyStructure], dict] | None = None
+    # config -> the settings that name its calibration artifact (None: all of them); a method leaves out the
+    # settings that do not change what the calibration measures, so artifacts outlive new settings
+    calibration_settings: Callable[[Any], dict] | None = None
+
+    def calibration_key(self, config: Any) -> dict:
+        return self.calibration_settings(config) if self.calibration_settings else asdict(config)
 
     def make_config(self, settings: dict) -> Any:
         try:

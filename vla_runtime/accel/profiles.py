@@ -174,10 +174,26 @@ def weights_fingerprint(policy: Policy) -> str:
     if weights is None:
         return ""
     digest = hashlib.sha256()
-    for name, tensor in weights.state_dict().items():
+    for name, value in weights.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        _digest_value(digest, value)
     return digest.hexdigest()[:16]
+
+
+def _digest_value(digest, value) -> None:
+    """A state-dict entry into `digest`: a tensor's bytes (a quantized one's integers and scales), a quantized
+    module's packed (weight, bias) one by one, anything else (a dtype) by its repr."""
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _digest_value(digest, item)
+    elif isinstance(value, torch.Tensor):
+        if value.is_quantized:
+            _digest_value(digest, (value.int_repr(), value.q_per_channel_scales() if value.qscheme() in (
+                torch.per_channel_affine, torch.per_channel_symmetric) else torch.tensor(value.q_scale())))
+        else:
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(repr(value).encode())
 
 
 class ProfileHandle:
@@ -281,8 +297,8 @@ class Accelerator:
                 artifact = None
                 if method.needs_calibration(config):
                     # The weights and what was applied before change what this method measures: both name it.
-                    context = hashlib.sha256(json.dumps([self._fingerprint(applied), applied, asdict(config)],
-                                                        sort_keys=True).encode()).hexdigest()[:8]
+                    named = [self._fingerprint(applied), applied, method.calibration_key(config)]
+                    context = hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:8]
                     path = self.calibration_dir / f"{method.name}-{context}.json"
                     if path.exists():
                         artifact = load_artifact(path, method.name)

@@ -142,7 +142,7 @@ class VisualKVReuseHook(ModelHook):
         cos, sin = lm.rotary_emb(embeds, positions)
         allowed = allowed[:, :, rows]  # [B, 1, |rows|, T]
         cache = DynamicCache() if use_cache else None
-        hidden = embeds[:, rows].to(lm.layers[0].self_attn.q_proj.weight.dtype)  # as the LM casts its input
+        hidden = embeds[:, rows].to(lm.norm.weight.dtype)  # as the LM casts its input (not from a linear: quantized)
         for index, layer in enumerate(lm.layers):
             attention = layer.self_attn
             inputs = normed(layer.input_layernorm, hidden)

@@ -67,6 +67,8 @@ class GuidedStep(ModelHook):
     """On the denoising step (forward(noisy, t, cognition) -> velocity): the velocity plus the RTC guidance
     towards `target` [B, H, A] with `weights` [H], while a target is set."""
 
+    calls_through = True
+
     def __init__(self, config: RTCConfig):
         self.config = config
         self.target: torch.Tensor | None = None
