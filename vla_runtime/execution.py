@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map_only
 
 from vla_runtime.hooks import Handle, HookRegistry, ModelHook
 from vla_runtime.plugins import did_you_mean
-from vla_runtime.types import Policy
+from vla_runtime.types import Policy, PolicyStructure
 
 BACKENDS = ("eager", "compile", "cuda_graphs")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,8 +106,9 @@ class CompileStats:
         return int(sum(count for reason, count in counters["unimplemented"].items() if "recompile limit" in reason))
 
 
-def policy_device(policy: Policy) -> torch.device:
-    weights = policy.structure.weights
+def weights_device(structure: PolicyStructure) -> torch.device:
+    """Where a policy's weights are (the CPU for a policy that declares none)."""
+    weights = structure.weights
     parameter = next(weights.parameters(), None) if weights is not None else None
     return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -232,7 +233,7 @@ def _half_precision(policy: Policy, dtype: torch.dtype, device: torch.device, wh
 
 def apply_execution(policy: Policy, config: ExecConfig) -> Handle:
     """Runs `policy` on `config`'s backend until the handle is removed (remove it before changing hooks)."""
-    device = policy_device(policy)
+    device = weights_device(policy.structure)
     if config.backend == "cuda_graphs" and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs the policy on a CUDA device; it is on {device} "
                          "(exec=compile runs the same graphs without capture on any device)")

@@ -29,12 +29,13 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from vla_runtime.accel.method import AccelMethod, Phase, Suggest, register_method
+from vla_runtime.execution import weights_device
 from vla_runtime.hooks import Handle
 from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import Policy, PolicyStructure
 
 SCHEMES = ("dynamic_int8", "int8_weight_only", "int8_dynamic", "fp8")
-PARTS = ("language_model", "head", "vision")
+PARTS = {"language_model": "language_model", "head": "denoising_head", "vision": "vision_encoder"}  # -> hook point
 
 
 @dataclass
@@ -60,16 +61,15 @@ class QuantizeConfig:
 
 
 def _roots(structure: PolicyStructure, part: str) -> list[nn.Module]:
+    point = structure.require(PARTS[part], f"quantize parts=[{part}]")
     if part == "language_model":
-        lm = structure.require("language_model", "quantize parts=[language_model]")
-        return [lm.module if lm.module is not None else lm.layers]
+        return [point.module if point.module is not None else point.layers]
     if part == "head":
-        head = structure.require("denoising_head", "quantize parts=[head]")
-        if head.is_prefix is None:
-            return [head.step]
-        return [module for block in head.blocks for module in (*block.branches.values(), block.modulation)
+        if point.is_prefix is None:
+            return [point.step]
+        return [module for block in point.blocks for module in (*block.branches.values(), block.modulation)
                 if module is not None]
-    return [structure.require("vision_encoder", "quantize parts=[vision]")]
+    return [point]
 
 
 def _named_modules(value) -> list[nn.Module]:
@@ -151,13 +151,10 @@ def _int8_linear_flops(input_shape, packed, *args, out_shape=None, **kwargs) -> 
 
 
 def _unsupported(structure: PolicyStructure, config: QuantizeConfig) -> str | None:
-    missing = [part for part in config.parts
-               if structure.missing([{"language_model": "language_model", "head": "denoising_head",
-                                      "vision": "vision_encoder"}[part]])]
+    missing = [part for part in config.parts if structure.missing([PARTS[part]])]
     if missing:
         return f"it has no {', '.join(missing)} to quantize (it declares: {', '.join(structure.available())})"
-    weights = structure.weights
-    device = next(weights.parameters()).device if weights is not None else torch.device("cpu")
+    device = weights_device(structure)
     if config.scheme == "dynamic_int8" and device.type != "cpu":
         return f"scheme dynamic_int8 runs on a CPU and the policy is on {device} (use int8_weight_only or fp8)"
     if config.scheme == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):

@@ -68,9 +68,8 @@ class _Skipper(ModelHook):
         self.head = head
         self.config = config
         self.extrapolating = config.mode == "extrapolate"
-        steps = head.steps
-        self.real_steps = ({round(i * steps / config.steps) for i in range(min(config.steps, steps))}
-                           if not self.extrapolating else set(range(steps)))
+        # schedule: the steps that run
+        self.real_steps = {round(i * head.steps / config.steps) for i in range(min(config.steps, head.steps))}
         self.history = History(config.order if self.extrapolating else 0)
         self.step = -1
         self.in_row = 0
