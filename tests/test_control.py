@@ -8,6 +8,7 @@ from vla_runtime.control.action_queue import ActionQueue
 from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker, ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
+from vla_runtime.control.rtc import DelayEstimator
 from vla_runtime.control.safety import SafetyConfig, SafetyLayer
 from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
 
@@ -58,10 +59,11 @@ class FakeRobot:
             self.on_send(len(self.commands))
 
 
-def simulated_loop(policy, latency_ms, robot=None, **config):
-    worker = SimulatedInferenceWorker(policy, LatencyModel("fixed", latency_ms), 1 / HZ)
+def simulated_loop(policy, latency_ms, robot=None, latency_model=None, delays=None, **config):
     config = RuntimeConfig(control_hz=HZ, **config).for_policy(policy.spec)
-    return ControlLoop(robot or FakeRobot(), worker, config, clock=SimulatedClock())
+    worker = SimulatedInferenceWorker(policy, latency_model or LatencyModel("fixed", latency_ms), 1 / HZ,
+                                      config.max_in_flight)
+    return ControlLoop(robot or FakeRobot(), worker, config, clock=SimulatedClock(), delays=delays)
 
 
 def test_latency_below_chunk_duration_gives_no_misses():
@@ -312,3 +314,88 @@ def test_sync_executor_replays_a_reused_chunk_as_the_loop_does():
     commands = [executor.act(obs)[0] for _ in range(8)]
     assert commands == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.02, 0.02, 0.02, 0.02])
     assert policy.calls == 2 and executor.reuses == 2 and len(executor.gate_s) == 3
+
+
+class LongChunkPolicy(ChunkPolicy):
+    """32-action chunks executing 16 (ref_dit_long's shape)."""
+
+    def __init__(self):
+        super().__init__(horizon=32)
+        self.spec = dataclasses.replace(self.spec, actions_per_chunk=16)
+
+
+def test_one_request_in_flight_cannot_keep_up_past_half_the_chunk_and_pipelining_can():
+    # 300 ms = 24 ticks against 32-action chunks: one request at a time leaves 8 actions per chunk for 24 ticks.
+    one = simulated_loop(LongChunkPolicy(), latency_ms=300).run(800)
+    assert one.misses > 400 and one.max_in_flight == 1
+    # Asked for when what is queued or in flight lasts less than the latency plus a tick: every 7 ticks, so 4 lanes.
+    # Before the first chunk, the loop knows the latency only from earlier episodes (the shared delay estimate).
+    delays = DelayEstimator(1 / HZ, warmup_calls=0)
+    first, second = (simulated_loop(LongChunkPolicy(), latency_ms=300, max_in_flight=4, delays=delays).run(800)
+                     for _ in range(2))
+    assert 0 < first.misses <= 16 and first.startup_holds == 24  # the first chunk arrives with 8 of its 32 left
+    assert second.misses == 0 and second.startup_holds == 24
+    assert second.max_in_flight == 4 and second.stale_chunks == 0
+    # Each request answers a newer observation: chunks arrive every 7 ticks, not every 24.
+    assert second.policy_calls > 3 * one.policy_calls
+
+
+def test_a_pipelined_request_counts_the_chunks_in_flight_as_queued():
+    # At 50 ms one request suffices: a second one in flight would only replan more often than the policy asks.
+    metrics = simulated_loop(LongChunkPolicy(), latency_ms=50, max_in_flight=3).run(400)
+    assert metrics.misses == 0 and metrics.max_in_flight == 1
+    assert metrics.policy_calls == pytest.approx(400 / 16, abs=2)
+
+
+def test_a_chunk_overtaken_by_a_newer_one_is_dropped():
+    class Reversed(LatencyModel):
+        """The first call slow, the rest fast: the second request's chunk arrives first."""
+
+        def latency(self, measured_s):
+            self.calls = getattr(self, "calls", 0) + 1
+            return 0.2 if self.calls == 2 else 0.05
+
+    policy = ChunkPolicy(horizon=32)
+    robot = FakeRobot()
+    loop = simulated_loop(policy, 0, robot=robot, latency_model=Reversed("fixed", 0), max_in_flight=2,
+                          request_threshold=28)
+    metrics = loop.run(40)
+    assert metrics.stale_chunks == 1 and metrics.misses == 0
+    assert not any(np.isclose(c[0], 0.02) for c in robot.commands)  # the overtaken chunk (call 2) never ran
+
+
+def test_the_threaded_worker_refuses_more_lanes_than_the_policy_serves():
+    with pytest.raises(ValueError, match="computes 1 request"):
+        ThreadedInferenceWorker(ChunkPolicy(), lanes=2)
+
+
+def test_the_threaded_worker_runs_requests_in_parallel_lanes():
+    from vla_runtime.control.loop import MonotonicClock
+
+    policy = LongChunkPolicy()
+    policy.spec = dataclasses.replace(policy.spec, concurrent_requests=3)
+    policy.sleep_s = 0.05  # 4 ticks at 80 Hz
+    worker = ThreadedInferenceWorker(policy, lanes=3)
+    loop = ControlLoop(FakeRobot(), worker, RuntimeConfig(control_hz=HZ, request_threshold=30).for_policy(policy.spec),
+                       clock=MonotonicClock())
+    try:
+        metrics = loop.run(80)
+    finally:
+        worker.close()
+    assert metrics.max_in_flight > 1 and metrics.policy_calls > 10 and not metrics.policy_errors
+
+
+def test_jerk_is_the_second_difference_of_executed_actions_without_the_held_dimensions():
+    class Ramp(ChunkPolicy):
+        def predict_chunk(self, obs):  # position ramps: a constant velocity, zero jerk; the gripper flips
+            actions = np.zeros((self.horizon, 4), np.float32)
+            actions[:, 0] = 0.1 * np.arange(self.horizon)
+            actions[:, 3] = np.where(np.arange(self.horizon) % 2, 1.0, -1.0)
+            return ActionChunk(actions, t0=obs.timestamp, dt=1 / HZ)
+
+    safety = SafetyConfig(hold_dims=[3])
+    metrics = simulated_loop(Ramp(horizon=8), 0, request_when="count", request_threshold=0, safety=safety).run(16)
+    # Inside each 8-action chunk the ramp has no jerk; across a boundary it restarts at 0: |0 - 2*0.7 + 0.6| = 0.8
+    # at the first action of the new chunk, |0.1 - 0 + 0.7| = 0.8 at the second.
+    assert metrics.jerk_ticks == 14
+    assert metrics.jerk_sum == pytest.approx(1.6)

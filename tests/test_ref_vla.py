@@ -201,6 +201,14 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert json.loads((tmp_path / "fine_tune" / "train_state.json").read_text())["step"] == 1
     assert any(not torch.equal(start[k], tuned[k]) for k in start)  # started from those weights, then moved
 
+    # Training-time RTC from a checkpoint without it: the head's "given" flag added, learned from zero.
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        rtc = [*fine_tune, f"output_dir={tmp_path / 'rtc'}", "model.rtc_max_delay=2"]
+        train_cli.train(compose("train", overrides=rtc))
+    model = load_model(tmp_path / "rtc")[0]
+    assert model.config.rtc_max_delay == 2 and model.dit.given.abs().sum() > 0
+    assert RefVLAPolicy.from_checkpoint(tmp_path / "rtc").spec.rtc_max_delay == 2
+
 
 def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):
     with initialize_config_module("vla_runtime.configs", version_base="1.3"):

@@ -12,7 +12,15 @@ from test_control import HZ, ChunkPolicy, FakeRobot, simulated_loop
 from vla_runtime.accel.head_cache import HeadCacheConfig
 from vla_runtime.accel.head_cache import apply as apply_head_cache
 from vla_runtime.control.executor import SyncExecutor
-from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking, RTCConfig, guidance_weight, prefix_weights
+from vla_runtime.control.loop import RuntimeConfig
+from vla_runtime.control.rtc import (
+    DelayEstimator,
+    RealTimeChunking,
+    RTCConfig,
+    chunked,
+    guidance_weight,
+    prefix_weights,
+)
 from vla_runtime.policies.ref_vla.policy import random_init_policy
 from vla_runtime.sim.metaworld import INSTRUCTIONS
 from vla_runtime.types import ChunkPrefix
@@ -132,7 +140,7 @@ def test_the_loop_sends_the_leftover_and_the_delay_and_runs_the_previous_chunk_m
 def test_rtc_takes_replace_merge_and_realtime_only():
     with pytest.raises(ValueError, match="merge=replace"):
         simulated_loop(ChunkPolicy(), 0, chunking="rtc", merge="temporal_ensemble")
-    with pytest.raises(ValueError, match="naive, rtc"):
+    with pytest.raises(ValueError, match="naive, rtc, rtc_trained, auto"):
         simulated_loop(ChunkPolicy(), 0, chunking="smooth")
 
 
@@ -156,7 +164,7 @@ def test_the_open_loop_executor_plays_latency_in_and_sends_the_prefix():
     # vla-replay's executor: 4 of 8 actions per call, 2 ticks of latency: the 2 steps after a call still run
     # the previous chunk (actions 4 and 5), then the new chunk from its action 2 on.
     policy = PrefixRecorder(horizon=8)
-    executor = SyncExecutor(policy, actions_per_chunk=4, latency_ticks=2)
+    executor = SyncExecutor(policy, actions_per_chunk=4, latency_ticks=2, chunking="rtc")
     executor.reset()
     obs = FakeRobot().observe()
     executed = [executor.act(obs)[0] for _ in range(12)]
@@ -164,3 +172,81 @@ def test_the_open_loop_executor_plays_latency_in_and_sends_the_prefix():
     assert policy.prefixes[0] is None
     assert all(p.delay == 2 and len(p.actions) == 4 for p in policy.prefixes[1:])
     assert np.allclose(executor.boundary_jumps, 0.02)
+    naive = PrefixRecorder(horizon=8)  # the same latency, naive: the requests carry nothing
+    executor = SyncExecutor(naive, actions_per_chunk=4, latency_ticks=2)
+    executor.reset()
+    assert [executor.act(obs)[0] for _ in range(12)] == pytest.approx(executed)
+    assert naive.prefixes and all(p is None for p in naive.prefixes)
+
+
+def rtc_trained_policy():
+    policy = random_init_policy(list(INSTRUCTIONS.values()), 0, head="dit", chunk_size=6, rtc_max_delay=3, **TINY)
+    with torch.no_grad():  # wake the adaLN-Zero head and the flag, so that the given actions steer the rest
+        for parameter in policy.structure.weights.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.2)
+    return policy
+
+
+def test_a_policy_trained_for_rtc_starts_its_chunk_with_the_given_actions_and_continues_them():
+    policy = rtc_trained_policy()
+    assert policy.spec.rtc_max_delay == 3
+    obs = observations(1)[0]
+    plain = unguided(policy, obs)
+    given = np.full((5, 4), 0.5, np.float32)
+    policy.reset()
+    chunk = policy.predict_chunk(dataclasses.replace(obs, prefix=ChunkPrefix(given, delay=2))).actions
+    assert np.array_equal(chunk[:2], given[:2])  # exactly what the robot runs meanwhile
+    assert not np.allclose(chunk[2:], plain[2:], atol=1e-4)  # the rest conditioned on them
+    policy.reset()  # a delay beyond what it was trained for: the first 3 given, no more
+    longer = policy.predict_chunk(dataclasses.replace(obs, prefix=ChunkPrefix(given, delay=5))).actions
+    assert np.array_equal(longer[:3], given[:3]) and not np.allclose(longer[3], given[3])
+    policy.reset()  # a delay of 0: nothing given, the plain chunk
+    assert np.array_equal(policy.predict_chunk(dataclasses.replace(obs, prefix=ChunkPrefix(given, 0))).actions, plain)
+
+
+def test_training_for_rtc_puts_no_loss_on_the_given_actions():
+    head = rtc_trained_policy().model.dit
+    cognition, targets = torch.randn(4, 32), torch.randn(4, 6, 4)
+    pad = torch.zeros(4, 6, dtype=torch.bool)
+
+    def loss(spoil):
+        def spoiled(module, args, output):  # garbage wherever the position was given
+            return output + spoil * args[3][..., None] if len(args) > 3 else output
+
+        hook = head.register_forward_hook(spoiled)
+        torch.manual_seed(0)
+        try:
+            return head.loss(cognition, targets, pad, repeats=8).item()
+        finally:
+            hook.remove()
+
+    assert loss(0.0) == pytest.approx(loss(1e3), rel=1e-6)
+
+
+def test_chunking_auto_and_rtc_trained_follow_what_the_policy_declares():
+    trained, plain = rtc_trained_policy(), untrained("dit")
+    assert RuntimeConfig().for_policy(trained.spec).chunking == "rtc_trained"
+    assert RuntimeConfig().for_policy(plain.spec).chunking == "naive"
+    assert RuntimeConfig(chunking="rtc").for_policy(trained.spec).chunking == "rtc"
+    assert chunked(trained, "rtc_trained", RTCConfig()) is trained
+    with pytest.raises(ValueError, match="needs a policy trained for real-time chunking"):
+        chunked(plain, "rtc_trained", RTCConfig())
+
+
+def test_inference_time_rtc_does_not_also_hand_the_prefix_to_a_policy_trained_for_it():
+    policy = rtc_trained_policy()
+    obs = observations(1)[0]
+    prefix = ChunkPrefix(np.full((5, 4), 0.5, np.float32), delay=2)
+    # With beta 0 the guidance is off: the chunk is the plain one but for the 2 frozen actions.
+    chunk = guided(policy, obs, prefix, max_guidance=0.0)
+    assert np.allclose(chunk[2:], unguided(policy, obs)[2:])
+
+
+def test_the_loop_feeds_the_prefix_to_a_policy_trained_for_rtc_by_default():
+    policy = PrefixRecorder(horizon=16)
+    policy.spec = dataclasses.replace(policy.spec, rtc_max_delay=8)
+    loop = simulated_loop(policy, latency_ms=50, warmup_calls=0)
+    assert loop.config.chunking == "rtc_trained"
+    assert loop.run(100).misses == 0
+    assert all(p.delay == 4 for p in policy.prefixes[1:]) and len(policy.prefixes) > 3

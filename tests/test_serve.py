@@ -16,7 +16,7 @@ from vla_runtime.serve.protocol import ObservationKeys, ProtocolError, pack, unp
 from vla_runtime.serve.remote import RemotePolicy
 from vla_runtime.serve.server import PolicyServer, ServeConfig, ServerThread
 from vla_runtime.sim import make_suite
-from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
+from vla_runtime.types import ActionChunk, ChunkPrefix, Observation, PolicySpec, PolicyStructure
 
 SPEC = PolicySpec(action_dim=4, state_dim=4, cameras=("corner4",), image_size=(8, 8), chunk_size=3,
                   control_dt=0.0125)
@@ -35,6 +35,7 @@ class CountingPolicy:
         self.calls = 0
 
     def predict_chunk(self, obs):
+        self.last_prefix = obs.prefix
         self.inside.set()
         if self.hold is not None:
             self.hold.wait(10)
@@ -187,6 +188,19 @@ def test_protocol_round_trip_and_keys():
     assert keys.image_keys(("corner4",)) == {"corner4": "img"}
     assert ObservationKeys().image_keys(("a", "b", "c")) == {"a": "observation/image", "b": "observation/wrist_image",
                                                             "c": "observation/image_2"}
+    # Real-time chunking's prefix travels with a request, checked like the rest.
+    obs = Observation({"corner4": np.zeros((8, 8, 3), np.uint8)}, np.zeros(4, np.float32), "x", 0.0,
+                      prefix=ChunkPrefix(np.full((2, 4), 0.5, np.float32), delay=1))
+    message = unpack(pack(ObservationKeys().to_message(obs, ("corner4",))))
+    back = ObservationKeys().to_observation(message, SPEC, 0.0)
+    assert back.prefix.delay == 1 and np.array_equal(back.prefix.actions, obs.prefix.actions)
+    assert ObservationKeys().to_observation(request(), SPEC, 0.0).prefix is None
+    for bad, match in (({"rtc/prefix_delay": -1}, "an integer >= 0"), ({"rtc/prefix_delay": 1.5}, "an integer"),
+                       ({"rtc/prefix_actions": np.zeros((2, 3), np.float32)}, "rows of 4 finite numbers"),
+                       ({"rtc/prefix_actions": np.zeros((9, 4), np.float32)}, "1 to 3 rows"),
+                       ({"rtc/prefix_actions": [[float("nan")] * 4]}, "finite")):
+        with pytest.raises(ProtocolError, match=match):
+            ObservationKeys().to_observation({**message, **bad}, SPEC, 0.0)
 
 
 def test_a_server_that_dies_mid_run_shows_as_policy_errors_and_the_loop_holds_the_robot():
@@ -208,3 +222,42 @@ def test_a_server_that_dies_mid_run_shows_as_policy_errors_and_the_loop_holds_th
     assert metrics.ticks == 60 and len(robot.commands) == 60  # the loop kept its rate to the end
     assert metrics.policy_errors and all("policy server" in error for error in metrics.policy_errors)
     assert all(np.all(command[:3] == 0) for command in robot.commands[24:])  # held: zero motion
+
+
+def test_a_remote_policy_on_a_server_with_two_slots_takes_two_requests_at_once():
+    from vla_runtime.control.inference import ThreadedInferenceWorker
+
+    release = threading.Event()
+    policies = [CountingPolicy(release), CountingPolicy(release)]
+    obs = Observation({"corner4": np.zeros((8, 8, 3), np.uint8)}, np.zeros(4, np.float32), "x", 0.0,
+                      prefix=ChunkPrefix(np.full((2, 4), 0.5, np.float32), delay=1))
+    with serve(*policies) as server:
+        remote = RemotePolicy(server.url)
+        assert remote.spec.concurrent_requests == 2
+        worker = ThreadedInferenceWorker(remote, lanes=2)
+        results = []
+        try:
+            assert worker.request(obs, 0) and worker.request(obs, 1) and not worker.request(obs, 2)
+            assert all(policy.inside.wait(10) for policy in policies)  # both slots compute at once
+            release.set()
+            for _ in range(500):
+                while (result := worker.poll(0)) is not None:
+                    results.append(result)
+                if len(results) == 2:
+                    break
+                threading.Event().wait(0.01)
+            assert [policy.calls for policy in policies] == [1, 1]
+            remote.reset()  # every connection's episode: each slot's next request starts from a reset policy
+            assert worker.request(obs, 2) and worker.request(obs, 3)
+            for _ in range(500):
+                if len(results) == 4:
+                    break
+                while (result := worker.poll(0)) is not None:
+                    results.append(result)
+                threading.Event().wait(0.01)
+        finally:
+            worker.close()
+            remote.close()
+    assert sorted(r.request_tick for r in results) == [0, 1, 2, 3] and not any(r.error for r in results)
+    assert all(policy.last_prefix is not None and policy.last_prefix.delay == 1 for policy in policies)
+    assert [policy.calls for policy in policies] == [1, 1]

@@ -106,6 +106,12 @@ def test_toy_suite_and_policy_through_vla_eval_bench_and_replay(tmp_path):
     assert (itself["delta"], itself["ci95"], itself["verdict"]) == (0.0, [0.0, 0.0], "no measurable loss")
     assert cached["success"]["sync"]["paired_vs_none"]["pairs"] == 2
     assert "| won / lost | verdict |" in (tmp_path / "bench" / "bench.md").read_text()
+    # Realtime beside sync by default, each profile's calls taking latencies drawn from its own measured samples.
+    samples = json.loads((tmp_path / "bench" / "latency" / "head_cache.json").read_text())["latency_samples_ms"]
+    realtime = cached["success"]["realtime"]
+    assert len(samples) == cached["latency_samples"] and realtime["paired_vs_none"]["pairs"] == 2
+    assert min(samples) <= realtime["latency_ms"]["p50"] <= max(samples)
+    assert "| jump / jerk (realtime) |" in (tmp_path / "bench" / "bench.md").read_text()
 
     replay = cli("replay", "sim=toy", "policy=toy_vla", f"source={tmp_path / 'eval' / 'episodes'}",
                  "accel=[none,head_cache]", f"output_dir={tmp_path / 'replay'}")

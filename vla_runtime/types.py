@@ -104,6 +104,11 @@ class PolicySpec:
     control_dt: float | None = None  # seconds between its actions; None: any rate
     actions_per_chunk: int | None = None  # executed before asking again (receding horizon); None: all
     privileged: bool = False  # reads simulator state (scripted experts only)
+    # Trained for real-time chunking (training-time RTC): it continues up to this many given actions, the first of
+    # an `Observation.prefix` (what runs while it computes), so `runtime.chunking=rtc_trained` applies. 0: not.
+    rtc_max_delay: int = 0
+    # Requests it computes at once: 1 for a model in this process; a policy server (policy=remote) its slots.
+    concurrent_requests: int = 1
 
     def describe(self) -> str:
         size = f" at {self.image_size[0]}x{self.image_size[1]}" if self.image_size and self.cameras else ""

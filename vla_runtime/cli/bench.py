@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from vla_runtime.accel.profiles import Accelerator, load_profiles
 from vla_runtime.cli.build import accel_spec, realtime_spec, tolerance
 from vla_runtime.cli.common import (
+    UsageError,
     as_dict,
     command_line,
     hydra_cli,
@@ -27,16 +28,34 @@ from vla_runtime.evaluation.observations import MEASUREMENT_SEEDS, calibration_s
 from vla_runtime.evaluation.runner import evaluate
 from vla_runtime.evaluation.speed import Entry, action_head, entries, measure, summarize_runs
 from vla_runtime.execution import exec_config
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.suite import Suite
+
+REALTIME_LATENCY = ("recorded", "runtime")
+
+
+def recorded_latencies(runs: dict[str, dict], directory: Path) -> dict[str, str]:
+    """Each row's latency samples from the interleaved measurement, as files the recorded latency model reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, run in runs.items():
+        paths[name] = str(directory / f"{name}.json")
+        write_json(Path(paths[name]), {"latency_samples_ms": [1000 * s for s in run["latency_s"]]})
+    return paths
 
 
 def success_runs(cfg: DictConfig, sim: Suite, factory, policy_name: str, rows: list[Entry],
-                 tasks: list[str], calibration_dir: str) -> dict[str, dict]:
+                 tasks: list[str], calibration_dir: str, latencies: dict[str, str]) -> dict[str, dict]:
+    """Each row's episodes in every success mode; realtime with the row's own `latencies` (recorded) unless
+    `realtime_latency=runtime` leaves the latency to `runtime.latency_model`."""
     out: dict[str, dict] = {row.name: {} for row in rows}
     for row in rows:
         accel = accel_spec(row.profile, cfg, policy_name, tasks, calibration_dir, row.execution)
         for mode in cfg.success_modes:
             runtime = OmegaConf.merge(cfg.runtime, {"mode": mode})
+            if mode == "realtime" and cfg.realtime_latency == "recorded":
+                runtime = OmegaConf.merge(runtime, {"latency_model": "recorded",
+                                                    "recorded_latencies": latencies[row.name]})
             print(f"success: {row.name}, {mode}")
             episodes = evaluate(factory, sim, tasks,
                                 positive_int(cfg, "episodes_per_task"), workers=positive_int(cfg, "workers"),
@@ -69,7 +88,7 @@ def markdown_table(bench: dict) -> str:
     for mode in modes:
         header += [f"success ({mode})", f"Δ vs none ({mode}), paired 95 %", "won / lost", "verdict"]
     if "realtime" in modes:
-        header.append("policy calls (realtime)")
+        header += ["misses (realtime)", "jump / jerk (realtime)"]
     lines = [f"## vla-bench: {bench['policy']} on {bench['sim']} ({bench['device']})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in bench["profiles"].items():
@@ -87,7 +106,10 @@ def markdown_table(bench: dict) -> str:
                       f"{100 * paired['delta']:+.1f} [{100 * delta_low:+.1f}, {100 * delta_high:+.1f}]",
                       f"{paired['wins']} / {paired['losses']}", paired["verdict"]]
         if "realtime" in modes:
-            cells.append(str(row["success"]["realtime"]["policy_calls"]))
+            loop = row["success"]["realtime"]["control_loop"]
+            jump, jerk = loop["boundary_jump_mean"], loop["jerk_mean"]
+            cells += [f"{100 * loop['miss_rate']:.1f} %",
+                      f"{jump:.3f} / {jerk:.4f}" if jump is not None and jerk is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Latency: {bench['latency_samples_per_profile']} inferences per profile, {bench['rounds']} "
               f"interleaved rounds, {bench['num_threads']} torch threads; consecutive frames of expert episodes "
@@ -102,6 +124,14 @@ def markdown_table(bench: dict) -> str:
                   f"in and `none` failed / the other way round. Verdict: `no measurable loss` when the interval's "
                   f"lower end is at or above -{tolerance:g} points, `loss` when its upper end is below it, else "
                   "`inconclusive`."]
+    if "realtime" in modes:
+        latency = ("each profile's own latency samples from the measurement above, one drawn per call "
+                   "(`latency_model=recorded`, the files in `latency/`)" if bench["realtime_latency"] == "recorded"
+                   else f"`runtime.latency_model={bench['runtime']['latency_model']}`")
+        lines += ["", f"Realtime: latency in the loop at the suite's control rate, {latency}; the runtime's "
+                  "defaults otherwise. Misses: ticks without an action once the first chunk arrived. Jump: the mean "
+                  "L2 step between the last action of a chunk and the first of the next; jerk: the mean L2 second "
+                  "difference of consecutive executed actions (grippers left out)."]
     compiled = {name: row for name, row in bench["profiles"].items() if row["compiled_units"]}
     if compiled:
         lines += ["", "Compiled rows, outside the latency: warm-up (the first pass over the measurement frames, "
@@ -155,6 +185,12 @@ def plot(bench: dict, path: Path) -> None:
 
 def run(cfg: DictConfig, command: str | None = None) -> dict:
     torch.set_num_threads(positive_int(cfg, "num_threads"))
+    if cfg.realtime_latency not in REALTIME_LATENCY:
+        raise UsageError(f"realtime_latency must be one of {', '.join(REALTIME_LATENCY)}, got '{cfg.realtime_latency}'"
+                         f"{did_you_mean(str(cfg.realtime_latency), REALTIME_LATENCY)}")
+    unknown = sorted(set(cfg.success_modes) - {"sync", "realtime"})
+    if unknown:
+        raise UsageError(f"success_modes: unknown {unknown}; choose from sync, realtime")
     sim = suite(cfg)
     tasks = task_list(cfg, sim)
     policy_name, factory = policy_factory(cfg, sim)
@@ -175,7 +211,9 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     if cfg.with_success:
         # The workers find the artifacts calibrated above in the same directory.
         calibration_dir = str(accelerator.calibration_dir)
-        for name, success in success_runs(cfg, sim, factory, policy_name, rows, tasks, calibration_dir).items():
+        latencies = recorded_latencies(runs, output_dir / "latency")
+        for name, success in success_runs(cfg, sim, factory, policy_name, rows, tasks, calibration_dir,
+                                          latencies).items():
             table[name]["success"] = success
         add_paired_deltas(table, list(cfg.success_modes), tolerance(cfg))
     bench = {"command": command, "policy": policy_name, "sim": cfg.sim.name + (f" ({sim.label})" if sim.label else ""),
@@ -185,6 +223,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
              "latency_samples_per_profile": cfg.rounds * sum(len(s) for s in sequences),
              "backends": [b.label for b in backends],
              "with_success": bool(cfg.with_success), "success_modes": list(cfg.success_modes),
+             "realtime_latency": cfg.realtime_latency, "runtime": as_dict(cfg.runtime),
              "episodes_per_task": cfg.episodes_per_task if cfg.with_success else None,
              "tolerance": tolerance(cfg),
              "profile_methods": {p.name: p.methods for p in profiles}, "profiles": table}

@@ -40,7 +40,7 @@ def realtime_spec(runtime: DictConfig, suite: Suite) -> RealtimeSpec | None:
     if runtime.mode not in RUNTIME_MODES:
         raise UsageError(f"runtime.mode must be 'sync' or 'realtime', got '{runtime.mode}'")
     if runtime.mode == "sync":
-        if runtime.get("chunking", "naive") != "naive":
+        if runtime.get("chunking", "auto") not in ("naive", "auto"):
             raise UsageError(f"runtime.chunking={runtime.chunking} acts on latency in the loop: it needs "
                              "runtime.mode=realtime (the synchronous protocol has no latency)")
         return None

@@ -39,10 +39,11 @@ from vla_runtime.control.governor import BudgetGovernor, Candidate
 from vla_runtime.control.loop import CHUNKING
 from vla_runtime.control.metrics import jump_statistics, percentiles_ms
 from vla_runtime.control.reuse import NeverReuse, ReuseGate
-from vla_runtime.control.rtc import RealTimeChunking, RTCConfig
+from vla_runtime.control.rtc import RTCConfig, chunked
 from vla_runtime.data.episodes import Episode
 from vla_runtime.data.sources import LeRobotKeys, SourceError, TopicMap, logged_episodes
 from vla_runtime.execution import ExecConfig, exec_config
+from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import Observation, Policy
 
 matplotlib.use("Agg")
@@ -69,11 +70,11 @@ def episode_observation(episode: Episode, step: int) -> Observation:
 
 
 def replay_episode(policy: Policy, episode: Episode, query_every: int, gate: ReuseGate,
-                   latency_ticks: int | None = None) -> ProfileReplay:
+                   latency_ticks: int | None = None, chunking: str = "naive") -> ProfileReplay:
     """The synchronous protocol over the logged frames: a chunk every `query_every` steps (or the last
     one again, when the gate says so), its first `query_every` actions standing for the next steps (the
     first `latency_ticks` of them taken from the previous chunk, as a robot would run them meanwhile)."""
-    executor = SyncExecutor(policy, query_every, gate, latency_ticks)
+    executor = SyncExecutor(policy, query_every, gate, latency_ticks, chunking)
     executor.reset()
     predicted = np.zeros_like(episode.action, dtype=np.float32)
     for step in range(episode.length):
@@ -96,23 +97,23 @@ class Replayer:
 
     def __init__(self, policy: Policy, policy_name: str, profiles: list[Profile], calibration_dir: str,
                  calibration_count: int, query_every: int, execution: ExecConfig | None = None,
-                 latency_ticks: int | None = None):
+                 latency_ticks: int | None = None, chunking: str = "naive"):
         self.policy = policy
         self.profiles = profiles
         self.query_every = query_every
-        self.latency_ticks = latency_ticks
+        self.played = (latency_ticks, chunking)
         self._first_episode: Episode | None = None
         self.accelerator = Accelerator(policy, lambda: calibration_frames(self._first_episode, calibration_count),
                                        calibration_dir, policy_name, execution)
 
     def run(self, episode: Episode) -> dict[str, ProfileReplay]:
         self._first_episode = self._first_episode or episode
-        replays = {REFERENCE: replay_episode(self.policy, episode, self.query_every, NeverReuse(), self.latency_ticks)}
+        replays = {REFERENCE: replay_episode(self.policy, episode, self.query_every, NeverReuse(), *self.played)}
         for profile in self.profiles:
             handle = self.accelerator.apply(profile)
             try:
                 replays[profile.name] = replay_episode(self.policy, episode, self.query_every,
-                                                       handle.reuse_gate or NeverReuse(), self.latency_ticks)
+                                                       handle.reuse_gate or NeverReuse(), *self.played)
             finally:
                 self.accelerator.remove()
         return replays
@@ -297,15 +298,22 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     profiles = [load_profile(p, {m: s for m, s in options.items() if m in p.methods}) for p in profiles]
     policy = factory()
     query_every = cfg.query_every or policy.spec.actions_per_chunk or 1
-    if cfg.chunking not in CHUNKING:
-        raise UsageError(f"Unknown chunking '{cfg.chunking}'; choose one of {', '.join(CHUNKING)}")
+    chunking = cfg.chunking
+    if chunking not in CHUNKING:
+        raise UsageError(f"Unknown chunking '{chunking}'{did_you_mean(chunking, CHUNKING)}; choose one of "
+                         f"{', '.join(CHUNKING)}")
     if cfg.latency_ticks is not None and (not isinstance(cfg.latency_ticks, int) or cfg.latency_ticks < 0):
         raise UsageError(f"latency_ticks must be a whole number of control ticks >= 0, got {cfg.latency_ticks!r}")
-    if cfg.chunking == "rtc":
+    if chunking == "auto":
+        chunking = "rtc_trained" if policy.spec.rtc_max_delay and cfg.latency_ticks is not None else "naive"
+    if chunking != "naive":
         if cfg.latency_ticks is None:
-            raise UsageError("chunking=rtc follows the actions a robot runs while the policy computes: give "
+            raise UsageError(f"chunking={chunking} follows the actions a robot runs while the policy computes: give "
                              "latency_ticks=<control ticks of latency>")
-        policy = RealTimeChunking(policy, RTCConfig(**as_dict(cfg.rtc)))
+        try:
+            policy = chunked(policy, chunking, RTCConfig(**as_dict(cfg.rtc)))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     sync_config(policy, query_every, cfg.latency_ticks)  # a latency the chunks cannot cover: said before any replay
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +321,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         prefix="calibration-", dir=output_dir)
     execution = exec_config(cfg.exec if isinstance(cfg.exec, str) else as_dict(cfg.exec))
     replayer = Replayer(policy, policy_name, profiles, calibration_dir, positive_int(cfg, "calibration_frames"),
-                        query_every, execution, cfg.latency_ticks)
+                        query_every, execution, cfg.latency_ticks, chunking)
     for profile in profiles:  # every incompatibility is reported before any replay
         replayer.accelerator.check(profile)
     topics = TopicMap(**{**as_dict(cfg.topics), "action_dim": cfg.topics.action_dim or policy.spec.action_dim})
@@ -322,7 +330,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     names = [p.name for p in profiles]
     report = {"command": command, "source": str(cfg.source), "policy": policy_name, "accel": names,
               "profile_methods": {p.name: p.methods for p in profiles}, "query_every": query_every,
-              "latency_ticks": cfg.latency_ticks, "chunking": cfg.chunking,
+              "latency_ticks": cfg.latency_ticks, "chunking": chunking,
               "device": f"CPU, {torch.get_num_threads()} torch threads", "error": None, "trace_plots": [],
               "action_dim": None}
     episodes: list[dict] = []

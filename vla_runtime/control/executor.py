@@ -8,8 +8,9 @@ within the tick; the first `actions_per_chunk` actions of each are executed (all
 
 `latency_ticks` (vla-replay) plays a latency into this open loop: every chunk after an episode's first arrives
 `latency_ticks` ticks after its request, which is made once `actions_per_chunk` actions have run, so the
-previous chunk's next actions run meanwhile (what a robot runs while the policy computes); each request
-carries them as a `ChunkPrefix`, which a policy with real-time chunking follows (others ignore it).
+previous chunk's next actions run meanwhile (what a robot runs while the policy computes); with `chunking` rtc or
+rtc_trained each request carries them as a `ChunkPrefix`, which a policy with real-time chunking follows (RTC's
+guidance, or one trained for it).
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ def policy_view(policy: Policy, obs: Observation) -> Observation:
     return obs if policy.spec.privileged else obs.without_privileged_state()
 
 
-def sync_config(policy: Policy, actions_per_chunk: int | None, latency_ticks: int | None) -> RuntimeConfig:
+def sync_config(policy: Policy, actions_per_chunk: int | None, latency_ticks: int | None,
+                chunking: str = "naive") -> RuntimeConfig:
     """The loop's settings for the synchronous protocol: without latency, only the executed actions are queued and
     the next chunk is asked for when they ran out; with it, the whole chunk, asked for again when the executed
-    ones ran (the rest runs while the next chunk is computed)."""
+    ones ran (the rest runs while the next chunk is computed), each request carrying them unless `chunking` is
+    naive."""
     if latency_ticks is None:
         return RuntimeConfig(control_hz=1.0, request_when="count", request_threshold=0,
-                             execute_horizon=actions_per_chunk)
+                             execute_horizon=actions_per_chunk, chunking="naive", max_in_flight=1)
     horizon = policy.spec.chunk_size
     executed = min(actions_per_chunk or policy.spec.actions_per_chunk or horizon, horizon)
     if latency_ticks > horizon - executed:
@@ -42,16 +45,16 @@ def sync_config(policy: Policy, actions_per_chunk: int | None, latency_ticks: in
                          f"{horizon}-action chunk once {executed} ran: the robot would run out of actions; use at "
                          f"most {horizon - executed} or execute fewer actions per chunk")
     return RuntimeConfig(control_hz=1.0, request_when="count", request_threshold=horizon - executed,
-                         chunking="rtc")
+                         chunking=chunking, max_in_flight=1)
 
 
 class SyncExecutor:
     def __init__(self, policy: Policy, actions_per_chunk: int | None = None, gate: ReuseGate | None = None,
-                 latency_ticks: int | None = None):
+                 latency_ticks: int | None = None, chunking: str = "naive"):
         self.policy = policy
         self.gate = gate or NeverReuse()
         self.latency_ticks = latency_ticks
-        self.config = sync_config(policy, actions_per_chunk, latency_ticks)
+        self.config = sync_config(policy, actions_per_chunk, latency_ticks, chunking)
         self.reset()
 
     def reset(self) -> None:
@@ -65,7 +68,7 @@ class SyncExecutor:
     @property
     def needs_observation(self) -> bool:
         """Whether the next `act` consults the policy (or the gate): only then does it read images."""
-        return self.loop.wants_inference()
+        return self.loop.wants_inference(self.tick)
 
     def act(self, obs: Observation) -> np.ndarray:
         action = self.loop.step(self.tick, lambda: policy_view(self.policy, obs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -107,26 +108,33 @@ def _call_policy(policy: Policy, obs: Observation,
 
 
 class SimulatedInferenceWorker:
-    def __init__(self, policy: Policy, latency_model: LatencyModel, control_period_s: float):
+    """`lanes` requests computed at once (pipelining: `RuntimeConfig.max_in_flight`), each delivered its latency
+    after its request; the policy itself runs at once, one call after the other."""
+
+    def __init__(self, policy: Policy, latency_model: LatencyModel, control_period_s: float, lanes: int = 1):
+        if lanes < 1:
+            raise ValueError(f"an inference worker needs at least one lane, got {lanes}")
         self.policy = policy
         self.latency_model = latency_model
         self.period = control_period_s
+        self.lanes = lanes
         self.warn = _ThrottledWarning()  # each worker its own: one failing policy does not silence another's
-        self._pending: tuple[int, InferenceResult] | None = None  # (delivery tick, result)
+        self._pending: list[tuple[int, InferenceResult]] = []  # (delivery tick, result), in order of delivery
 
     @property
-    def busy(self) -> bool:
-        return self._pending is not None
+    def in_flight(self) -> int:
+        return len(self._pending)
 
     def request(self, obs: Observation, tick: int) -> bool:
-        if self.busy:
+        if len(self._pending) >= self.lanes:
             return False
         chunk, compute_s, error = self._call(obs)
         latency_s = self._latency(compute_s)
         # Rounded up: a chunk that is 1 ms late for a tick misses that tick. (The epsilon keeps float
         # noise, e.g. 0.1 / 0.0125 = 8.000000001, from costing a whole tick.)
         delivery = tick + math.ceil(latency_s / self.period - 1e-9)
-        self._pending = (delivery, InferenceResult(tick, chunk, latency_s, compute_s, error))
+        self._pending.append((delivery, InferenceResult(tick, chunk, latency_s, compute_s, error)))
+        self._pending.sort(key=lambda pending: pending[0])  # stable: requests due at one tick keep their order
         return True
 
     def _call(self, obs: Observation) -> tuple[ActionChunk | None, float, str | None]:
@@ -136,10 +144,10 @@ class SimulatedInferenceWorker:
         return self.latency_model.latency(compute_s)
 
     def poll(self, tick: int) -> InferenceResult | None:
-        if self._pending is None or self._pending[0] > tick:
+        """The earliest chunk due by `tick` (call again for the next), or None."""
+        if not self._pending or self._pending[0][0] > tick:
             return None
-        result, self._pending = self._pending[1], None
-        return result
+        return self._pending.pop(0)[1]
 
     def close(self) -> None:
         pass
@@ -166,54 +174,59 @@ class SyncWorker(SimulatedInferenceWorker):
 
 
 class ThreadedInferenceWorker:
-    def __init__(self, policy: Policy, latency_model: LatencyModel | None = None):
+    """The policy on `lanes` threads (pipelining: `RuntimeConfig.max_in_flight`), at most as many as the policy
+    computes at once (`PolicySpec.concurrent_requests`: a model in this process one, a policy server its slots)."""
+
+    def __init__(self, policy: Policy, latency_model: LatencyModel | None = None, lanes: int = 1):
+        if not 1 <= lanes <= policy.spec.concurrent_requests:
+            raise ValueError(f"max_in_flight={lanes}, but this policy computes {policy.spec.concurrent_requests} "
+                             "request(s) at once (a model in this process: 1); more in flight needs a policy "
+                             "server with as many slots (vla-serve slots=N, policy=remote)")
         self.policy = policy
         self.latency_model = latency_model or LatencyModel("measured")
         self.warn = _ThrottledWarning()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._request: tuple[Observation, int] | None = None
-        self._result: InferenceResult | None = None
-        self._in_flight = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="inference-worker", daemon=True)
-        self._thread.start()
+        self._requests: queue.SimpleQueue[tuple[Observation, int] | None] = queue.SimpleQueue()
+        self._results: list[InferenceResult] = []
+        self._in_flight = 0
+        self._threads = [threading.Thread(target=self._serve, name=f"inference-worker-{index}", daemon=True)
+                         for index in range(lanes)]
+        for thread in self._threads:
+            thread.start()
 
     @property
-    def busy(self) -> bool:
+    def in_flight(self) -> int:
         with self._lock:
-            return self._in_flight or self._result is not None
+            return self._in_flight
 
     def request(self, obs: Observation, tick: int) -> bool:
         with self._lock:
-            if self._in_flight or self._result is not None:
+            if self._in_flight >= len(self._threads):
                 return False
-            self._request, self._in_flight = (obs, tick), True
-        self._wake.set()
+            self._in_flight += 1
+        self._requests.put((obs, tick))
         return True
 
     def poll(self, tick: int) -> InferenceResult | None:
+        """The first chunk finished (call again for the next), or None."""
         with self._lock:
-            result, self._result = self._result, None
-        return result
+            if not self._results:
+                return None
+            self._in_flight -= 1
+            return self._results.pop(0)
 
     def _serve(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                return
-            with self._lock:
-                obs, tick = self._request
+        while (request := self._requests.get()) is not None:
+            obs, tick = request
             chunk, compute_s, error = _call_policy(self.policy, obs, self.warn)
             latency_s = self.latency_model.latency(compute_s)
             if latency_s > compute_s:  # a latency model slower than this machine: wait it out
                 time.sleep(latency_s - compute_s)
             with self._lock:
-                self._result = InferenceResult(tick, chunk, latency_s, compute_s, error)
-                self._in_flight = False
+                self._results.append(InferenceResult(tick, chunk, latency_s, compute_s, error))
 
     def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        self._thread.join(timeout=5.0)
+        for _ in self._threads:
+            self._requests.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5.0)

@@ -27,6 +27,12 @@ class LoopMetrics:
     boundary_jumps: list[float] = field(default_factory=list)
     rtc_delays: list[int] = field(default_factory=list)  # the delay (ticks) sent with each rtc request
     rtc_delay_clamped: int = 0  # requests whose estimated delay reached the chunk's length
+    # Jerk: |a_t - 2 a_t-1 + a_t-2| (L2, the held dimensions - grippers - left out) over consecutive executed
+    # actions: the jerk of the motion per tick^2 where actions command velocities or deltas (all three suites).
+    jerk_sum: float = 0.0
+    jerk_ticks: int = 0
+    stale_chunks: int = 0  # chunks that arrived after a newer request's (pipelining): dropped
+    max_in_flight: int = 0  # the most requests in flight at once
 
     @property
     def policy_calls(self) -> int:
@@ -48,6 +54,8 @@ class LoopMetrics:
             "profile_switches": self.profile_switches,
             "boundary_jumps": [round(jump, 6) for jump in self.boundary_jumps],  # pooled over episodes by callers
             "rtc_delays": list(self.rtc_delays), "rtc_delay_clamped": self.rtc_delay_clamped,
+            "jerk_sum": self.jerk_sum, "jerk_ticks": self.jerk_ticks,
+            "stale_chunks": self.stale_chunks, "max_in_flight": self.max_in_flight,
         }
 
 
@@ -55,6 +63,13 @@ def jump_statistics(jumps: list[float]) -> dict[str, float | None]:
     """Mean and p99 of chunk-boundary jumps (None when there are none)."""
     return {"boundary_jump_mean": float(np.mean(jumps)) if jumps else None,
             "boundary_jump_p99": float(np.percentile(jumps, 99)) if jumps else None}
+
+
+def smoothness(loops: list[dict]) -> dict[str, float | None]:
+    """Boundary jumps and the mean jerk, pooled over runs' `LoopMetrics.summary()`s."""
+    ticks = sum(loop.get("jerk_ticks", 0) for loop in loops)  # (absent from runs recorded before it was measured)
+    return {**jump_statistics([jump for loop in loops for jump in loop["boundary_jumps"]]),
+            "jerk_mean": sum(loop.get("jerk_sum", 0.0) for loop in loops) / ticks if ticks else None}
 
 
 def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ p95 of recent latencies in ticks, the first calls (warm-up: lazy initialisation,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -126,8 +127,8 @@ class RealTimeChunking:
         target[0, :overlap] = torch.as_tensor(self.head.actions_in(np.asarray(prefix.actions[:overlap])))
         self.hook.target = target
         self.hook.weights = torch.from_numpy(prefix_weights(overlap, prefix.delay, horizon, self.config.schedule))
-        try:
-            chunk = self.policy.predict_chunk(obs)
+        try:  # the guidance follows the prefix; a policy trained for RTC is not also given it
+            chunk = self.policy.predict_chunk(dataclasses.replace(obs, prefix=None))
         finally:
             self.hook.target = None
         frozen = min(prefix.delay, overlap)
@@ -135,6 +136,18 @@ class RealTimeChunking:
         actions[:frozen] = prefix.actions[:frozen]
         return ActionChunk(actions, chunk.t0, chunk.dt, {**chunk.info, "rtc": {"delay": prefix.delay,
                                                                                "overlap": overlap}})
+
+
+def chunked(policy: Policy, chunking: str, config: RTCConfig) -> Policy:
+    """`policy` as `runtime.chunking` (resolved: naive, rtc or rtc_trained) runs it: rtc wraps it in
+    `RealTimeChunking`; rtc_trained takes it as it is, once it declares that it was trained for it."""
+    if chunking == "rtc":
+        return RealTimeChunking(policy, config)
+    if chunking == "rtc_trained" and not policy.spec.rtc_max_delay:
+        raise ValueError("runtime.chunking=rtc_trained needs a policy trained for real-time chunking (one that "
+                         "declares PolicySpec.rtc_max_delay, e.g. vla-train model.rtc_max_delay=N); this one is not: "
+                         "use runtime.chunking=naive, rtc or auto")
+    return policy
 
 
 class DelayEstimator:
@@ -168,6 +181,7 @@ class FixedDelay:
 
     def __init__(self, ticks: int):
         self._ticks = ticks
+        self.latencies_s: list[float] = []  # none measured
 
     def observe(self, latency_s: float) -> None:
         pass

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from vla_runtime.control.metrics import jump_statistics, percentiles_ms
+from vla_runtime.control.metrics import percentiles_ms, smoothness
 from vla_runtime.evaluation.runner import EpisodeResult
 
 Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
@@ -133,8 +133,10 @@ def _loop_totals(loops: Sequence[dict]) -> dict:
     jitter_p99 = [loop["tick_jitter_ms"]["p99"] for loop in loops if loop["tick_jitter_ms"]["p99"] is not None]
     totals["tick_jitter_ms_p99_max"] = max(jitter_p99) if jitter_p99 else None
     totals["profile_switches"] = sum(len(loop["profile_switches"]) for loop in loops)
-    # Smoothness: the jump between the last action of one chunk and the first of the next, pooled.
-    totals.update(jump_statistics([jump for loop in loops for jump in loop["boundary_jumps"]]))
+    # Smoothness: the jump between the last action of one chunk and the first of the next, and the jerk, pooled.
+    totals.update(smoothness(loops))
+    totals["stale_chunks"] = sum(loop.get("stale_chunks", 0) for loop in loops)
+    totals["max_in_flight"] = max(loop.get("max_in_flight", 1) for loop in loops)
     delays = [delay for loop in loops for delay in loop["rtc_delays"]]
     totals["rtc_delay_ticks_p50"] = float(np.median(delays)) if delays else None
     totals["rtc_delay_clamped"] = sum(loop["rtc_delay_clamped"] for loop in loops)

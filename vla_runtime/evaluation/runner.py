@@ -15,7 +15,7 @@ from vla_runtime.control.executor import SyncExecutor, policy_view
 from vla_runtime.control.inference import LatencyModel, SimulatedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig, SimulatedClock
 from vla_runtime.control.reuse import NeverReuse, ReuseGate, make_reuse_gate
-from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking
+from vla_runtime.control.rtc import DelayEstimator, chunked
 from vla_runtime.data.episodes import Episode, EpisodeStore
 from vla_runtime.evaluation.launchers import LAUNCHERS
 from vla_runtime.evaluation.observations import calibration_source
@@ -153,7 +153,7 @@ def run_episode_realtime(env: Env, policy: Policy, seed: int, runtime: RuntimeCo
     reuse_gate = reuse_gate or NeverReuse()
     reuse_gate.reset()
     robot = SimRobot(env, policy)
-    loop = ControlLoop(robot, SimulatedInferenceWorker(policy, latency_model, env.dt), runtime,
+    loop = ControlLoop(robot, SimulatedInferenceWorker(policy, latency_model, env.dt, runtime.max_in_flight), runtime,
                        clock=SimulatedClock(), reuse_gate=reuse_gate, delays=delays)
     metrics = loop.run(env.max_steps, done=lambda: robot.done)
     return EpisodeResult(env.task, seed, robot.success, env.steps, metrics.inference_latency_s,
@@ -216,8 +216,7 @@ class EpisodeWorker:
             loop = realtime.loop.for_policy(self.policy.spec, actions_per_chunk)
             profile_gate = self.accel.reuse_gate if self.accel else None
             gate = profile_gate or make_reuse_gate(realtime.reuse_gate)
-            if loop.chunking == "rtc":
-                self.policy = RealTimeChunking(self.policy, loop.rtc)
+            self.policy = chunked(self.policy, loop.chunking, loop.rtc)
             self.realtime = (loop, realtime.latency.model(), gate,
                              DelayEstimator(1.0 / loop.control_hz, loop.warmup_calls))
         self.envs: dict[str, Env] = {}

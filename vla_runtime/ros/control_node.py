@@ -27,8 +27,8 @@ from std_srvs.srv import Trigger
 
 from vla_runtime.control.inference import ThreadedInferenceWorker
 from vla_runtime.control.loop import ControlLoop, RuntimeConfig
-from vla_runtime.control.metrics import LoopMetrics, percentiles_ms
-from vla_runtime.control.rtc import DelayEstimator, RealTimeChunking, RTCConfig
+from vla_runtime.control.metrics import LoopMetrics, percentiles_ms, smoothness
+from vla_runtime.control.rtc import DelayEstimator, RTCConfig, chunked
 from vla_runtime.control.safety import SafetyConfig
 from vla_runtime.data.messages import ACTION_TYPE_NAMES, MessageRejected
 from vla_runtime.evaluation.observations import calibration_source
@@ -90,8 +90,8 @@ class ControlNode(Node):
         self.action_names = list(p.action_names or [f"action_{i}" for i in range(self.action_dim)])
         self.robot = self._robot(p)
         self.runtime = self._runtime(p, self.contract)
-        if self.runtime.chunking == "rtc":  # outermost on the head's step: every profile runs inside the guidance
-            self.policy = RealTimeChunking(self.policy, self.runtime.rtc)
+        # rtc: outermost on the head's step, so every profile runs inside the guidance
+        self.policy = chunked(self.policy, self.runtime.chunking, self.runtime.rtc)
         # One estimate for the node's life: the warm-up calls it leaves out are the process's first.
         self.delays = DelayEstimator(1.0 / self.runtime.control_hz, self.runtime.warmup_calls)
         if p.log_bag:
@@ -148,7 +148,7 @@ class ControlNode(Node):
             control_hz=contract.control_hz, request_when=p.request_when,
             request_threshold=None if p.request_threshold < 0 else p.request_threshold,
             execute_horizon=p.execute_horizon or None,
-            chunking=p.chunking, rtc=RTCConfig(max_guidance=p.rtc_max_guidance),
+            chunking=p.chunking, rtc=RTCConfig(max_guidance=p.rtc_max_guidance), max_in_flight=p.max_in_flight or None,
             safety=SafetyConfig(action_low=list(contract.action_low), action_high=list(contract.action_high),
                                 stale_observation_s=p.stale_observation_s,
                                 hold_dims=list(contract.hold_dims))).for_policy(self.policy.spec)
@@ -223,7 +223,7 @@ class ControlNode(Node):
             raise RuntimeError("e-stopped: call ~/reset first")
         if self.running:
             return "already running"
-        self._worker = ThreadedInferenceWorker(self.policy)
+        self._worker = ThreadedInferenceWorker(self.policy, lanes=self.runtime.max_in_flight)
         self.loop = ControlLoop(self.robot, self._worker, self.runtime, reuse_gate=self.profiles.reuse_gate(),
                                 governor=self.profiles.governor, set_profile=self.set_profile, delays=self.delays)
         self.run_metrics.append(self.loop.metrics)
@@ -289,6 +289,7 @@ class ControlNode(Node):
             "image_to_action_ms": percentiles_ms(self.publish_latency_s),
             "tick_jitter_ms": percentiles_ms(jitter),
             "over_budget_calls": sum(1 for s in latencies if budget_ms > 0 and 1000 * s > budget_ms),
+            **smoothness([m.summary() for m in self.run_metrics]),
         }
 
     def publish_diagnostics(self) -> None:

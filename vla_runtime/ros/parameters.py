@@ -86,8 +86,11 @@ class ControlParams:
     request_threshold: int = parameter(-1, "ask when this many actions are left (-1: once the policy's executed "
                                            "horizon ran)")
     execute_horizon: int = parameter(0, "actions of each chunk queued (0: all; late ones are dropped)")
-    chunking: str = parameter("naive", "naive | rtc: real-time chunking, each chunk guided towards the actions still "
-                                       "queued (flow-matching heads)")
+    chunking: str = parameter("auto", "naive | rtc: real-time chunking, each chunk guided towards the actions still "
+                                      "queued (flow-matching heads) | rtc_trained: a policy trained for it continues "
+                                      "them | auto: rtc_trained for a policy trained for it, else naive")
+    max_in_flight: int = parameter(0, "requests in flight at once (pipelining; 0: what the policy computes at once, "
+                                      "1 for a model in this process, a vla-serve's slots for policy=remote)")
     rtc_max_guidance: float = parameter(5.0, "chunking=rtc: the cap of the guidance weight (RTC's beta)")
     num_threads: int = parameter(0, "torch threads (0: torch's default)")
     diagnostics_hz: float = parameter(1.0, "rate of /diagnostics")

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from vla_runtime.types import Observation, PolicySpec
+from vla_runtime.types import ChunkPrefix, Observation, PolicySpec
 
 NUMERIC_KINDS = "biuf"  # bool, signed / unsigned integers, floats
 
@@ -110,6 +110,10 @@ class ObservationKeys:
     images: dict[str, str] = field(default_factory=dict)
     state: str = "observation/state"
     prompt: str = "prompt"
+    # Real-time chunking (optional): the actions still queued from the request's tick on, [L, A], and the delay in
+    # control ticks before the new chunk can arrive (`ChunkPrefix`; a policy trained for it continues them).
+    prefix_actions: str = "rtc/prefix_actions"
+    prefix_delay: str = "rtc/prefix_delay"
 
     def image_keys(self, cameras: tuple[str, ...]) -> dict[str, str]:
         if self.images:
@@ -139,9 +143,31 @@ class ObservationKeys:
             images[camera] = image
         state = numbers(message.get(self.state), self.state, spec.state_dim) if spec.state_dim else \
             np.zeros(0, np.float32)
-        return Observation(images, state, prompt, timestamp)
+        return Observation(images, state, prompt, timestamp, prefix=self._prefix(message, spec))
+
+    def _prefix(self, message: dict, spec: PolicySpec) -> ChunkPrefix | None:
+        actions, delay = message.get(self.prefix_actions), message.get(self.prefix_delay)
+        if actions is None and delay is None:
+            return None
+        if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+            raise ProtocolError(f"'{self.prefix_delay}' must be an integer >= 0 (control ticks), got {describe(delay)}")
+        problem = ProtocolError(f"'{self.prefix_actions}' must be 1 to {spec.chunk_size} rows of {spec.action_dim} "
+                                f"finite numbers, got {describe(actions)}")
+        if isinstance(actions, np.ndarray) and actions.dtype.kind not in NUMERIC_KINDS:
+            raise problem
+        try:
+            array = np.asarray(actions, dtype=np.float32)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise problem from exc
+        if array.ndim != 2 or not 1 <= len(array) <= spec.chunk_size or array.shape[1] != spec.action_dim \
+                or not np.all(np.isfinite(array)):
+            raise problem
+        return ChunkPrefix(array, delay)
 
     def to_message(self, obs: Observation, cameras: tuple[str, ...]) -> dict:
         """An `Observation` as a request (the remote policy's side)."""
         message = {key: obs.images[camera] for camera, key in self.image_keys(cameras).items()}
+        if obs.prefix is not None:
+            message[self.prefix_actions] = np.asarray(obs.prefix.actions, np.float32)
+            message[self.prefix_delay] = int(obs.prefix.delay)
         return {**message, self.state: np.asarray(obs.state, np.float32), self.prompt: obs.instruction}

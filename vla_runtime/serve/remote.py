@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import numpy as np
 from websockets.exceptions import WebSocketException
@@ -19,47 +20,72 @@ from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStruct
 
 
 class RemotePolicy:
+    """One connection per calling thread: a control loop with several requests in flight (`max_in_flight`, up to
+    the server's slots) calls it from as many threads, each connection holding a slot of its own."""
+
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0,
                  keys: ObservationKeys | None = None):
         self.url = url
         self.token = token
         self.timeout_s = timeout_s
         self.keys = keys or ObservationKeys()
-        self._ws: ClientConnection | None = None
+        self._local = threading.local()
+        self._connections: list[ClientConnection] = []
+        self._lock = threading.Lock()
         self.metadata = self._connect()
         spec = {f.name: self.metadata["spec"][f.name] for f in dataclasses.fields(PolicySpec)
                 if f.name in self.metadata["spec"]}
         self.spec = PolicySpec(**{**spec, "cameras": tuple(spec.get("cameras", ())),
-                                  "image_size": tuple(spec["image_size"]) if spec.get("image_size") else None})
+                                  "image_size": tuple(spec["image_size"]) if spec.get("image_size") else None,
+                                  "concurrent_requests": int(self.metadata.get("slots", 1))})
         self.structure = PolicyStructure()  # nothing to hook here: acceleration runs on the server
 
     def _connect(self) -> dict:
         headers = {"Authorization": f"Api-Key {self.token}"} if self.token else None
         try:
             # Entered as a context (websockets 17 deprecates a bare connect); `close` closes it.
-            self._ws = connect(self.url, compression=None, max_size=None, additional_headers=headers,
-                               open_timeout=self.timeout_s).__enter__()
-            return unpack(self._ws.recv(timeout=self.timeout_s))
+            ws = connect(self.url, compression=None, max_size=None, additional_headers=headers,
+                         open_timeout=self.timeout_s).__enter__()
+            metadata = unpack(ws.recv(timeout=self.timeout_s))
         except (OSError, TimeoutError, WebSocketException, ProtocolError) as exc:
-            self._ws = None
             raise ConnectionError(f"no policy server at {self.url}: {exc}") from exc
+        self._local.ws = ws
+        with self._lock:
+            self._connections.append(ws)
+        return metadata
+
+    def _forget(self, ws: ClientConnection) -> None:
+        ws.close()
+        with self._lock:
+            if ws in self._connections:
+                self._connections.remove(ws)
 
     def _call(self, message: dict):
-        if self._ws is None:
+        if getattr(self._local, "ws", None) not in self._connections:  # none yet, or dropped (a failed reset)
             self._connect()
+        ws = self._local.ws
         try:
-            self._ws.send(pack(message))
-            reply = self._ws.recv(timeout=self.timeout_s)
+            ws.send(pack(message))
+            reply = ws.recv(timeout=self.timeout_s)
         except (OSError, TimeoutError, WebSocketException) as exc:
-            self._ws.close()
-            self._ws = None
+            self._forget(ws)
             raise ConnectionError(f"policy server {self.url}: {type(exc).__name__}: {exc}") from exc
         if isinstance(reply, str):
             raise RuntimeError(f"policy server {self.url}: {reply}")
         return unpack(reply)
 
     def reset(self) -> None:
-        self._call({"reset": True})
+        """A new episode on every connection (called between episodes, with no request in flight)."""
+        with self._lock:
+            connections = list(self._connections)
+        if not connections:
+            self._call({"reset": True})
+        for ws in connections:
+            try:
+                ws.send(pack({"reset": True}))
+                ws.recv(timeout=self.timeout_s)
+            except (OSError, TimeoutError, WebSocketException):
+                self._forget(ws)  # its thread connects again on its next call
 
     def predict_chunk(self, obs: Observation) -> ActionChunk:
         reply = self._call(self.keys.to_message(obs, self.spec.cameras))
@@ -71,9 +97,11 @@ class RemotePolicy:
                            info={"server_timing": reply.get("server_timing", {})})
 
     def close(self) -> None:
-        if self._ws is not None:
-            self._ws.close()
-            self._ws = None
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for ws in connections:
+            ws.close()
+        self._local = threading.local()
 
 
 @register_policy("remote")

@@ -44,8 +44,9 @@ def save_model(directory: Path, model: RefVLA, normalizer: Normalizer, tokenizer
     tokenizer.save(str(directory / "tokenizer.json"))
 
 
-# What a fine-tuning run may change in a saved model's config (`load_model(..., rechunk=)`): the chunk.
-RECHUNK_FIELDS = ("chunk_size", "actions_per_chunk")
+# What a fine-tuning run may change in a saved model's config (`load_model(..., changes=)`): the chunk, and
+# training-time RTC (a head that takes a given prefix: its flag embedding starts at zero, the head unchanged).
+FINE_TUNE_FIELDS = ("chunk_size", "actions_per_chunk", "rtc_max_delay")
 
 
 def _resample_positions(position: torch.Tensor, length: int) -> torch.Tensor:
@@ -54,25 +55,27 @@ def _resample_positions(position: torch.Tensor, length: int) -> torch.Tensor:
                                            align_corners=True).transpose(1, 2).contiguous()
 
 
-def load_model(directory: str | Path, rechunk: dict | None = None) -> tuple[RefVLA, Normalizer, Tokenizer]:
-    """`rechunk`: new values of RECHUNK_FIELDS, to fine-tune a saved model for another chunk length (the DiT's
-    position embedding is resampled to it; nothing else depends on the chunk)."""
+def load_model(directory: str | Path, changes: dict | None = None) -> tuple[RefVLA, Normalizer, Tokenizer]:
+    """`changes`: new values of FINE_TUNE_FIELDS, to fine-tune a saved model for another chunk length (the DiT's
+    position embedding is resampled to it; nothing else depends on the chunk) or for training-time RTC."""
     directory = Path(directory)
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"Checkpoint {directory} is missing {', '.join(missing)}")
     config = RefVLAConfig.from_json(directory / "config.json")
-    if rechunk:
-        unknown = sorted(set(rechunk) - set(RECHUNK_FIELDS))
+    if changes:
+        unknown = sorted(set(changes) - set(FINE_TUNE_FIELDS))
         if unknown:
             raise CheckpointError(f"Cannot change {', '.join(unknown)} of the saved model {directory}: only "
-                                  f"{', '.join(RECHUNK_FIELDS)} can differ from its config.json")
-        config = dataclasses.replace(config, **rechunk)
+                                  f"{', '.join(FINE_TUNE_FIELDS)} can differ from its config.json")
+        config = dataclasses.replace(config, **changes)
     model = RefVLA(config)
     expected = model.state_dict()
     weights = match_vit_layout(_load_tensors(directory / "model.safetensors"), expected)
     if "dit.position" in weights and weights["dit.position"].shape[1] != config.chunk_size:
         weights["dit.position"] = _resample_positions(weights["dit.position"], config.chunk_size)
+    if changes and changes.get("rtc_max_delay") and "dit.given" not in weights:
+        weights["dit.given"] = expected["dit.given"]  # zeros: the head as it was until it learns the flag
     problems = [f"missing {k}" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [f"{k}: {tuple(weights[k].shape)} in file, {tuple(v.shape)} in model"

@@ -43,6 +43,10 @@ class RefVLAConfig:
     dit_heads: int = 4
     dit_mlp_ratio: float = 4.0
     denoising_steps: int = 10
+    # Training-time real-time chunking (arXiv 2512.05964): the head trained with the chunk's first d actions given
+    # clean (d uniform in 0..rtc_max_delay, no loss on them), so at inference the actions that run while the chunk
+    # is computed are fed in and the rest continues them. 0: not trained for it.
+    rtc_max_delay: int = 0
     # AR action tokens.
     action_bins: int = 256
 
@@ -55,6 +59,10 @@ class RefVLAConfig:
             raise ValueError(f"Unknown action head '{self.head}': use 'dit' or 'ar'")
         if self.feature_map_size % self.vit_patch_size:
             raise ValueError(f"Feature map {self.feature_map_size} not divisible by patch {self.vit_patch_size}")
+        if not 0 <= self.rtc_max_delay < self.chunk_size:
+            raise ValueError(f"rtc_max_delay must be in [0, chunk_size={self.chunk_size}), got {self.rtc_max_delay}")
+        if self.rtc_max_delay and self.head != "dit":
+            raise ValueError("rtc_max_delay (training-time real-time chunking) needs head=dit")
         if self.num_visual_tokens < 64:
             raise ValueError(f"{self.num_visual_tokens} visual tokens per image; the reference VLAs use >= 64")
 

@@ -111,6 +111,8 @@ class DiTActionHead(nn.Module):
         self.config = config
         self.action_in = nn.Linear(config.action_dim, dim)
         self.position = nn.Parameter(torch.randn(1, config.chunk_size, dim) * 0.02)
+        # Training-time RTC: added to the positions whose actions are given clean (the executed prefix).
+        self.given = nn.Parameter(torch.zeros(1, 1, dim)) if config.rtc_max_delay else None
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.condition_in = nn.Linear(config.lm_hidden, dim)
         self.blocks = nn.ModuleList(
@@ -126,25 +128,42 @@ class DiTActionHead(nn.Module):
         """What every block's adaLN reads: the denoising time and the LM's cognition feature."""
         return self.time_mlp(timestep_embedding(t, self.config.dit_hidden)) + self.condition_in(cognition)
 
-    def forward(self, noisy_actions: torch.Tensor, t: torch.Tensor, cognition: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy_actions: torch.Tensor, t: torch.Tensor, cognition: torch.Tensor,
+                given: torch.Tensor | None = None) -> torch.Tensor:
+        """`given` [B, H] (a head trained with `rtc_max_delay`): 1 where the position holds a clean action."""
         condition = self.condition(t, cognition)
         x = self.action_in(noisy_actions) + self.position
+        if given is not None:
+            x = x + given[..., None] * self.given
         for block in self.blocks:
             x = block(x, condition)
         shift, scale = self.final_adaln(condition).chunk(2, dim=-1)
         return self.action_out(modulate(self.final_norm(x), shift, scale))
 
     def sample(self, cognition: torch.Tensor, generator: torch.Generator | None = None,
-               steps: int | None = None) -> torch.Tensor:
+               steps: int | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """`prefix` [B, d, A] (normalised; a head trained with `rtc_max_delay` >= d): the chunk's first d actions,
+        given: held clean at every step and flagged to the head, which continues them."""
         steps = steps or self.config.denoising_steps
         shape = (cognition.shape[0], self.config.chunk_size, self.config.action_dim)
         # Drawn where the generator lives (the policy's CPU generator), then moved: the same noise on every device.
         x = torch.randn(shape, generator=generator, device=generator.device if generator is not None else
                         cognition.device).to(cognition.device)
+        given, extra = None, ()
+        if prefix is not None and prefix.shape[1]:
+            if self.given is None or prefix.shape[1] > self.config.rtc_max_delay:
+                raise ValueError(f"a prefix of {prefix.shape[1]} given actions, but this head was trained with at "
+                                 f"most {self.config.rtc_max_delay} (rtc_max_delay)")
+            given = torch.arange(shape[1], device=x.device)[None] < prefix.shape[1]  # [1, H]
+            clean = torch.zeros_like(x)
+            clean[:, : prefix.shape[1]] = prefix.to(x)
+            extra = (given.float().expand(shape[0], -1),)
         for step in range(steps):
+            if given is not None:
+                x = torch.where(given[..., None], clean, x)
             t = torch.full((shape[0],), step / steps, device=cognition.device)
-            x = x + self(x, t, cognition) / steps
-        return x
+            x = x + self(x, t, cognition, *extra) / steps
+        return x if given is None else torch.where(given[..., None], clean, x)
 
     def loss(self, cognition: torch.Tensor, actions: torch.Tensor, is_pad: torch.Tensor,
              repeats: int) -> torch.Tensor:
@@ -156,7 +175,14 @@ class DiTActionHead(nn.Module):
         noise = torch.randn_like(actions)
         t = torch.rand(actions.shape[0], device=actions.device)
         noisy = (1 - t[:, None, None]) * noise + t[:, None, None] * actions
-        error = (self(noisy, t, cognition) - (actions - noise)) ** 2
+        extra = ()
+        if self.given is not None:  # training-time RTC: a clean prefix of random length, no loss on it
+            delay = torch.randint(0, self.config.rtc_max_delay + 1, (actions.shape[0], 1), device=actions.device)
+            given = torch.arange(actions.shape[1], device=actions.device)[None] < delay  # [N, H]
+            noisy = torch.where(given[..., None], actions, noisy)
+            keep = keep * (~given)[..., None]
+            extra = (given.float(),)
+        error = (self(noisy, t, cognition, *extra) - (actions - noise)) ** 2
         return (error * keep).sum() / (keep.sum() * actions.shape[-1]).clamp_min(1)
 
 
@@ -259,11 +285,12 @@ class RefVLA(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     def predict(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised actions [B, H, A]."""
+                state: torch.Tensor, generator: torch.Generator | None = None,
+                given_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised actions [B, H, A]; `given_actions` [B, d, A]: the chunk's first d, given (training-time RTC)."""
         prefix, mask = self.embed_prefix(images, text_ids, text_mask, state)
         if self.config.head == "dit":
             cognition = self.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state[:, -1]
-            return self.dit.sample(cognition, generator)
+            return self.dit.sample(cognition, generator, prefix=given_actions)
         bins = self.decode_loop(prefix, mask)
         return self.bins_to_actions(bins).view(-1, self.config.chunk_size, self.config.action_dim)

@@ -59,7 +59,8 @@ class RefVLAPolicy:
         self._text = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._tokenize)
         self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=config.cameras,
                                image_size=(config.image_size, config.image_size), chunk_size=config.chunk_size,
-                               control_dt=config.control_dt, actions_per_chunk=config.actions_per_chunk)
+                               control_dt=config.control_dt, actions_per_chunk=config.actions_per_chunk,
+                               rtc_max_delay=config.rtc_max_delay)
         lm = model.lm
         self.structure = PolicyStructure(
             vision_encoder=model.vision,
@@ -108,9 +109,21 @@ class RefVLAPolicy:
         images = self.image_tensor(obs).to(device)
         state = self.normalizer.state(torch.as_tensor(obs.state, dtype=torch.float32)[None]).to(device)
         text_ids, text_mask = (tensor.to(device) for tensor in self._text(obs.instruction))
-        actions = self.model.predict(images, text_ids, text_mask, state, self.generator)
+        given = self._given(obs)
+        actions = self.model.predict(images, text_ids, text_mask, state, self.generator,
+                                     None if given is None else self.normalizer.action(torch.from_numpy(given))[None])
         actions = self.normalizer.unnormalize_action(actions.float().cpu())[0].numpy()
+        if given is not None:
+            actions[: len(given)] = given  # exactly what the robot runs meanwhile (no normalisation round trip)
         return ActionChunk(actions, t0=obs.timestamp, dt=self.config.control_dt)
+
+    def _given(self, obs: Observation) -> np.ndarray | None:
+        """Training-time RTC: the prefix's actions that run before this chunk arrives (its `delay`, at most what
+        the head was trained to continue), or None (no prefix, or a policy not trained for it)."""
+        if obs.prefix is None or not self.config.rtc_max_delay:
+            return None
+        count = min(obs.prefix.delay, len(obs.prefix.actions), self.config.rtc_max_delay)
+        return np.asarray(obs.prefix.actions[:count], dtype=np.float32) if count else None
 
 
 def _trained(name: str, checkpoint: str | None, options: dict) -> RefVLAPolicy:

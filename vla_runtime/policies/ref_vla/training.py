@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from vla_runtime.data.torch_dataset import ActionChunkDataset
 from vla_runtime.policies.ref_vla.checkpoint import (
-    RECHUNK_FIELDS,
+    FINE_TUNE_FIELDS,
     load_model,
     load_train_state,
     save_model,
@@ -135,9 +135,9 @@ def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[
         # Fine-tune a saved model with a fresh optimizer (e.g. a shipped checkpoint, which has no train state),
         # for another chunk length when the model options ask for one.
         saved = RefVLAConfig.from_json(Path(cfg.init_from) / "config.json")
-        rechunk = {name: model_options[name] for name in RECHUNK_FIELDS
+        changes = {name: model_options[name] for name in FINE_TUNE_FIELDS
                    if name in model_options and model_options[name] != getattr(saved, name)}
-        model, normalizer, tokenizer = load_model(cfg.init_from, rechunk)
+        model, normalizer, tokenizer = load_model(cfg.init_from, changes)
     else:
         tokenizer = train_instruction_tokenizer(instructions)
         config = RefVLAConfig(**model_options, text_vocab_size=tokenizer.get_vocab_size())
