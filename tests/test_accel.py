@@ -29,8 +29,8 @@ def actions(policy, obs_list):
     return np.stack(out)
 
 
-def untrained(head, seed=0):
-    policy = random_init_policy(list(INSTRUCTIONS.values()), seed, head=head, chunk_size=4, **TINY)
+def untrained(head, seed=0, **overrides):
+    policy = random_init_policy(list(INSTRUCTIONS.values()), seed, head=head, **{"chunk_size": 4, **overrides}, **TINY)
     with torch.no_grad():  # adaLN-Zero starts the DiT at exactly zero output: wake it so actions depend on the LM
         for parameter in policy.structure.weights.parameters():
             if not parameter.any():

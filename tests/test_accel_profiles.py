@@ -11,6 +11,7 @@ from test_accel import actions, observations, untrained
 from vla_runtime.accel import action_reuse
 from vla_runtime.accel.method import METHODS, methods_in_order
 from vla_runtime.accel.profiles import Accelerator, Profile, compatible_methods, ladder, load_profile, profile_names
+from vla_runtime.cli.common import UsageError
 from vla_runtime.types import ActionChunk
 
 
@@ -166,6 +167,10 @@ def test_vla_bench_measures_profiles_against_the_baseline(tmp_path):
         with pytest.raises(ValueError, match="accel profile 'pdvla': parallel_decode needs"):
             bench.run(cfg)
         assert not (tmp_path / "cal").exists()  # refused before anything was calibrated
+        for bad, match in (("realtime_latency=recorder", "did you mean 'recorded'"),
+                           ("success_modes=[sync,reltime]", "unknown \\['reltime'\\]")):
+            with pytest.raises(UsageError, match=match):
+                bench.run(compose("bench", overrides=["tasks=[drawer-close]", bad]))
         cfg = compose("bench", overrides=["accel=[bac]", "tasks=[drawer-close]", "with_success=false",
                                           "measurement_per_task=2",
                                           "calibration_per_task=1", "rounds=2", "num_threads=1",

@@ -97,6 +97,8 @@ def test_the_default_threshold_is_the_policys_executed_horizon():
         ControlLoop(FakeRobot(), None, RuntimeConfig())
     with pytest.raises(ValueError, match="execute_horizon must be an integer >= 1"):
         RuntimeConfig(execute_horizon=0)
+    with pytest.raises(ValueError, match="max_in_flight must be an integer >= 1"):
+        RuntimeConfig(max_in_flight=0)
 
 
 class HalfChunkPolicy(ChunkPolicy):

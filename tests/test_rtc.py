@@ -180,12 +180,7 @@ def test_the_open_loop_executor_plays_latency_in_and_sends_the_prefix():
 
 
 def rtc_trained_policy():
-    policy = random_init_policy(list(INSTRUCTIONS.values()), 0, head="dit", chunk_size=6, rtc_max_delay=3, **TINY)
-    with torch.no_grad():  # wake the adaLN-Zero head and the flag, so that the given actions steer the rest
-        for parameter in policy.structure.weights.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.2)
-    return policy
+    return untrained("dit", chunk_size=6, rtc_max_delay=3)  # the woken head and flag: given actions steer the rest
 
 
 def test_a_policy_trained_for_rtc_starts_its_chunk_with_the_given_actions_and_continues_them():
