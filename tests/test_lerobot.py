@@ -370,10 +370,10 @@ def test_visual_kv_reuse_fills_pi0s_prefix_cache_for_every_token(pi):
         vision_resolution.apply(pi, vision_resolution.VisionResolutionConfig(size=16))
 
 
-def synthetic_episode(seed: int, length: int = 6) -> Episode:
+def synthetic_episode(seed: int, length: int = 6, image_size: int = 32) -> Episode:
     rng = np.random.default_rng(seed)
     return Episode(task="drawer-close-v3", task_id=5, instruction=INSTRUCTION, seed=seed, success=True,
-                   images={"corner4": rng.integers(0, 256, (length, 32, 32, 3), dtype=np.uint8)},
+                   images={"corner4": rng.integers(0, 256, (length, image_size, image_size, 3), dtype=np.uint8)},
                    state=rng.standard_normal((length, 4)).astype(np.float32),
                    action=rng.uniform(-1, 1, (length, 4)).astype(np.float32),
                    timestamp=np.arange(length) / 80.0)
@@ -462,3 +462,36 @@ def test_the_gpu_table_rehearses_the_lerobot_policies_on_the_cpu(tmp_path):
         rows = [row for row in results["rows"] if row["subject"] == label and row["status"] == "ok"]
         assert rows[0]["profile"] == "lerobot" and all(row["speedup_vs_lerobot"] > 0 for row in rows)
     assert results["subjects"]["pi0 (2 cameras)"]["cameras"] == ["agentview", "robot0_eye_in_hand"]
+
+
+def test_a_trained_smolvla_fine_tunes_to_a_longer_chunk_although_its_vlm_folder_is_gone(tmp_path, smolvla_dir):
+    """training.py --init-from: lerobot-train fine-tunes a saved SmolVLA to 16 actions per chunk. Its config and
+    tokenizer name the VLM folder it was trained with (the shipped one: the GPU machine's /tmp), gone here; the run
+    re-points them at the VLM copied beside it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from vla_runtime.policies.lerobot.training import train_smolvla
+
+    moved = Path(shutil.copytree(smolvla_dir, tmp_path / "moved"))
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "vlm_model_name": "/gone/vlm"}))
+    processor = json.loads((moved / "policy_preprocessor.json").read_text())
+    for step in processor["steps"]:
+        step["config"].update({"tokenizer_name": "/gone/vlm"} if "tokenizer_name" in step["config"] else {})
+    (moved / "policy_preprocessor.json").write_text(json.dumps(processor))
+    dataset = write_lerobot([synthetic_episode(seed, length=12, image_size=128) for seed in range(2)],
+                            tmp_path / "data", fps=80, use_videos=False, workers=1)
+    final = train_smolvla(dataset, tmp_path / "run", [INSTRUCTION], 1 / 80, minutes=0, size="tiny", batch_size=4,
+                          num_workers=0, chunk_size=16, n_action_steps=8, probe_steps=3, init_from=moved)
+    tuned = make_policy("lerobot", path=str(final))
+    assert (tuned.spec.chunk_size, tuned.spec.actions_per_chunk) == (16, 8)
+    assert chunk(tuned, observation()).shape == (16, 4)
+    assert json.loads((final / RUNTIME_META).read_text())["init_from"] == str(moved)
+    # Fine-tuned, not trained afresh: every weight has its saved shape and the whole moved by a few lr steps only.
+    before, after = load_file(moved / "model.safetensors"), load_file(final / "model.safetensors")
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    change = sum(float((after[k].float() - before[k].float()).norm() ** 2) for k in before) ** 0.5
+    size = sum(float(before[k].float().norm() ** 2) for k in before) ** 0.5
+    assert 0 < change < 0.1 * size

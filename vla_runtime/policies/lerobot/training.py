@@ -6,6 +6,9 @@ that fits the remaining budget. The result is a `policy=lerobot` folder: LeRobot
 the VLM folder (`vlm/`, written offline by `smolvlm.py`) and `vla_runtime.json` (control rate, provenance).
 
     python -m vla_runtime.policies.lerobot.training <LeRobotDataset> <output_dir> --minutes 30 --size small
+
+`--init-from <policy folder>` fine-tunes a SmolVLA trained this way instead (its VLM and weights; e.g. with a
+longer `--chunk-size`: SmolVLA's action expert has no per-position weights, so any chunk length loads).
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ def _value(value) -> str:
 
 
 def lerobot_train_args(dataset: Path, output_dir: Path, vlm: Path, size: str, steps: int, batch_size: int,
-                       lr: float, device: str, num_workers: int, chunk_size: int, n_action_steps: int) -> list[str]:
-    policy = {**smolvla_options(vlm, size), "chunk_size": chunk_size, "n_action_steps": n_action_steps,
+                       lr: float, device: str, num_workers: int, chunk_size: int, n_action_steps: int,
+                       init_from: Path | None = None) -> list[str]:
+    architecture = {"vlm_model_name": str(vlm)} if init_from else smolvla_options(vlm, size)
+    policy = {**architecture, "chunk_size": chunk_size, "n_action_steps": n_action_steps,
               "device": device, "push_to_hub": False, "optimizer_lr": lr,
               "scheduler_warmup_steps": max(1, steps // 20), "scheduler_decay_steps": steps,
               "scheduler_decay_lr": lr / 30}
-    return [f"--dataset.repo_id=local/{dataset.name}", f"--dataset.root={dataset}", "--policy.type=smolvla",
+    start = f"--policy.path={init_from}" if init_from else "--policy.type=smolvla"
+    return [f"--dataset.repo_id=local/{dataset.name}", f"--dataset.root={dataset}", start,
             *(f"--policy.{key}={_value(value)}" for key, value in policy.items()),
             f"--output_dir={output_dir}", f"--steps={steps}", f"--save_freq={steps}", f"--batch_size={batch_size}",
             f"--num_workers={num_workers}", f"--log_freq={max(1, min(100, steps // 10))}", "--wandb.enable=false"]
@@ -60,14 +66,33 @@ def run_lerobot_train(args: list[str], log: Path) -> list[tuple[float, int]]:
     return logged
 
 
+def repointed(policy: Path, copy: Path, vlm: Path) -> Path:
+    """A copy of a trained policy folder whose config and tokenizer step name `vlm` as their VLM: the folder
+    it was trained with (saved in them) is usually gone, and lerobot-train re-points neither."""
+    shutil.copytree(policy, copy, ignore=shutil.ignore_patterns(VLM_FOLDER))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "vlm_model_name": str(vlm)}, indent=1))
+    processor = json.loads((copy / "policy_preprocessor.json").read_text())
+    for step in processor["steps"]:
+        if step["registry_name"] == "tokenizer_processor":
+            step["config"]["tokenizer_name"] = str(vlm)
+    (copy / "policy_preprocessor.json").write_text(json.dumps(processor, indent=1))
+    return copy
+
+
 def train_smolvla(dataset: Path, output_dir: Path, instructions: list[str], control_dt: float, minutes: float,
                   size: str = "small", batch_size: int = 64, lr: float = 3e-4, device: str = "cpu",
-                  num_workers: int = 4, chunk_size: int = 8, n_action_steps: int = 4, probe_steps: int = 100) -> Path:
+                  num_workers: int = 4, chunk_size: int = 8, n_action_steps: int = 4, probe_steps: int = 100,
+                  init_from: Path | None = None) -> Path:
     started = time.monotonic()
     output_dir.mkdir(parents=True, exist_ok=False)
-    vlm = write_smolvlm(output_dir / VLM_FOLDER, instructions, size)
+    if init_from:
+        vlm = Path(shutil.copytree(init_from / VLM_FOLDER, output_dir / VLM_FOLDER))
+        start = repointed(init_from, output_dir / "init", vlm)
+    else:
+        vlm, start = write_smolvlm(output_dir / VLM_FOLDER, instructions, size), None
     common = dict(dataset=dataset, vlm=vlm, size=size, batch_size=batch_size, lr=lr, device=device,
-                  num_workers=num_workers, chunk_size=chunk_size, n_action_steps=n_action_steps)
+                  num_workers=num_workers, chunk_size=chunk_size, n_action_steps=n_action_steps, init_from=start)
     log = output_dir / "train.log"
     probe_started = time.monotonic()
     logged = run_lerobot_train(lerobot_train_args(output_dir=output_dir / "probe", steps=probe_steps, **common), log)
@@ -90,8 +115,9 @@ def train_smolvla(dataset: Path, output_dir: Path, instructions: list[str], cont
     shutil.copytree(vlm, final / VLM_FOLDER)
     (final / RUNTIME_META).write_text(json.dumps({
         "control_dt": control_dt, "trained_by": "lerobot-train (vla_runtime.policies.lerobot.training)",
-        "dataset": str(dataset), "vlm_size": size, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "device": device, "seconds_per_step": step_s, "wall_s": round(time.monotonic() - started)}, indent=1) + "\n")
+        "dataset": str(dataset), "init_from": init_from and str(init_from), "vlm_size": size, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "device": device, "seconds_per_step": step_s,
+        "wall_s": round(time.monotonic() - started)}, indent=1) + "\n")
     return final
 
 
@@ -107,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--n-action-steps", type=int, default=4)
+    parser.add_argument("--probe-steps", type=int, default=100,
+                        help="steps of the timing probe (fewer where a step takes seconds, e.g. on a CPU)")
+    parser.add_argument("--init-from", type=Path, help="a policy folder trained this way, to fine-tune")
     args = parser.parse_args(argv)
     info = json.loads((args.dataset / "meta" / "info.json").read_text())
     import pandas
@@ -114,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     instructions = list(pandas.read_parquet(args.dataset / "meta" / "tasks.parquet").index)
     final = train_smolvla(args.dataset, args.output_dir, instructions, 1 / info["fps"], args.minutes, args.size,
                           args.batch_size, args.lr, args.device, args.num_workers, args.chunk_size,
-                          args.n_action_steps)
+                          args.n_action_steps, args.probe_steps, args.init_from)
     print(f"policy=lerobot policy.path={final}")
 
 
