@@ -489,9 +489,19 @@ def test_a_trained_smolvla_fine_tunes_to_a_longer_chunk_although_its_vlm_folder_
     assert (tuned.spec.chunk_size, tuned.spec.actions_per_chunk) == (16, 8)
     assert chunk(tuned, observation()).shape == (16, 4)
     assert json.loads((final / RUNTIME_META).read_text())["init_from"] == str(moved)
+    assert not (tmp_path / "run" / "init").exists()  # the re-pointed copy goes once the run is done
     # Fine-tuned, not trained afresh: every weight has its saved shape and the whole moved by a few lr steps only.
     before, after = load_file(moved / "model.safetensors"), load_file(final / "model.safetensors")
     assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
     change = sum(float((after[k].float() - before[k].float()).norm() ** 2) for k in before) ** 0.5
     size = sum(float(before[k].float().norm() ** 2) for k in before) ** 0.5
     assert 0 < change < 0.1 * size
+
+
+def test_fine_tuning_from_a_folder_that_is_not_a_trained_smolvla_is_one_line_and_exit_2(tmp_path, capsys):
+    from vla_runtime.policies.lerobot.training import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), str(tmp_path / "out"), "--minutes", "1", "--init-from", str(tmp_path)])
+    assert stop.value.code == 2 and "not a SmolVLA trained this way" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -111,6 +111,8 @@ def train_smolvla(dataset: Path, output_dir: Path, instructions: list[str], cont
           "in the remaining budget", flush=True)
     shutil.rmtree(output_dir / "probe")
     run_lerobot_train(lerobot_train_args(output_dir=output_dir / "run", steps=steps, **common), log)
+    if start:
+        shutil.rmtree(start)
     final = output_dir / "run" / "checkpoints" / "last" / "pretrained_model"
     shutil.copytree(vlm, final / VLM_FOLDER)
     (final / RUNTIME_META).write_text(json.dumps({
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps of the timing probe (fewer where a step takes seconds, e.g. on a CPU)")
     parser.add_argument("--init-from", type=Path, help="a policy folder trained this way, to fine-tune")
     args = parser.parse_args(argv)
+    if args.init_from and not (args.init_from / VLM_FOLDER / "config.json").is_file():
+        parser.error(f"--init-from {args.init_from}: not a SmolVLA trained this way (no {VLM_FOLDER}/config.json "
+                     "in it); give a folder this script wrote, e.g. checkpoints/smolvla_mt10")
     info = json.loads((args.dataset / "meta" / "info.json").read_text())
     import pandas
 
