@@ -479,7 +479,8 @@ def test_a_trained_smolvla_fine_tunes_to_a_longer_chunk_although_its_vlm_folder_
     (moved / "config.json").write_text(json.dumps({**config, "vlm_model_name": "/gone/vlm"}))
     processor = json.loads((moved / "policy_preprocessor.json").read_text())
     for step in processor["steps"]:
-        step["config"].update({"tokenizer_name": "/gone/vlm"} if "tokenizer_name" in step["config"] else {})
+        if step["registry_name"] == "tokenizer_processor":
+            step["config"]["tokenizer_name"] = "/gone/vlm"
     (moved / "policy_preprocessor.json").write_text(json.dumps(processor))
     dataset = write_lerobot([synthetic_episode(seed, length=12, image_size=128) for seed in range(2)],
                             tmp_path / "data", fps=80, use_videos=False, workers=1)

@@ -37,7 +37,7 @@ def _value(value) -> str:
 def lerobot_train_args(dataset: Path, output_dir: Path, vlm: Path, size: str, steps: int, batch_size: int,
                        lr: float, device: str, num_workers: int, chunk_size: int, n_action_steps: int,
                        init_from: Path | None = None) -> list[str]:
-    architecture = {"vlm_model_name": str(vlm)} if init_from else smolvla_options(vlm, size)
+    architecture = {} if init_from else smolvla_options(vlm, size)  # a start folder names its VLM (`repointed`)
     policy = {**architecture, "chunk_size": chunk_size, "n_action_steps": n_action_steps,
               "device": device, "push_to_hub": False, "optimizer_lr": lr,
               "scheduler_warmup_steps": max(1, steps // 20), "scheduler_decay_steps": steps,
