@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -343,10 +344,36 @@ def test_one_request_in_flight_cannot_keep_up_past_half_the_chunk_and_pipelining
 
 
 def test_a_pipelined_request_counts_the_chunks_in_flight_as_queued():
-    # At 50 ms one request suffices: a second one in flight would only replan more often than the policy asks.
-    metrics = simulated_loop(LongChunkPolicy(), latency_ms=50, max_in_flight=3).run(400)
+    # Under the latency rule at 50 ms one request suffices: a second one in flight would only replan more often
+    # than the policy asks.
+    metrics = simulated_loop(LongChunkPolicy(), latency_ms=50, max_in_flight=3, request_when="latency").run(400)
     assert metrics.misses == 0 and metrics.max_in_flight == 1
     assert metrics.policy_calls == pytest.approx(400 / 16, abs=2)
+
+
+@pytest.mark.parametrize(("latency_ms", "lanes", "every", "in_flight"),
+                         [(50, 1, 4, 1), (50, 2, 2, 2), (300, 1, 24, 1), (300, 6, 4, 6), (200, 1, 16, 1), (10, 1, 1, 1),
+                          (400, 1, 32, 1)])
+def test_asap_asks_every_latency_over_lanes_ticks(latency_ms, lanes, every, in_flight):
+    # The default: as soon as the latency allows. 50 ms = 4 ticks: one lane asks as each chunk lands (every 4
+    # ticks, where the policy's horizon alone asks every 16), two lanes every 2; 300 ms = 24 ticks: one lane back to
+    # back, six every 4. Each request answers a fresher frame; the floor stays the executed horizon.
+    delays = DelayEstimator(1 / HZ, warmup_calls=0)
+    first, second = (simulated_loop(LongChunkPolicy(), latency_ms, max_in_flight=lanes, delays=delays).run(960)
+                     for _ in range(2))
+    latency_ticks = math.ceil(latency_ms * HZ / 1000)
+    assert second.policy_calls == pytest.approx((960 - latency_ticks) / every, abs=2)  # calls whose chunk landed
+    assert second.max_in_flight == in_flight
+    assert second.stale_chunks == 0
+    if latency_ms * HZ / 1000 <= 16 or lanes > 1:  # one lane past half the chunk starves whatever the rule
+        assert second.misses == 0
+
+
+def test_asap_at_zero_latency_keeps_the_synchronous_cadence():
+    for policy in (LongChunkPolicy(), HalfChunkPolicy()):
+        asap = simulated_loop(policy, latency_ms=0, max_in_flight=4).run(480)
+        previous = simulated_loop(policy, latency_ms=0, max_in_flight=4, request_when="latency").run(480)
+        assert asap.policy_calls == previous.policy_calls == 480 // policy.spec.actions_per_chunk
 
 
 def test_a_chunk_overtaken_by_a_newer_one_is_dropped():

@@ -4,11 +4,13 @@ Every control tick, on a fixed schedule (tick n is due at start + n / control_hz
 accumulates):
   1. take the chunk the inference worker finished, if any, and merge it into the action queue
      (actions whose tick already passed are discarded);
-  2. when few actions are left (counting the chunks already asked for as if they had arrived) and fewer than
-     `max_in_flight` requests are in flight, let the reuse gate extend the last chunk, or ask the worker for a
-     new chunk from the newest observation (with `chunking=rtc` / `rtc_trained`, the observation carries what
-     is left of the current chunk and the expected delay in ticks: real-time chunking). More than one request
-     in flight (pipelining) keeps the queue fed when a request takes longer than what is left of a chunk;
+  2. when the request rule says so (by default as soon as the latency allows: with one request in flight, as
+     soon as the previous chunk lands; at least once the policy's executed horizon has run, counting the chunks
+     already asked for as if they had arrived) and fewer than `max_in_flight` requests are in flight, let the
+     reuse gate extend the last chunk, or ask the worker for a new chunk from the newest observation (with
+     `chunking=rtc` / `rtc_trained`, the observation carries what is left of the current chunk and the expected
+     delay in ticks: real-time chunking). More than one request in flight (pipelining) keeps the queue fed when
+     a request takes longer than what is left of a chunk;
   3. pop this tick's action; an empty queue is a deadline miss (before the first chunk ever arrives, a
      startup hold);
   4. the safety layer turns it into a command (the safe action on a miss, NaN, stale observation or
@@ -19,6 +21,7 @@ Nothing the policy or the worker raises stops the loop: errors are counted and t
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from vla_runtime.plugins import did_you_mean
 from vla_runtime.types import ActionChunk, ChunkPrefix, Observation, PolicySpec
 
 CHUNKING = ("naive", "rtc", "rtc_trained", "auto")
-REQUEST_RULES = ("count", "latency")
+REQUEST_RULES = ("asap", "latency", "count")
 
 
 class Robot(Protocol):
@@ -86,10 +89,15 @@ class SimulatedClock:
 @dataclass
 class RuntimeConfig:
     control_hz: float = 80.0
-    # Ask for a new chunk when the queued actions last less than the predicted latency (p95 of the recent
-    # calls) plus a tick, or when at most `request_threshold` are left ("latency": replanned early enough, and
-    # at least that early); or only at `request_threshold` ("count").
-    request_when: str = "latency"
+    # When to ask for a new chunk, the chunks in flight counted as queued from their request's tick on:
+    # "asap": as often as the latency allows, every ceil(L / max_in_flight) ticks with L the median of the recent
+    #   latencies in ticks (one request in flight: as soon as the previous chunk lands), so each chunk answers as
+    #   fresh a frame as the lanes can compute; and whenever "latency" would. With no latency (L = 0) that is the
+    #   synchronous cadence: realtime at 0 ms executes what sync does;
+    # "latency": when the queued actions last less than the predicted latency (p95 of the recent calls) plus a
+    #   tick, or when at most `request_threshold` are left (replanned early enough, and at least that early);
+    # "count": only at `request_threshold`.
+    request_when: str = "asap"
     # None: the policy's own receding horizon, resolved by `for_policy`: ask again once the actions it executes
     # per chunk (spec.actions_per_chunk) have run, as the synchronous protocol does.
     request_threshold: int | None = None
@@ -128,7 +136,7 @@ class RuntimeConfig:
         if self.control_hz <= 0:
             raise ValueError(f"control_hz must be positive, got {self.control_hz}")
         if self.request_when not in REQUEST_RULES:
-            raise ValueError(f"request_when must be 'count' or 'latency', got '{self.request_when}'"
+            raise ValueError(f"request_when must be one of {', '.join(REQUEST_RULES)}, got '{self.request_when}'"
                              f"{did_you_mean(self.request_when, REQUEST_RULES)}")
         for name, least in (("request_threshold", 0), ("execute_horizon", 1), ("max_in_flight", 1)):
             value = getattr(self, name)
@@ -192,26 +200,32 @@ class ControlLoop:
     def stop_requested(self) -> bool:
         return self._stop
 
-    def _predicted_latency_s(self) -> float:
-        """The p95 of this run's last 20 calls; before its first, of the calls the delay estimate saw (an
+    def _predicted_latency_s(self, percentile: float) -> float:
+        """That percentile of this run's last 20 calls; before its first, of the calls the delay estimate saw (an
         evaluation's earlier episodes), so a pipelined episode can start with several requests in flight."""
         recent = self.metrics.inference_latency_s[-20:] or self.delays.latencies_s
-        return float(np.percentile(recent, 95)) if recent else 0.0
+        return float(np.percentile(recent, percentile)) if recent else 0.0
 
     def wants_inference(self, tick: int) -> bool:
         """Whether this tick asks for a chunk (or the reuse gate), given the actions left after the last tick, the
-        chunks in flight counted as queued from their request's tick on."""
+        chunks in flight counted as queued from their request's tick on (`RuntimeConfig.request_when`)."""
         if self.worker.in_flight >= self.config.max_in_flight:
             return False
+        chunk = len(self.last_chunk.actions) if self.last_chunk is not None else self.config.chunk_size or 1
+        queued = min(self.config.execute_horizon or chunk, chunk)  # what a request feeds the queue from its tick on
         actions_left = len(self.action_queue)
         if self._requests:
-            chunk = len(self.last_chunk.actions) if self.last_chunk is not None else self.config.chunk_size or 1
-            queued = min(self.config.execute_horizon or chunk, chunk)
             actions_left = max(actions_left, max(self._requests) + queued - tick)
+        if actions_left <= self.config.request_threshold:
+            return True
         if self.config.request_when == "count":
-            return actions_left <= self.config.request_threshold
-        return actions_left <= self.config.request_threshold or \
-            actions_left * self.period <= self._predicted_latency_s() + self.period
+            return False
+        if actions_left * self.period <= self._predicted_latency_s(95) + self.period:
+            return True
+        latency_ticks = math.ceil(self._predicted_latency_s(50) / self.period - 1e-9)
+        since_request = queued - actions_left  # ticks since the newest request (or reuse)
+        return self.config.request_when == "asap" and latency_ticks > 0 and \
+            since_request >= math.ceil(latency_ticks / self.config.max_in_flight)
 
     def _queue(self, first_tick: int, chunk: ActionChunk, now: int) -> None:
         self.action_queue.merge(first_tick, chunk.actions[: self.config.execute_horizon], now)

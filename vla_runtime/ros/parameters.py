@@ -80,9 +80,10 @@ class ControlParams:
     action_names: tuple[str, ...] = parameter((), "joint names of the action (default: action_<i>)")
     max_message_age_s: float = parameter(0.5, "messages stamped further from now are dropped (reason 'stale'; 0: off)")
     stale_observation_s: float = parameter(0.5, "watchdog: hold the robot when the newest observation is older")
-    request_when: str = parameter("latency", "latency: ask for the next chunk when the queue lasts less than the "
-                                             "predicted latency, or at request_threshold (a floor); count: only at "
-                                             "request_threshold")
+    request_when: str = parameter("asap", "asap: ask for the next chunk as soon as the latency allows (one request "
+                                          "in flight: as soon as the previous one lands), at the latest as latency "
+                                          "would; latency: when the queue lasts less than the predicted latency, or "
+                                          "at request_threshold (a floor); count: only at request_threshold")
     request_threshold: int = parameter(-1, "ask when this many actions are left (-1: once the policy's executed "
                                            "horizon ran)")
     execute_horizon: int = parameter(0, "actions of each chunk queued (0: all; late ones are dropped)")
