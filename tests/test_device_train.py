@@ -37,7 +37,7 @@ def test_bundle_round_trip_keeps_arrays_and_nearly_the_pixels(tmp_path, device_t
     (episode,), meta = device_train.unpack(tmp_path / "bundle")
     assert meta["instructions"] == INSTRUCTIONS  # the suite's, as vla-train
     assert meta["robot"] == {"control_dt": 0.0125, "state_dim": 4, "action_dim": 4, "cameras": ["corner4", "wrist"],
-                             "image_size": 64}
+                             "image_size": 64, "image_crop": None}
     assert (episode.task, episode.seed, episode.instruction) == ("reach-v3", 7, written.instruction)
     for key in ("state", "action", "timestamp"):
         np.testing.assert_array_equal(getattr(episode, key), getattr(written, key))

@@ -12,7 +12,7 @@ from vla_runtime.policies import make_policy
 from vla_runtime.policies.ref_vla.checkpoint import CheckpointError, load_model, save_model
 from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
 from vla_runtime.policies.ref_vla.policy import RefVLAPolicy, random_init_policy
-from vla_runtime.policies.ref_vla.processing_ref_vla import tokenize, train_instruction_tokenizer
+from vla_runtime.policies.ref_vla.processing_ref_vla import color_jitter, tokenize, train_instruction_tokenizer
 from vla_runtime.sim import make_suite
 from vla_runtime.sim.metaworld import INSTRUCTIONS
 from vla_runtime.types import Observation
@@ -225,6 +225,46 @@ def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match="the model needs 128x128 images from camera 'corner4'"):
             train_cli.train(compose("train", overrides=[f"dataset={tmp_path / 'small'}", "+model.image_size=128",
                                                         f"output_dir={tmp_path / 'run'}"]))
+
+
+def test_a_dataset_rendered_with_a_crop_trains_a_model_that_declares_it(tmp_path):
+    from vla_runtime.data import Episode
+
+    crop = [0.25, 0.0, 0.75, 1.0]
+    for name, meta in (("cropped", {"image_crop": crop}), ("whole", {})):
+        store = EpisodeStore(tmp_path / name, {"sim": "metaworld", "image_size": 64, **meta}, create=True)
+        store.write(Episode("reach-v3", 43, INSTRUCTIONS["reach-v3"], 0, True,
+                            {"corner4": np.zeros((4, 64, 64, 3), np.uint8)}, np.zeros((4, 4), np.float32),
+                            np.zeros((4, 4), np.float32), np.arange(4) * 0.0125))
+    overrides = [f"dataset={tmp_path / 'cropped'}", f"output_dir={tmp_path / 'run'}", "batch_size=2", "max_steps=1",
+                 "warmup_steps=1", "log_every_steps=1", "num_threads=1", "color_jitter=0.3",
+                 *[f"+model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()
+                   if k not in ("chunk_size",)], "model.chunk_size=3"]
+    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
+        train_cli.train(compose("train", overrides=overrides))
+        # Resuming on data of another view, or naming a crop the data does not have: one clear error each.
+        with pytest.raises(ValueError, match=r"its images show crop None .* reads crop \(0.25, 0.0, 0.75, 1.0\)"):
+            train_cli.train(compose("train", overrides=[*overrides, f"dataset={tmp_path / 'whole'}"]))
+        with pytest.raises(ValueError, match=r"model.image_crop=\[0.0, 0.0, 1.0, 1.0\], but .* crop \(0.25"):
+            train_cli.train(compose("train", overrides=[*overrides, "+model.image_crop=[0.0,0.0,1.0,1.0]"]))
+        with pytest.raises(ValueError, match=r"color_jitter must be in \[0, 1\)"):
+            train_cli.train(compose("train", overrides=[*overrides, "color_jitter=1.5"]))
+    policy = RefVLAPolicy.from_checkpoint(tmp_path / "run")
+    assert policy.spec.image_crop == (0.25, 0.0, 0.75, 1.0)  # from the data; runners render or crop the same
+    assert "crop [0.25, 0.0, 0.75, 1.0]" in policy.spec.describe()
+
+
+def test_color_jitter_scales_brightness_contrast_and_saturation_per_image():
+    rng = torch.Generator().manual_seed(0)
+    images = torch.randint(40, 200, (64, 3, 8, 8), generator=rng, dtype=torch.uint8)
+    assert torch.equal(color_jitter(images, 0.0), images)
+    jittered = color_jitter(images, 0.4, torch.Generator().manual_seed(1))
+    assert jittered.dtype == torch.uint8 and jittered.shape == images.shape
+    assert torch.equal(jittered, color_jitter(images, 0.4, torch.Generator().manual_seed(1)))  # seeded
+    ratio = jittered.float().mean(dim=(1, 2, 3)) / images.float().mean(dim=(1, 2, 3))
+    assert ratio.min() < 0.85 and ratio.max() > 1.15 and ratio.min() > 0.5  # per image, within the factors' reach
+    assert color_jitter(images, 0.1).float().sub(images.float()).abs().mean() < \
+        color_jitter(images, 0.4).float().sub(images.float()).abs().mean()
 
 
 def test_two_cameras_give_two_token_blocks_and_need_both_images(tokenizer):

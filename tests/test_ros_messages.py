@@ -85,6 +85,9 @@ def test_a_frame_at_the_wrong_resolution_is_rejected_or_resized():
     assert resized.shape == (128, 128, 3) and resized.dtype == np.uint8
     assert resized[:60].min() == 200 and resized[68:].max() == 0
     assert fit_image(resized, (128, 128), resize=False) is resized
+    # A policy trained on a crop of the frame gets that crop of a full frame (the top half here: all 200).
+    cropped = fit_image(frame, (64, 128), resize=True, crop=(0.0, 0.0, 1.0, 0.5))
+    assert cropped.shape == (64, 128, 3) and cropped.min() == 200
 
 
 def test_a_failing_policy_is_logged_once_per_interval(caplog):

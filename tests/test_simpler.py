@@ -114,6 +114,36 @@ def test_observation_layout_image_and_success_at_the_end(env):
         env.step(np.array([np.nan] * 7))
 
 
+def test_a_crop_renders_that_part_of_the_frame_and_a_policy_must_declare_it(env):
+    import dataclasses
+
+    import cv2
+
+    full = env.reset(3, render=True).images["3rd_view_camera"]
+    config = env.config
+    try:
+        env.config = dataclasses.replace(config, image_crop=[0.25, 0.25, 0.75, 0.75])
+        centre = env.render("3rd_view_camera")
+    finally:
+        env.config = config
+    assert centre.shape == (128, 128, 3)
+    # The middle half of the frame, at twice the resolution of the whole frame's rendering of it.
+    halved = cv2.resize(centre, (64, 64), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(halved - full[32:96, 32:96]).mean() < 4
+    assert np.abs(halved - full[:64, :64]).mean() > 4 * np.abs(halved - full[32:96, 32:96]).mean()
+
+    cropped = make_suite("simpler_bridge", image_crop=[0.25, 0.25, 0.75, 0.75])
+    assert cropped.spec.image_crop == (0.25, 0.25, 0.75, 0.75)
+    assert cropped.settings()["image_crop"] == [0.25, 0.25, 0.75, 0.75]
+    assert "image_crop" not in make_suite("simpler_bridge").settings()  # datasets without one read as before
+    from vla_runtime.policies import make_policy
+
+    with pytest.raises(ValueError, match=r"image crop \[0, 0, 1, 1\] vs \[0.25, 0.25, 0.75, 0.75\]"):
+        cropped.check_policy(make_policy("ref_dit", checkpoint="ref_dit_simpler_bridge"), "ref_dit_simpler")
+    with pytest.raises(ValueError, match="image_crop must be"):
+        make_suite("simpler_bridge", image_crop=[0.5, 0.0, 0.4, 1.0])
+
+
 def test_expert_reaches_over_the_carrot_with_the_hand_open(suite, env):
     expert = suite.expert()
     expert.reset()

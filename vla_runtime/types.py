@@ -73,6 +73,30 @@ class ActionChunk:
         return self.actions.shape[0]
 
 
+ImageCrop = tuple[float, float, float, float]  # (left, top, right, bottom), fractions of a camera's full frame
+
+
+def image_crop(crop: Sequence[float] | None) -> ImageCrop | None:
+    """A validated crop (None: the whole frame); anything else is one clear error."""
+    if crop is None:
+        return None
+    values = tuple(float(value) for value in crop)
+    if len(values) != 4 or not (0.0 <= values[0] < values[2] <= 1.0 and 0.0 <= values[1] < values[3] <= 1.0):
+        raise ValueError(f"image_crop must be [left, top, right, bottom], fractions of the frame with "
+                         f"0 <= left < right <= 1 and 0 <= top < bottom <= 1; got {list(crop)}")
+    return values  # type: ignore[return-value]
+
+
+def crop_frame(frame: np.ndarray, crop: ImageCrop | None) -> np.ndarray:
+    """The part of a camera frame [H, W, ...] a policy reads (whole pixels, rounded): every path that turns a
+    camera frame into a policy's input (simulators, the ROS node) crops through here, so they agree."""
+    if crop is None:
+        return frame
+    height, width = frame.shape[:2]
+    left, top, right, bottom = (round(c * n) for c, n in zip(crop, (width, height, width, height), strict=True))
+    return frame[top:bottom, left:right]
+
+
 @dataclass(frozen=True)
 class RobotSpec:
     """What a simulator suite (or a robot) gives and takes: the contract a policy must fit."""
@@ -82,14 +106,16 @@ class RobotSpec:
     cameras: tuple[str, ...]  # cameras it renders
     image_size: tuple[int, int]  # (height, width) of every camera image
     control_dt: float  # seconds per action
+    image_crop: ImageCrop | None = None  # the part of each camera's full frame its images show (None: all)
     action_low: tuple[float, ...] = ()  # per-dimension limits (empty: none)
     action_high: tuple[float, ...] = ()
     hold_dims: tuple[int, ...] = ()  # kept at their last command when the robot is held (grippers)
     state_names: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        crop = f" (crop {list(self.image_crop)})" if self.image_crop else ""
         return (f"{self.action_dim}-D actions, {self.state_dim}-D state, cameras {list(self.cameras)} at "
-                f"{self.image_size[0]}x{self.image_size[1]}, {1 / self.control_dt:g} Hz")
+                f"{self.image_size[0]}x{self.image_size[1]}{crop}, {1 / self.control_dt:g} Hz")
 
 
 @dataclass(frozen=True)
@@ -100,6 +126,7 @@ class PolicySpec:
     state_dim: int
     cameras: tuple[str, ...] = ()  # cameras whose images it reads (empty: none, so rendering can be skipped)
     image_size: tuple[int, int] | None = None  # (height, width) it needs from each camera; None: any
+    image_crop: ImageCrop | None = None  # the part of each camera's full frame it was trained on (None: all)
     chunk_size: int = 1  # actions per predicted chunk
     control_dt: float | None = None  # seconds between its actions; None: any rate
     actions_per_chunk: int | None = None  # executed before asking again (receding horizon); None: all
@@ -112,6 +139,7 @@ class PolicySpec:
 
     def describe(self) -> str:
         size = f" at {self.image_size[0]}x{self.image_size[1]}" if self.image_size and self.cameras else ""
+        size += f" (crop {list(self.image_crop)})" if self.image_crop and size else ""
         rate = f", {1 / self.control_dt:g} Hz" if self.control_dt else ""
         return f"{self.action_dim}-D actions, {self.state_dim}-D state, cameras {list(self.cameras)}{size}{rate}"
 
@@ -127,6 +155,9 @@ class PolicySpec:
             problems.append(f"cameras {missing} are not rendered")
         if self.cameras and self.image_size is not None and tuple(self.image_size) != tuple(robot.image_size):
             problems.append(f"image size {self.image_size} vs {robot.image_size}")
+        if self.cameras and self.image_size is not None and self.image_crop != robot.image_crop:
+            problems.append(f"image crop {list(self.image_crop or (0, 0, 1, 1))} vs "
+                            f"{list(robot.image_crop or (0, 0, 1, 1))}")
         if self.control_dt is not None and abs(self.control_dt - robot.control_dt) > 1e-9:
             problems.append(f"control period {self.control_dt} s vs {robot.control_dt} s")
         return problems

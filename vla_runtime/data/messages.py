@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vla_runtime.types import ImageCrop, crop_frame
+
 if TYPE_CHECKING:
     from builtin_interfaces.msg import Time
     from sensor_msgs.msg import Image, JointState
@@ -63,9 +65,11 @@ def image_from_msg(msg: Image) -> np.ndarray:
     return np.array(pixels)  # a writable copy: the message's buffer is read-only
 
 
-def fit_image(image: np.ndarray, size: tuple[int, int], resize: bool) -> np.ndarray:
-    """`image` at (height, width) `size`: as it is, resized (bilinear) when `resize`, else rejected for its
-    resolution (a well-formed frame at the wrong size would make every policy call fail)."""
+def fit_image(image: np.ndarray, size: tuple[int, int], resize: bool, crop: ImageCrop | None = None) -> np.ndarray:
+    """`image` at (height, width) `size`: as it is (a frame at the policy's size is its input already, as a
+    simulator bridge renders it), or, when `resize`, the camera's full frame cut to the policy's `crop` and resized
+    (bilinear); else rejected for its resolution (a well-formed frame at the wrong size would make every policy
+    call fail)."""
     if image.shape[:2] == tuple(size):
         return image
     if not resize:
@@ -73,6 +77,7 @@ def fit_image(image: np.ndarray, size: tuple[int, int], resize: bool) -> np.ndar
                                             f"{size[1]}x{size[0]} (set resize_images to resize)")
     from PIL import Image as PILImage
 
+    image = np.ascontiguousarray(crop_frame(image, crop))
     return np.asarray(PILImage.fromarray(image).resize((size[1], size[0]), PILImage.BILINEAR))
 
 

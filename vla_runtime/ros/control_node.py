@@ -138,7 +138,7 @@ class ControlNode(Node):
         if len(self.image_topics) != len(cameras):
             raise ValueError(f"image_topics {self.image_topics} and camera_names {list(cameras)} differ in length")
         settings = SensorSettings(cameras=cameras, image_size=spec.image_size, resize_images=p.resize_images,
-                                  state_dim=spec.state_dim, joint_names=p.joint_names,
+                                  image_crop=spec.image_crop, state_dim=spec.state_dim, joint_names=p.joint_names,
                                   max_message_age_s=p.max_message_age_s)
         return TopicRobot(settings, p.instruction, lambda: self.get_clock().now().nanoseconds, self._publish,
                           self._on_fault)

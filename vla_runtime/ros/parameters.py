@@ -69,8 +69,8 @@ class ControlParams:
     camera_names: tuple[str, ...] = parameter((), "cameras the policy reads (default: its spec's)")
     image_topics: tuple[str, ...] = parameter((), "one topic per camera (default: ros.common.camera_topic: "
                                                   "/camera/<name>/image_raw)")
-    resize_images: bool = parameter(False, "resize frames to the policy's image size instead of rejecting them "
-                                           "(reason 'resolution')")
+    resize_images: bool = parameter(False, "cut full frames to the policy's image crop and resize them to its image "
+                                           "size instead of rejecting them (reason 'resolution')")
     joint_state_topic: str = parameter("/joint_states", "sensor_msgs/JointState with the robot state")
     joint_names: tuple[str, ...] = parameter((), "order of the state's joints (default: as sent)")
     instruction_topic: str = parameter("/instruction", "std_msgs/String with the instruction (latched)")

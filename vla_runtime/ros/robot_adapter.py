@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vla_runtime.data.messages import MessageRejected, check_stamp, fit_image, image_from_msg, state_from_joint_state
-from vla_runtime.types import Observation
+from vla_runtime.types import ImageCrop, Observation
 
 
 @dataclass
@@ -29,7 +29,8 @@ class Sample:
 class SensorSettings:
     cameras: tuple[str, ...]
     image_size: tuple[int, int] | None  # what the policy reads; None: any
-    resize_images: bool
+    resize_images: bool  # a full camera frame is cut to image_crop and resized to image_size
+    image_crop: ImageCrop | None
     state_dim: int
     joint_names: tuple[str, ...]
     max_message_age_s: float
@@ -91,7 +92,8 @@ class TopicRobot:
     def on_image(self, camera: str, topic: str, msg) -> None:
         size, resize = self.settings.image_size, self.settings.resize_images
         image = self._validated(topic, msg, "image",
-                                lambda m: fit_image(image_from_msg(m), size, resize) if size else image_from_msg(m))
+                                lambda m: fit_image(image_from_msg(m), size, resize, self.settings.image_crop)
+                                if size else image_from_msg(m))
         if image is not None:
             with self._lock:
                 self.images[camera] = Sample(image, time.monotonic())

@@ -16,7 +16,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from vla_runtime.policies.registry import register_policy
 from vla_runtime.serve.protocol import ObservationKeys, ProtocolError, pack, unpack
-from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure
+from vla_runtime.types import ActionChunk, Observation, PolicySpec, PolicyStructure, image_crop
 
 
 class RemotePolicy:
@@ -37,6 +37,7 @@ class RemotePolicy:
                 if f.name in self.metadata["spec"]}
         self.spec = PolicySpec(**{**spec, "cameras": tuple(spec.get("cameras", ())),
                                   "image_size": tuple(spec["image_size"]) if spec.get("image_size") else None,
+                                  "image_crop": image_crop(spec.get("image_crop")),
                                   "concurrent_requests": int(self.metadata.get("slots", 1))})
         self.structure = PolicyStructure()  # nothing to hook here: acceleration runs on the server
 

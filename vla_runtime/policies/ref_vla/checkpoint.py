@@ -44,9 +44,10 @@ def save_model(directory: Path, model: RefVLA, normalizer: Normalizer, tokenizer
     tokenizer.save(str(directory / "tokenizer.json"))
 
 
-# What a fine-tuning run may change in a saved model's config (`load_model(..., changes=)`): the chunk, and
-# training-time RTC (a head that takes a given prefix: its flag embedding starts at zero, the head unchanged).
-FINE_TUNE_FIELDS = ("chunk_size", "actions_per_chunk", "rtc_max_delay")
+# What a fine-tuning run may change in a saved model's config (`load_model(..., changes=)`): the chunk,
+# training-time RTC (a head that takes a given prefix: its flag embedding starts at zero, the head unchanged), and
+# the crop of the camera frame its images show (the same network on a new view).
+FINE_TUNE_FIELDS = ("chunk_size", "actions_per_chunk", "rtc_max_delay", "image_crop")
 
 
 def _resample_positions(position: torch.Tensor, length: int) -> torch.Tensor:

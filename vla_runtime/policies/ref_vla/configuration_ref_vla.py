@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from vla_runtime.types import image_crop
+
 
 @dataclass
 class RefVLAConfig:
@@ -18,6 +20,9 @@ class RefVLAConfig:
     # Each camera's image becomes num_visual_tokens tokens (one shared encoder), in this order.
     cameras: tuple[str, ...] = ("corner4",)
     image_size: int = 128
+    # The part of each camera's full frame it reads, [left, top, right, bottom] fractions (None: the whole frame):
+    # the crop its training data was rendered with, declared so every runner renders or crops the same.
+    image_crop: tuple[float, float, float, float] | None = None
     state_dim: int = 4
     action_dim: int = 4
     chunk_size: int = 8
@@ -53,6 +58,7 @@ class RefVLAConfig:
     def __post_init__(self) -> None:
         self.stem_channels = tuple(self.stem_channels)
         self.cameras = (self.cameras,) if isinstance(self.cameras, str) else tuple(self.cameras)
+        self.image_crop = image_crop(self.image_crop)
         if not self.cameras:
             raise ValueError("RefVLAConfig.cameras names no camera")
         if self.head not in ("dit", "ar"):

@@ -30,6 +30,7 @@ from vla_runtime.types import (
     Observation,
     PolicySpec,
     PolicyStructure,
+    image_crop,
 )
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class RefVLAPolicy:
         # Instructions repeat: their tokens are cached, the most recent TEXT_CACHE_SIZE of them (a server meets any).
         self._text = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._tokenize)
         self.spec = PolicySpec(action_dim=config.action_dim, state_dim=config.state_dim, cameras=config.cameras,
-                               image_size=(config.image_size, config.image_size), chunk_size=config.chunk_size,
+                               image_size=(config.image_size, config.image_size), image_crop=config.image_crop,
+                               chunk_size=config.chunk_size,
                                control_dt=config.control_dt, actions_per_chunk=config.actions_per_chunk,
                                rtc_max_delay=config.rtc_max_delay)
         lm = model.lm
@@ -160,6 +162,9 @@ def train_on_dataset(settings: dict, model_options: dict) -> Path:
     config = TrainConfig.from_settings(settings)
     torch.set_num_threads(config.num_threads)
     suite, robot = recorded_robot(EpisodeStore(config.dataset))
+    if image_crop(model_options.get("image_crop", robot["image_crop"])) != robot["image_crop"]:
+        raise ValueError(f"model.image_crop={model_options['image_crop']}, but {config.dataset} was rendered with crop "
+                         f"{robot['image_crop']}: a model reads the images its data has")
     model_options = {**robot, **model_options}
     dataset = ActionChunkDataset(config.dataset, chunk_size=model_options.get("chunk_size", 8))
     return train(config, dataset, [suite.instruction(task) for task in suite.tasks()], model_options)
@@ -175,7 +180,8 @@ def recorded_robot(store: EpisodeStore) -> tuple[Suite, dict]:
     spec = suite.spec
     return suite, {"control_dt": spec.control_dt, "state_dim": spec.state_dim, "action_dim": spec.action_dim,
                    "cameras": list(recorded.get("cameras", spec.cameras)),
-                   "image_size": recorded.get("image_size", spec.image_size[0])}
+                   "image_size": recorded.get("image_size", spec.image_size[0]),
+                   "image_crop": image_crop(recorded.get("image_crop"))}
 
 
 def identity_stats(config: RefVLAConfig) -> dict:
@@ -197,7 +203,7 @@ def ref_dit_large(suite, seed: int = 0, **options) -> RefVLAPolicy:
     """SmolVLA-scale architecture with RANDOM WEIGHTS: for speed benchmarks only, its actions mean nothing.
     Built for the suite's robot (cameras, image size, dims, rate) and instruction vocabulary."""
     spec = suite.spec
-    shape = dict(cameras=spec.cameras, image_size=spec.image_size[0], state_dim=spec.state_dim,
-                 action_dim=spec.action_dim, control_dt=spec.control_dt)
+    shape = dict(cameras=spec.cameras, image_size=spec.image_size[0], image_crop=spec.image_crop,
+                 state_dim=spec.state_dim, action_dim=spec.action_dim, control_dt=spec.control_dt)
     return random_init_policy([suite.instruction(task) for task in suite.tasks()], seed, options, head="dit",
                               **shape, **LARGE_RANDOM_WEIGHTS)

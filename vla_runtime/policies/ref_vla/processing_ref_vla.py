@@ -70,6 +70,26 @@ def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
+def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's brightness, contrast and saturation scaled by factors drawn from [1 - strength, 1 + strength]
+    (uint8 [B, 3, H, W] in and out; 0: unchanged), as torchvision's ColorJitter does: a policy cloned from pixels
+    should not hinge on one lighting's exact colours."""
+    if strength <= 0:
+        return images
+
+    def factor() -> torch.Tensor:
+        return 1 + strength * (2 * torch.rand(images.shape[0], 1, 1, 1, generator=generator) - 1)
+
+    def gray(x: torch.Tensor) -> torch.Tensor:
+        return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 255)
+
+    x = (images.float() * factor()).clamp(0, 255)  # brightness
+    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * factor() + mean).clamp(0, 255)  # contrast
+    x = (x - gray(x)) * factor() + gray(x)  # saturation
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
 def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift each image by up to `pad` pixels (edge padding + random crop): the augmentation that
     keeps behaviour cloning from memorising pixel positions."""

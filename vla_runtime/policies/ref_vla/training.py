@@ -26,11 +26,13 @@ from vla_runtime.policies.ref_vla.configuration_ref_vla import RefVLAConfig
 from vla_runtime.policies.ref_vla.modeling_ref_vla import RefVLA
 from vla_runtime.policies.ref_vla.processing_ref_vla import (
     Normalizer,
+    color_jitter,
     images_to_tensor,
     random_shift,
     tokenize,
     train_instruction_tokenizer,
 )
+from vla_runtime.types import image_crop
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class TrainConfig:
         save_every_steps, log_every_steps: checkpoint and log intervals.
         diffusion_repeats: noise draws per language-model pass (DiT head only).
         shift_pad: random-shift augmentation, pixels.
+        color_jitter: brightness / contrast / saturation augmentation, each scaled by a factor in
+            [1 - color_jitter, 1 + color_jitter] per image; 0: off.
         seed: of the model's initialisation and the data order.
         num_threads: CPU threads for torch.
         device: auto (cuda when torch sees one), cpu, cuda, cuda:N.
@@ -69,10 +73,17 @@ class TrainConfig:
     log_every_steps: int
     diffusion_repeats: int
     shift_pad: int
+    color_jitter: float
     seed: int
     num_threads: int
     device: str
     num_workers: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1) (factors in [1 - x, 1 + x]), got {self.color_jitter}")
+        if self.shift_pad < 0:
+            raise ValueError(f"shift_pad must be >= 0 pixels, got {self.shift_pad}")
 
     @classmethod
     def from_settings(cls, settings: dict) -> TrainConfig:
@@ -143,6 +154,9 @@ def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[
         config = RefVLAConfig(**model_options, text_vocab_size=tokenizer.get_vocab_size())
         model, normalizer = RefVLA(config), Normalizer(dataset.stats())
     config = model.config
+    if config.image_crop != image_crop(model_options.get("image_crop")):
+        raise ValueError(f"{cfg.dataset}: its images show crop {model_options.get('image_crop')} of the camera frame, "
+                         f"the model resumed from {out} reads crop {config.image_crop}")
     first = dataset.episodes[0].images
     for camera in config.cameras:
         if camera not in first or first[camera].shape[1:] != (config.image_size, config.image_size, 3):
@@ -182,8 +196,8 @@ def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[
         for batch in loader:
             text_ids, text_mask = (torch.cat(parts).to(device) for parts in zip(
                 *(instruction_tokens[text] for text in batch["instruction"]), strict=True))
-            images = torch.stack([random_shift(batch["images"][camera], cfg.shift_pad, generator)
-                                  for camera in config.cameras], dim=1)
+            images = torch.stack([color_jitter(random_shift(batch["images"][camera], cfg.shift_pad, generator),
+                                               cfg.color_jitter, generator) for camera in config.cameras], dim=1)
             lr = learning_rate(progress(), step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr

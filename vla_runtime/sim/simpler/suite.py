@@ -31,7 +31,7 @@ import numpy as np
 from vla_runtime.plugins import did_you_mean
 from vla_runtime.sim.libero.suite import quat_to_axis_angle
 from vla_runtime.sim.suite import SeedRange, Suite, register_suite
-from vla_runtime.types import Observation, RobotSpec
+from vla_runtime.types import Observation, RobotSpec, crop_frame, image_crop
 
 LABEL = "ManiSkill3 port, stand-in table"  # on every printed SIMPLER number: not the original SimplerEnv
 
@@ -170,7 +170,10 @@ def _maniskill(root: str):
 @dataclass
 class SimplerConfig:
     cameras: tuple[str, ...] = (CAMERA,)
-    image_size: int = 128  # the 640x480 camera image resized (not cropped) to a square, as SimplerEnv's policies
+    image_size: int = 128  # the 640x480 camera image (or its image_crop) resized to a square, area interpolation
+    # The part of the 640x480 frame the images show, [left, top, right, bottom] fractions (None: the whole frame, as
+    # SimplerEnv's policies read it); a policy trained on a crop declares it and must be run with the same one.
+    image_crop: tuple[float, float, float, float] | None = None
     max_steps: int = 60  # ManiSkill3's episode length for these tasks
     asset_dir: str | None = None  # folder holding data/, or an offline bundle .tgz; null: MS_ASSET_DIR / ~/.maniskill
     train_seeds: SeedRange = field(default_factory=lambda: SeedRange(1_000, 1_000_000))
@@ -178,6 +181,7 @@ class SimplerConfig:
 
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
+        self.image_crop = image_crop(self.image_crop)
         if self.cameras != (CAMERA,):
             raise ValueError(f"SIMPLER-Bridge has one camera, '{CAMERA}'; got cameras={list(self.cameras)}")
         self.train_seeds, self.eval_seeds = SeedRange.coerce(self.train_seeds), SeedRange.coerce(self.eval_seeds)
@@ -228,7 +232,7 @@ class SimplerEnv:
             raise ValueError(f"Camera '{camera}' is not configured; configured: {self.config.cameras}")
         import cv2
 
-        image = self._obs["sensor_data"][CAMERA]["rgb"][0].numpy()
+        image = crop_frame(self._obs["sensor_data"][CAMERA]["rgb"][0].numpy(), self.config.image_crop)
         size = self.config.image_size
         return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -320,7 +324,8 @@ class SimplerBridgeSuite(Suite):
         self.train_seeds, self.eval_seeds = self.config.train_seeds, self.config.eval_seeds
         size = self.config.image_size
         self.spec = RobotSpec(action_dim=ACTION_DIM, state_dim=STATE_DIM, cameras=self.config.cameras,
-                              image_size=(size, size), control_dt=CONTROL_DT, action_low=tuple(-v for v in ACTION_HIGH),
+                              image_size=(size, size), image_crop=self.config.image_crop, control_dt=CONTROL_DT,
+                              action_low=tuple(-v for v in ACTION_HIGH),
                               action_high=ACTION_HIGH, hold_dims=(6,),
                               state_names=("eef_x", "eef_y", "eef_z", "eef_rx", "eef_ry", "eef_rz",
                                            "finger_left", "finger_right"))
@@ -344,8 +349,11 @@ class SimplerBridgeSuite(Suite):
 
     def settings(self) -> dict:
         config = self.config
+        crop = {"image_crop": list(config.image_crop)} if config.image_crop else {}  # none: as collected before it
         return {"sim": "simpler_bridge", "label": LABEL, "cameras": list(config.cameras),
-                "image_size": config.image_size, "image_resize": "640x480 -> square, area interpolation, no crop",
+                "image_size": config.image_size, **crop,
+                "image_resize": f"640x480{' cropped' if crop else ''} -> square, area interpolation"
+                                f"{'' if crop else ', no crop'}",
                 "max_steps": config.max_steps,
                 "initial_states": f"seeds 0-{NUM_CONFIGS - 1}: the evaluation configurations; other seeds: "
                                   f"seeded random placements (positions; orientations within "
