@@ -86,7 +86,8 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
     x = (images.float() * factor()).clamp(0, 255)  # brightness
     mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * factor() + mean).clamp(0, 255)  # contrast
-    x = (x - gray(x)) * factor() + gray(x)  # saturation
+    luminance = gray(x)
+    x = (x - luminance) * factor() + luminance  # saturation
     return x.clamp(0, 255).round().to(torch.uint8)
 
 
