@@ -114,7 +114,7 @@ def test_observation_layout_image_and_success_at_the_end(env):
         env.step(np.array([np.nan] * 7))
 
 
-def test_a_crop_renders_that_part_of_the_frame_and_a_policy_must_declare_it(env):
+def test_a_crop_renders_that_part_of_the_frame(env):
     import dataclasses
 
     import cv2
@@ -132,10 +132,13 @@ def test_a_crop_renders_that_part_of_the_frame_and_a_policy_must_declare_it(env)
     assert np.abs(halved - full[32:96, 32:96]).mean() < 4
     assert np.abs(halved - full[:64, :64]).mean() > 4 * np.abs(halved - full[32:96, 32:96]).mean()
 
+
+def test_a_crop_is_part_of_the_robot_spec_and_a_policy_without_it_is_refused():
     cropped = make_suite("simpler_bridge", image_crop=[0.25, 0.25, 0.75, 0.75])
     assert cropped.spec.image_crop == (0.25, 0.25, 0.75, 0.75)
     assert cropped.settings()["image_crop"] == [0.25, 0.25, 0.75, 0.75]
-    assert "image_crop" not in make_suite("simpler_bridge").settings()  # datasets without one read as before
+    whole = make_suite("simpler_bridge").settings()  # datasets collected without a crop resume as before
+    assert "image_crop" not in whole and whole["image_resize"] == "640x480 -> square, area interpolation, no crop"
     from vla_runtime.policies import make_policy
 
     with pytest.raises(ValueError, match=r"image crop \[0, 0, 1, 1\] vs \[0.25, 0.25, 0.75, 0.75\]"):

@@ -39,17 +39,18 @@ def realtime_spec(runtime: DictConfig, suite: Suite) -> RealtimeSpec | None:
     """None for the synchronous protocol, else latency in the loop at the suite's rate (`control_hz` null)."""
     if runtime.mode not in RUNTIME_MODES:
         raise UsageError(f"runtime.mode must be 'sync' or 'realtime', got '{runtime.mode}'")
-    if runtime.mode == "sync":
-        if runtime.get("chunking", "auto") not in ("naive", "auto"):
-            raise UsageError(f"runtime.chunking={runtime.chunking} acts on latency in the loop: it needs "
-                             "runtime.mode=realtime (the synchronous protocol has no latency)")
-        return None
     options = as_dict(runtime)
     latency = LatencySpec(options.pop("latency_model"), options.pop("latency_ms"), options.pop("recorded_latencies"))
     reuse_gate = options.pop("reuse_gate")
     options.pop("mode")
+    # Built in both modes, so a bad loop option is refused whichever protocol runs.
     loop = RuntimeConfig(**{**options, "control_hz": options.get("control_hz") or 1.0 / suite.spec.control_dt,
                             "safety": safety_config(options.get("safety") or {}, suite)})
+    if runtime.mode == "sync":
+        if loop.chunking not in ("naive", "auto"):
+            raise UsageError(f"runtime.chunking={loop.chunking} acts on latency in the loop: it needs "
+                             "runtime.mode=realtime (the synchronous protocol has no latency)")
+        return None
     return RealtimeSpec(loop, latency, reuse_gate)
 
 

@@ -352,8 +352,8 @@ class SimplerBridgeSuite(Suite):
         crop = {"image_crop": list(config.image_crop)} if config.image_crop else {}  # none: as collected before it
         return {"sim": "simpler_bridge", "label": LABEL, "cameras": list(config.cameras),
                 "image_size": config.image_size, **crop,
-                "image_resize": f"640x480{' cropped' if crop else ''} -> square, area interpolation"
-                                f"{'' if crop else ', no crop'}",
+                "image_resize": "640x480 cropped -> square, area interpolation" if crop
+                                else "640x480 -> square, area interpolation, no crop",
                 "max_steps": config.max_steps,
                 "initial_states": f"seeds 0-{NUM_CONFIGS - 1}: the evaluation configurations; other seeds: "
                                   f"seeded random placements (positions; orientations within "
