@@ -214,6 +214,7 @@ def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[
             bar.update()
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
             if step % cfg.log_every_steps == 0:
+                bar.total = round(step / progress())  # the steps the nearer budget allows, at this pace
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr,
                                         "elapsed_s": elapsed_s()}) + "\n")
