@@ -138,7 +138,8 @@ def train_from_bundle(bundle: Path, output_dir: Path, overrides: list[str]) -> N
     episodes, meta = unpack(bundle)
     print(f"decoded {len(episodes)} episodes in {time.monotonic() - started:.0f} s", flush=True)
     model_options = {**meta["robot"], **model_options}
-    dataset = ActionChunkDataset(episodes, chunk_size=model_options.get("chunk_size", 8))
+    dataset = ActionChunkDataset(episodes, chunk_size=model_options.get("chunk_size", 8),
+                                 max_idle_frames=cfg.max_idle_frames)
     train(cfg, dataset, meta["instructions"].values(), model_options)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     (output_dir / "provenance.json").write_text(json.dumps({

@@ -78,6 +78,20 @@ def test_write_read_round_trip_and_batches(tmp_path):
     assert len(dataset) == 12 and len(dataset.stats()["action"]["mean"]) == 4
 
 
+def test_an_idle_tail_is_cut_to_max_idle_frames():
+    moving, still = make_episode(length=10), make_episode(seed=1, length=4)
+    moving.action[6:] = moving.action[9]  # frames 6-9: holding still until the episode's length runs out
+    still.action[:] = 0.5  # never moves: all four frames are its idle tail
+    assert len(ActionChunkDataset([moving, still], chunk_size=3)) == 14
+    cut = ActionChunkDataset([moving, still], chunk_size=3, max_idle_frames=1)
+    assert len(cut) == 8  # frames 0-6 of the first (one of its idle tail), frame 0 of the second
+    assert [t for e, t in cut._frames if e == 0] == list(range(7)) and [t for e, t in cut._frames if e == 1] == [0]
+    assert torch.equal(cut[6]["actions"], torch.from_numpy(moving.action[6:9]))  # its chunk still shows the hold
+    assert len(ActionChunkDataset([moving], chunk_size=3, max_idle_frames=0)) == 6
+    with pytest.raises(ValueError, match="max_idle_frames must be >= 0 or None, got -1"):
+        ActionChunkDataset([moving], chunk_size=3, max_idle_frames=-1)
+
+
 def test_episode_arrays_must_agree_in_length():
     with pytest.raises(ValueError, match="disagree in length"):
         Episode("reach-v3", 43, "x", 0, True, {"corner4": np.zeros((3, 8, 8, 3), np.uint8)},

@@ -12,15 +12,18 @@ from vla_runtime.data.episodes import Episode, EpisodeStore
 
 
 class ActionChunkDataset(Dataset):
-    """Every frame of every episode, loaded into memory once.
+    """Every frame of every episode (or all but a long idle tail), loaded into memory once.
 
     A sample: `images` {camera: uint8 [3, H, W]}, `state` float32 [S], `actions` float32 [chunk, A]
     (past the episode end the last action repeats and `action_is_pad` is True), `instruction`,
     `task_id`.
     """
 
-    def __init__(self, source: str | Path | list[Episode], chunk_size: int, tasks: list[str] | None = None):
-        """`source`: a dataset directory (see `EpisodeStore`) or episodes already in memory."""
+    def __init__(self, source: str | Path | list[Episode], chunk_size: int, tasks: list[str] | None = None,
+                 max_idle_frames: int | None = None):
+        """`source`: a dataset directory (see `EpisodeStore`) or episodes already in memory. `max_idle_frames`:
+        of an episode's idle tail (its last frames, whose actions all equal its final one: the robot holding still
+        until the episode's fixed length runs out) only the first this many frames are samples; None: all."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         episodes = source if isinstance(source, list) else EpisodeStore(source)
@@ -29,7 +32,18 @@ class ActionChunkDataset(Dataset):
         if not self.episodes:
             where = "the episodes given" if isinstance(source, list) else source
             raise ValueError(f"No episodes in {where}" + (f" for tasks {tasks}" if tasks else ""))
-        self._frames = [(e, t) for e in range(len(self.episodes)) for t in range(self.episodes[e].length)]
+        if max_idle_frames is not None and max_idle_frames < 0:
+            raise ValueError(f"max_idle_frames must be >= 0 or None, got {max_idle_frames}")
+        self._frames = [(e, t) for e, episode in enumerate(self.episodes)
+                        for t in range(self._frames_kept(episode, max_idle_frames))]
+
+    @staticmethod
+    def _frames_kept(episode: Episode, max_idle_frames: int | None) -> int:
+        if max_idle_frames is None:
+            return episode.length
+        moving = np.flatnonzero(np.any(episode.action != episode.action[-1], axis=1))
+        idle_from = moving[-1] + 1 if len(moving) else 0
+        return min(episode.length, idle_from + max_idle_frames)
 
     def __len__(self) -> int:
         return len(self._frames)

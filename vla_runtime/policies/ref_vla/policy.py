@@ -166,7 +166,8 @@ def train_on_dataset(settings: dict, model_options: dict) -> Path:
         raise ValueError(f"model.image_crop={model_options['image_crop']}, but {config.dataset} was rendered with crop "
                          f"{robot['image_crop']}: a model reads the images its data has")
     model_options = {**robot, **model_options}
-    dataset = ActionChunkDataset(config.dataset, chunk_size=model_options.get("chunk_size", 8))
+    dataset = ActionChunkDataset(config.dataset, chunk_size=model_options.get("chunk_size", 8),
+                                 max_idle_frames=config.max_idle_frames)
     return train(config, dataset, [suite.instruction(task) for task in suite.tasks()], model_options)
 
 

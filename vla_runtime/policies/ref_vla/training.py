@@ -53,6 +53,8 @@ class TrainConfig:
         shift_pad: random-shift augmentation, pixels.
         color_jitter: brightness / contrast / saturation augmentation, each scaled by a factor in
             [1 - color_jitter, 1 + color_jitter] per image; 0: off.
+        max_idle_frames: of each episode's idle tail (the robot holding still until a fixed episode length runs
+            out) only the first this many frames are trained on; None: all (see `ActionChunkDataset`).
         seed: of the model's initialisation and the data order.
         num_threads: CPU threads for torch.
         device: auto (cuda when torch sees one), cpu, cuda, cuda:N.
@@ -74,6 +76,7 @@ class TrainConfig:
     diffusion_repeats: int
     shift_pad: int
     color_jitter: float
+    max_idle_frames: int | None
     seed: int
     num_threads: int
     device: str
