@@ -165,34 +165,6 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path, tokenizer):
         policy.predict_chunk(observation(size=32))
 
 
-def test_keypoints_are_where_the_stem_features_peak():
-    from vla_runtime.policies.ref_vla.modeling_ref_vla import SpatialKeypoints
-
-    config = RefVLAConfig(**{**TINY, "keypoints": 1, "lm_hidden": 2}, text_vocab_size=8)
-    keypoints = SpatialKeypoints(config)
-    with torch.no_grad():
-        keypoints.maps.weight.zero_()
-        keypoints.maps.weight[0, 0] = 50.0  # the map is channel 0, sharpened
-        keypoints.maps.bias.zero_()
-        keypoints.out.weight.copy_(torch.eye(2))  # out = (x, y)
-    features = torch.zeros(1, 32, 4, 5)
-    features[0, 0, 1, 4] = 1.0  # row 1 of 4, column 4 of 5
-    x, y = keypoints(features, batch=1)[0].tolist()
-    assert x == pytest.approx(1.0, abs=1e-3) and y == pytest.approx(-1 / 3, abs=1e-3)
-
-
-def test_a_keypoint_model_trains_its_stem_through_them(tokenizer):
-    model = tiny_policy(tokenizer, "dit", keypoints=4).model
-    with torch.no_grad():  # past adaLN-Zero's zero initialisations, as in a trained head
-        for weight in model.parameters():
-            if not weight.any():
-                weight.normal_(std=0.1)
-    model.train().loss(*batch(model.config, tokenizer)).backward()
-    assert model.keypoints.maps.weight.grad.abs().sum() > 0 and model.keypoints.out.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="keypoints must be >= 0 and needs head=dit"):
-        RefVLAConfig(**TINY, head="ar", keypoints=4, text_vocab_size=8)
-
-
 def test_training_resumes_from_its_checkpoint(tmp_path):
     store = EpisodeStore(tmp_path / "data", {"sim": "metaworld", "image_size": 64}, create=True)
     rng = np.random.default_rng(0)
@@ -236,16 +208,6 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     model = load_model(tmp_path / "rtc")[0]
     assert model.config.rtc_max_delay == 2 and model.dit.given.abs().sum() > 0
     assert RefVLAPolicy.from_checkpoint(tmp_path / "rtc").spec.rtc_max_delay == 2
-
-    # Keypoints added to a checkpoint: new maps and projection, the rest of the model as saved.
-    saved = load_model(tmp_path / "run")[0].state_dict()
-    added = load_model(tmp_path / "run", {"keypoints": 4})[0].state_dict()
-    assert set(added) - set(saved) == {"keypoints.maps.weight", "keypoints.maps.bias", "keypoints.out.weight"}
-    assert all(torch.equal(saved[k], added[k]) for k in saved)
-    with initialize_config_module("vla_runtime.configs", version_base="1.3"):
-        train_cli.train(compose("train", overrides=[*fine_tune, f"output_dir={tmp_path / 'kp'}", "model.keypoints=4"]))
-    model = load_model(tmp_path / "kp")[0]
-    assert model.config.keypoints == 4 and not torch.equal(model.keypoints.out.weight, added["keypoints.out.weight"])
 
 
 def test_training_on_a_missing_or_mismatched_dataset_is_a_clear_error(tmp_path):

@@ -45,12 +45,9 @@ def save_model(directory: Path, model: RefVLA, normalizer: Normalizer, tokenizer
 
 
 # What a fine-tuning run may change in a saved model's config (`load_model(..., changes=)`): the chunk,
-# training-time RTC (a head that takes a given prefix: its flag embedding starts at zero, the head unchanged),
-# keypoints (added to the cognition feature through a zero projection: the model as it was until they learn), and
+# training-time RTC (a head that takes a given prefix: its flag embedding starts at zero, the head unchanged), and
 # the crop of the camera frame its images show (the same network on a new view).
-FINE_TUNE_FIELDS = ("chunk_size", "actions_per_chunk", "rtc_max_delay", "keypoints", "image_crop")
-# The weights a change of these fields adds, which start as the new model initialises them.
-_ADDED_BY = {"rtc_max_delay": "dit.given", "keypoints": "keypoints."}
+FINE_TUNE_FIELDS = ("chunk_size", "actions_per_chunk", "rtc_max_delay", "image_crop")
 
 
 def _resample_positions(position: torch.Tensor, length: int) -> torch.Tensor:
@@ -78,9 +75,8 @@ def load_model(directory: str | Path, changes: dict | None = None) -> tuple[RefV
     weights = match_vit_layout(_load_tensors(directory / "model.safetensors"), expected)
     if "dit.position" in weights and weights["dit.position"].shape[1] != config.chunk_size:
         weights["dit.position"] = _resample_positions(weights["dit.position"], config.chunk_size)
-    for field, prefix in _ADDED_BY.items():
-        if (changes or {}).get(field):
-            weights.update({k: v for k, v in expected.items() if k.startswith(prefix) and k not in weights})
+    if changes and changes.get("rtc_max_delay") and "dit.given" not in weights:
+        weights["dit.given"] = expected["dit.given"]  # zeros: the head as it was until it learns the flag
     problems = [f"missing {k}" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [f"{k}: {tuple(weights[k].shape)} in file, {tuple(v.shape)} in model"

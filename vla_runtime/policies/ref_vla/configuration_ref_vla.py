@@ -34,10 +34,6 @@ class RefVLAConfig:
     vit_hidden: int = 128
     vit_layers: int = 4
     vit_heads: int = 4
-    # Spatial soft-argmax keypoints of the conv stem's features (DiT head): K image positions, projected onto the
-    # LM's width and added to the cognition feature, a direct path from where things are to the action head.
-    # 0: none (the cognition token alone must carry the objects' positions).
-    keypoints: int = 0
     # Language model (transformers Llama, trained from scratch).
     lm_hidden: int = 256
     lm_layers: int = 8
@@ -71,8 +67,6 @@ class RefVLAConfig:
             raise ValueError(f"Feature map {self.feature_map_size} not divisible by patch {self.vit_patch_size}")
         if not 0 <= self.rtc_max_delay < self.chunk_size:
             raise ValueError(f"rtc_max_delay must be in [0, chunk_size={self.chunk_size}), got {self.rtc_max_delay}")
-        if self.keypoints < 0 or (self.keypoints and self.head != "dit"):
-            raise ValueError(f"keypoints must be >= 0 and needs head=dit, got {self.keypoints} with head={self.head}")
         if self.rtc_max_delay and self.head != "dit":
             raise ValueError("rtc_max_delay (training-time real-time chunking) needs head=dit")
         if self.num_visual_tokens < 64:

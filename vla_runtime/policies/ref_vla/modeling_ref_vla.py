@@ -55,29 +55,6 @@ class VisionEncoder(nn.Module):
         return tokens.reshape(batch, cameras * tokens.shape[1], tokens.shape[2])
 
 
-class SpatialKeypoints(nn.Module):
-    """Spatial soft-argmax (Levine et al. 2016, the image encoder of Diffusion Policy): K keypoint maps of the
-    conv stem's features, each reduced to the expected (x, y) of its softmax over the map, every camera's
-    projected onto the LM's width. The projection starts random (a zero one would starve the maps of gradient
-    while every softmax is still near uniform) and without bias: untrained, every keypoint sits near the image
-    centre and adds little, so a model fine-tuned with them starts close to where it was."""
-
-    def __init__(self, config: RefVLAConfig):
-        super().__init__()
-        self.maps = nn.Conv2d(config.stem_channels[-1], config.keypoints, 1)
-        self.out = nn.Linear(2 * config.keypoints * len(config.cameras), config.lm_hidden, bias=False)
-
-    def forward(self, features: torch.Tensor, batch: int) -> torch.Tensor:
-        """Stem features [B * K, C, h, w], camera after camera -> [B, lm_hidden]."""
-        maps = self.maps(features)
-        height, width = maps.shape[-2:]
-        weights = maps.flatten(2).softmax(-1).view_as(maps)  # [B*K, P, h, w]
-        ys = torch.linspace(-1, 1, height, device=maps.device, dtype=maps.dtype)
-        xs = torch.linspace(-1, 1, width, device=maps.device, dtype=maps.dtype)
-        points = torch.stack([(weights.sum(-2) * xs).sum(-1), (weights.sum(-1) * ys).sum(-1)], dim=-1)
-        return self.out(points.reshape(batch, -1))
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -255,7 +232,6 @@ class RefVLA(nn.Module):
         ))
         if config.head == "dit":
             self.dit = DiTActionHead(config)
-            self.keypoints = SpatialKeypoints(config) if config.keypoints else None
         else:
             self.action_logits = nn.Linear(config.lm_hidden, config.action_bins)
             self.decode_loop = ARDecodeLoop(self)
@@ -273,13 +249,6 @@ class RefVLA(nn.Module):
         ones = text_mask.new_ones(batch, visual.shape[1])
         mask = torch.cat([ones, text_mask, text_mask.new_ones(batch, 2)], dim=1)
         return embeds, mask
-
-    def cognition(self, images: torch.Tensor, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """What conditions the DiT head: the LM's output at the cognition token, plus the keypoints' projection."""
-        hidden = self.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state[:, -1]
-        if self.keypoints is None:
-            return hidden
-        return hidden + self.keypoints(self.vision.stem(images.flatten(0, 1)), images.shape[0])
 
     # --- actions <-> tokens (AR) ----------------------------------------------------------------
     def lm_step(self, embeds: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
@@ -304,7 +273,7 @@ class RefVLA(nn.Module):
         """`actions` normalised to [-1, 1], [B, H, A]; `is_pad` [B, H] marks steps past the episode end."""
         prefix, mask = self.embed_prefix(images, text_ids, text_mask, state)
         if self.config.head == "dit":
-            cognition = self.cognition(images, prefix, mask)
+            cognition = self.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state[:, -1]
             return self.dit.loss(cognition, actions, is_pad, diffusion_repeats)
         targets = self.actions_to_bins(actions).flatten(1)  # [B, H*A], time-major
         inputs = self.lm.embed_tokens(targets[:, :-1] + self.first_bin_id)
@@ -321,7 +290,7 @@ class RefVLA(nn.Module):
         """Normalised actions [B, H, A]; `given_actions` [B, d, A]: the chunk's first d, given (training-time RTC)."""
         prefix, mask = self.embed_prefix(images, text_ids, text_mask, state)
         if self.config.head == "dit":
-            cognition = self.cognition(images, prefix, mask)
+            cognition = self.lm(inputs_embeds=prefix, attention_mask=mask).last_hidden_state[:, -1]
             return self.dit.sample(cognition, generator, prefix=given_actions)
         bins = self.decode_loop(prefix, mask)
         return self.bins_to_actions(bins).view(-1, self.config.chunk_size, self.config.action_dim)
