@@ -80,7 +80,8 @@ def test_write_read_round_trip_and_batches(tmp_path):
 
 def test_an_idle_tail_is_cut_to_max_idle_frames():
     moving, still = make_episode(length=10), make_episode(seed=1, length=4)
-    moving.action[6:] = moving.action[9]  # frames 6-9: holding still until the episode's length runs out
+    moving.action[6:] = moving.action[9]  # frames 6-9: holding still until the episode's length runs out,
+    moving.action[7:9] += 1e-5  # with a settling controller's residues
     still.action[:] = 0.5  # never moves: all four frames are its idle tail
     assert len(ActionChunkDataset([moving, still], chunk_size=3)) == 14
     cut = ActionChunkDataset([moving, still], chunk_size=3, max_idle_frames=1)

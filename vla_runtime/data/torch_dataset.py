@@ -22,8 +22,9 @@ class ActionChunkDataset(Dataset):
     def __init__(self, source: str | Path | list[Episode], chunk_size: int, tasks: list[str] | None = None,
                  max_idle_frames: int | None = None):
         """`source`: a dataset directory (see `EpisodeStore`) or episodes already in memory. `max_idle_frames`:
-        of an episode's idle tail (its last frames, whose actions all equal its final one: the robot holding still
-        until the episode's fixed length runs out) only the first this many frames are samples; None: all."""
+        of an episode's idle tail (its last frames, whose actions all stay within 1 % of the episode's range of its
+        final one: the robot holding still until a fixed episode length runs out) only the first this many frames
+        are samples; None: all."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         episodes = source if isinstance(source, list) else EpisodeStore(source)
@@ -41,7 +42,10 @@ class ActionChunkDataset(Dataset):
     def _frames_kept(episode: Episode, max_idle_frames: int | None) -> int:
         if max_idle_frames is None:
             return episode.length
-        moving = np.flatnonzero(np.any(episode.action != episode.action[-1], axis=1))
+        # Idle: every dimension within 1 % of the episode's own range of its final action (an expert's settling
+        # controller leaves ~1e-5 residues where it holds still).
+        tolerance = 0.01 * (episode.action.max(0) - episode.action.min(0))
+        moving = np.flatnonzero(np.any(np.abs(episode.action - episode.action[-1]) > tolerance, axis=1))
         idle_from = moving[-1] + 1 if len(moving) else 0
         return min(episode.length, idle_from + max_idle_frames)
 
