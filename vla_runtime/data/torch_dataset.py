@@ -33,8 +33,6 @@ class ActionChunkDataset(Dataset):
         if not self.episodes:
             where = "the episodes given" if isinstance(source, list) else source
             raise ValueError(f"No episodes in {where}" + (f" for tasks {tasks}" if tasks else ""))
-        if max_idle_frames is not None and max_idle_frames < 0:
-            raise ValueError(f"max_idle_frames must be >= 0 or None, got {max_idle_frames}")
         self._frames = [(e, t) for e, episode in enumerate(self.episodes)
                         for t in range(self._frames_kept(episode, max_idle_frames))]
 

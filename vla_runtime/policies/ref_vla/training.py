@@ -85,6 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.color_jitter < 1:
             raise ValueError(f"color_jitter must be in [0, 1) (factors in [1 - x, 1 + x]), got {self.color_jitter}")
+        if self.max_idle_frames is not None and self.max_idle_frames < 0:
+            raise ValueError(f"max_idle_frames must be >= 0 or null (all), got {self.max_idle_frames}")
         if self.shift_pad < 0:
             raise ValueError(f"shift_pad must be >= 0 pixels, got {self.shift_pad}")
 
