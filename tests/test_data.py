@@ -91,6 +91,12 @@ def test_an_idle_tail_is_cut_to_max_idle_frames():
     assert len(ActionChunkDataset([moving], chunk_size=3, max_idle_frames=0)) == 6
 
 
+def test_early_frames_are_weighted_per_episode():
+    data = ActionChunkDataset([make_episode(length=5), make_episode(seed=1, length=3)], chunk_size=2)
+    assert data.early_frame_weights(2, 4.0).tolist() == [4, 4, 1, 1, 1, 4, 4, 1]
+    assert data.early_frame_weights(0, 4.0).tolist() == [1.0] * 8
+
+
 def test_episode_arrays_must_agree_in_length():
     with pytest.raises(ValueError, match="disagree in length"):
         Episode("reach-v3", 43, "x", 0, True, {"corner4": np.zeros((3, 8, 8, 3), np.uint8)},

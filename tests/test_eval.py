@@ -159,6 +159,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, override, message):
                                              "mean 'asap'?)"),
         ("train", "color_jitter=1.5", "color_jitter must be in [0, 1) (factors in [1 - x, 1 + x]), got 1.5"),
         ("train", "max_idle_frames=-1", "max_idle_frames must be >= 0 or null (all), got -1"),
+        ("train", "early_frame_weight=0", "early_frames must be >= 0 and early_frame_weight > 0, got 0 and 0"),
         ("bench", "accel=[none,bacc]", "Unknown accel profile or method 'bacc' (did you mean 'bac'?)"),
         ("bench", "sim=metawrld", "Unknown sim 'metawrld' (did you mean 'metaworld'?). Choices:"),
         ("serve", "policy=no_such", "Unknown policy 'no_such'. Choices: expert,"),

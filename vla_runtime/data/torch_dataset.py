@@ -50,6 +50,14 @@ class ActionChunkDataset(Dataset):
     def __len__(self) -> int:
         return len(self._frames)
 
+    def early_frame_weights(self, early_frames: int, weight: float) -> torch.Tensor:
+        """A sampling weight per sample: `weight` for an episode's first `early_frames` frames, 1 for the rest.
+
+        Where an episode's first frames are the only ones whose actions need the image (later ones can continue the
+        motion the state already shows: behaviour cloning's copycat shortcut), drawing them more often teaches the
+        policy to look."""
+        return torch.tensor([weight if t < early_frames else 1.0 for _, t in self._frames], dtype=torch.double)
+
     def __getitem__(self, index: int) -> dict:
         episode_index, t = self._frames[index]
         episode = self.episodes[episode_index]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from vla_runtime.data.torch_dataset import ActionChunkDataset
@@ -55,6 +55,8 @@ class TrainConfig:
             [1 - color_jitter, 1 + color_jitter] per image; 0: off.
         max_idle_frames: of each episode's idle tail (the robot holding still until a fixed episode length runs
             out) only the first this many frames are trained on; None: all (see `ActionChunkDataset`).
+        early_frames, early_frame_weight: each episode's first `early_frames` frames are drawn `early_frame_weight`
+            times as often as the others (sampling with replacement); 1: uniform, each sample once per epoch.
         seed: of the model's initialisation and the data order.
         num_threads: CPU threads for torch.
         device: auto (cuda when torch sees one), cpu, cuda, cuda:N.
@@ -77,6 +79,8 @@ class TrainConfig:
     shift_pad: int
     color_jitter: float
     max_idle_frames: int | None
+    early_frames: int
+    early_frame_weight: float
     seed: int
     num_threads: int
     device: str
@@ -87,6 +91,9 @@ class TrainConfig:
             raise ValueError(f"color_jitter must be in [0, 1) (factors in [1 - x, 1 + x]), got {self.color_jitter}")
         if self.max_idle_frames is not None and self.max_idle_frames < 0:
             raise ValueError(f"max_idle_frames must be >= 0 or null (all), got {self.max_idle_frames}")
+        if self.early_frames < 0 or self.early_frame_weight <= 0:
+            raise ValueError(f"early_frames must be >= 0 and early_frame_weight > 0, got {self.early_frames} and "
+                             f"{self.early_frame_weight}")
         if self.shift_pad < 0:
             raise ValueError(f"shift_pad must be >= 0 pixels, got {self.shift_pad}")
 
@@ -191,8 +198,10 @@ def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[
         plot_losses(log_path, out / "loss.png", f"{config.head} head, {millions:.1f} M parameters")
 
     generator = torch.Generator().manual_seed(cfg.seed + step)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+    sampler = None if cfg.early_frame_weight == 1 else WeightedRandomSampler(
+        dataset.early_frame_weights(cfg.early_frames, cfg.early_frame_weight), len(dataset), generator=generator)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                        generator=generator, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                         pin_memory=device.type == "cuda")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {config.head} on {device}", unit="step")
     model.train()
