@@ -238,6 +238,7 @@ def test_a_dataset_rendered_with_a_crop_trains_a_model_that_declares_it(tmp_path
                             np.zeros((4, 4), np.float32), np.arange(4) * 0.0125))
     overrides = [f"dataset={tmp_path / 'cropped'}", f"output_dir={tmp_path / 'run'}", "batch_size=2", "max_steps=1",
                  "warmup_steps=1", "log_every_steps=1", "num_threads=1", "color_jitter=0.3",
+                 "early_frames=1", "early_frame_weight=5",  # through the weighted sampler too
                  *[f"+model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()
                    if k not in ("chunk_size",)], "model.chunk_size=3"]
     with initialize_config_module("vla_runtime.configs", version_base="1.3"):

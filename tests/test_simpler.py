@@ -100,7 +100,7 @@ def test_configurations_are_fixed_and_other_seeds_place_at_random(env):
 def test_observation_layout_image_and_success_at_the_end(env):
     obs = env.reset(3, render=True)
     image = obs.images["3rd_view_camera"]
-    assert image.shape == (128, 128, 3) and image.dtype == np.uint8 and image.std() > 10
+    assert image.shape == (160, 160, 3) and image.dtype == np.uint8 and image.std() > 10
     assert obs.instruction == "put carrot on plate" and obs.state.shape == (8,) and obs.state.dtype == np.float32
     assert obs.privileged_state.shape == (simpler_suite.PRIVILEGED_DIM,)
     # The hand points down: its x axis along -z of the base frame.
@@ -119,25 +119,27 @@ def test_a_crop_renders_that_part_of_the_frame(env):
 
     import cv2
 
-    full = env.reset(3, render=True).images["3rd_view_camera"]
+    env.reset(3, render=False)
     config = env.config
     try:
+        env.config = dataclasses.replace(config, image_crop=None)
+        full = env.render("3rd_view_camera")
         env.config = dataclasses.replace(config, image_crop=[0.25, 0.25, 0.75, 0.75])
         centre = env.render("3rd_view_camera")
     finally:
         env.config = config
-    assert centre.shape == (128, 128, 3)
+    assert centre.shape == full.shape == (160, 160, 3)
     # The middle half of the frame, at twice the resolution of the whole frame's rendering of it.
-    halved = cv2.resize(centre, (64, 64), interpolation=cv2.INTER_AREA).astype(int)
-    assert np.abs(halved - full[32:96, 32:96]).mean() < 4
-    assert np.abs(halved - full[:64, :64]).mean() > 4 * np.abs(halved - full[32:96, 32:96]).mean()
+    halved = cv2.resize(centre, (80, 80), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(halved - full[40:120, 40:120]).mean() < 4
+    assert np.abs(halved - full[:80, :80]).mean() > 4 * np.abs(halved - full[40:120, 40:120]).mean()
 
 
 def test_a_crop_is_part_of_the_robot_spec_and_a_policy_without_it_is_refused():
-    cropped = make_suite("simpler_bridge", image_crop=[0.25, 0.25, 0.75, 0.75])
+    cropped = make_suite("simpler_bridge", image_size=128, image_crop=[0.25, 0.25, 0.75, 0.75])
     assert cropped.spec.image_crop == (0.25, 0.25, 0.75, 0.75)
     assert cropped.settings()["image_crop"] == [0.25, 0.25, 0.75, 0.75]
-    whole = make_suite("simpler_bridge").settings()  # datasets collected without a crop resume as before
+    whole = make_suite("simpler_bridge", image_crop=None).settings()  # datasets collected without one resume
     assert "image_crop" not in whole and whole["image_resize"] == "640x480 -> square, area interpolation, no crop"
     from vla_runtime.policies import make_policy
 
@@ -187,7 +189,7 @@ def test_ros_bridge_runs_a_simpler_task(monkeypatch, suite):
         monkeypatch, {"suite": "simpler_bridge", "task": CARROT, "camera_hz": 5.0,
                       "suite_options": json.dumps({"asset_dir": str(BUNDLE)})},
         ("3rd_view_camera",), command=[0.0, 0.0, 0.02, 0.0, 0.0, 0.0, 1.0], steps=10)  # up 2 cm a step, open
-    assert (images["3rd_view_camera"].height, images["3rd_view_camera"].width) == (128, 128)
+    assert (images["3rd_view_camera"].height, images["3rd_view_camera"].width) == (160, 160)
     assert list(states[-1].name) == list(suite.spec.state_names)
     assert states[-1].position[2] > first.position[2] + 0.05 and status["task"] == CARROT
     assert status["instruction"] == "put carrot on plate"
@@ -196,8 +198,8 @@ def test_ros_bridge_runs_a_simpler_task(monkeypatch, suite):
 def test_shipped_simpler_policy_fits_the_suite(suite, env):
     from vla_runtime.policies import make_policy
 
-    policy = make_policy("ref_dit", checkpoint="ref_dit_simpler_bridge")
-    suite.check_policy(policy, "ref_dit_simpler")
+    policy = make_policy("ref_dit", checkpoint="ref_dit_simpler_crop160")
+    suite.check_policy(policy, "ref_dit_simpler")  # the suite's default image size and crop are the policy's
     assert policy.spec.cameras == ("3rd_view_camera",) and policy.spec.control_dt == 0.2
     chunk = policy.predict_chunk(env.reset(0))
     assert chunk.actions.shape == (8, 7) and np.all(np.isfinite(chunk.actions))

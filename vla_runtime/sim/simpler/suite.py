@@ -170,10 +170,11 @@ def _maniskill(root: str):
 @dataclass
 class SimplerConfig:
     cameras: tuple[str, ...] = (CAMERA,)
-    image_size: int = 128  # the 640x480 camera image (or its image_crop) resized to a square, area interpolation
+    image_size: int = 160  # the 640x480 camera image (or its image_crop) resized to a square, area interpolation
     # The part of the 640x480 frame the images show, [left, top, right, bottom] fractions (None: the whole frame, as
     # SimplerEnv's policies read it); a policy trained on a crop declares it and must be run with the same one.
-    image_crop: tuple[float, float, float, float] | None = None
+    # The default, with 160 px, is the workspace the shipped policy reads (benchmarks/eval/simpler_dev_crop160).
+    image_crop: tuple[float, float, float, float] | None = (0.08, 0.0, 0.96, 0.88)
     max_steps: int = 60  # ManiSkill3's episode length for these tasks
     asset_dir: str | None = None  # folder holding data/, or an offline bundle .tgz; null: MS_ASSET_DIR / ~/.maniskill
     train_seeds: SeedRange = field(default_factory=lambda: SeedRange(1_000, 1_000_000))
