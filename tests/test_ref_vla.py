@@ -185,11 +185,13 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
         state = json.loads((tmp_path / "run" / "train_state.json").read_text())
         assert state["step"] == 3 and (tmp_path / "run" / "loss.png").stat().st_size > 0
         first_weights = load_model(tmp_path / "run")[0].state_dict()
+        with open(tmp_path / "run" / "train_log.jsonl", "a") as log:  # as if stopped after logging step 4 unsaved
+            log.write(json.dumps({"step": 4, "loss": 1.0, "lr": 1e-4, "elapsed_s": 1.0}) + "\n")
         train_cli.train(compose("train", overrides=[*overrides, "max_steps=5"]))
     state = json.loads((tmp_path / "run" / "train_state.json").read_text())
     assert state["step"] == 5
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]  # continued from step 3, not restarted
+    assert steps == [1, 2, 3, 4, 5]  # continued from step 3, not restarted; the unsaved step 4 logged once
     resumed = load_model(tmp_path / "run")[0].state_dict()
     assert any(not torch.equal(first_weights[k], resumed[k]) for k in first_weights)
 

@@ -181,6 +181,9 @@ def train(cfg: TrainConfig, dataset: ActionChunkDataset, instructions: Iterable[
     step, elapsed_before = state.get("step", 0), state.get("elapsed_s", 0.0)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
+    if resume and log_path.exists():  # a run stopped between saves logged steps the resume will train again
+        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(f"{line}\n" for line in kept))
     instruction_tokens = {text: tokenize(tokenizer, [text], config.max_text_tokens) for text in instructions}
     started = time.monotonic()
 
